@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   run ncf-stream on a local Kafka broker with a demo stream
+#   make test   run the test suite (starts its own broker)
+SHELL := /bin/bash
+ENSURE_VENV = venv=$$(scripts/ensure-venv)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench venv broker-start broker-stop
+
+venv:
+	@scripts/ensure-venv
+
+demo:
+	@$(ENSURE_VENV) && $$venv/bin/ncf-stream demo
+
+test:
+	@$(ENSURE_VENV) && $$venv/bin/python -m pytest $(PYTEST_ARGS)
+
+lint:
+	@$(ENSURE_VENV) && $$venv/bin/ruff check . && $$venv/bin/mypy
+
+bench:
+	@$(ENSURE_VENV) && for b in bench/*.py; do echo "== $$b"; $$venv/bin/python $$b --quick | tail -n 1; done
+
+broker-start:
+	deploy/kafka/kafka.sh start
+
+broker-stop:
+	deploy/kafka/kafka.sh stop

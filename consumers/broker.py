@@ -1,0 +1,108 @@
+"""Start and stop the local development broker (``deploy/kafka/kafka.sh``) from Python.
+
+Used by the demo, the test fixture and the benchmarks, so each gets a real
+broker the same way a developer does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from ncf_stream.errors import NcfStreamError
+
+KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
+
+
+class BrokerError(NcfStreamError):
+    pass
+
+
+def free_port() -> int:
+    """A port free now and, with the next one, likely free for the broker's controller."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65535 and not port_open("127.0.0.1", port + 1):
+            return port
+    raise BrokerError("no free port pair found")
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def reachable(bootstrap: str) -> bool:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    return port.isdigit() and port_open(host or "127.0.0.1", int(port))
+
+
+class LocalBroker:
+    """A single-node KRaft broker on 127.0.0.1 in its own state directory.
+
+    ``keep_state=False`` removes the state directory on stop (tests and benchmarks).
+    """
+
+    def __init__(self, port: int | None = None, state_dir: str | Path | None = None,
+                 keep_state: bool | None = None) -> None:
+        if not KAFKA_SH.exists():
+            raise BrokerError(f"{KAFKA_SH} not found: the local broker runs from a source checkout")
+        self.port = port or free_port()
+        self._own_dir = state_dir is None
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="ncf-kafka-"))
+        self.keep_state = (not self._own_dir) if keep_state is None else keep_state
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self, action: str) -> None:
+        proc = subprocess.run(
+            [str(KAFKA_SH), action, "--port", str(self.port), "--state-dir", str(self.state_dir)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise BrokerError(f"kafka.sh {action} failed:\n{proc.stdout}{proc.stderr}")
+
+    def start(self) -> LocalBroker:
+        self._run("start")
+        return self
+
+    def stop(self) -> None:
+        self._run("stop")
+        if not self.keep_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int = 4) -> None:
+    """Create topics that do not exist yet (one replica: a development broker)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ncf-stream-admin")
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new, wait_for_metadata=True)
+    finally:
+        admin.close()

@@ -1,0 +1,15 @@
+"""One exception root for the project (see CONVENTIONS.md, item 6)."""
+
+from __future__ import annotations
+
+
+class NcfStreamError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class BadInput(NcfStreamError, ValueError):
+    """Input a user can fix: a malformed file line, an invalid option, a bad request."""
+
+
+class ConfigError(BadInput):
+    """A setting that cannot work (a port out of range, an unknown format)."""

@@ -1,0 +1,80 @@
+"""One settings object: defaults < TOML file < ``NCF_STREAM_*`` environment < flags.
+
+Fields are flat (``kafka_bootstrap``) so that each has exactly one environment
+name (``NCF_STREAM_KAFKA_BOOTSTRAP``); a TOML file may group them in tables,
+``[kafka] bootstrap = "..."`` being ``kafka_bootstrap``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ncf_stream.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NCF_STREAM_", extra="forbid")
+
+    # Kafka (ARCHITECTURE.md, "Kafka defaults")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_topic: str = "interactions"
+    kafka_dlq_topic: str = "interactions.dlq"
+    kafka_group_id: str = "ncf-stream"
+    kafka_max_poll_records: int = Field(8192, ge=1)  # one micro-batch worth of events
+    kafka_poll_timeout_s: float = Field(0.2, gt=0)
+    # Passed to kafka-python as is: security_protocol, sasl_mechanism,
+    # sasl_plain_username, ssl_cafile, ... (see kafka-python's KafkaConsumer).
+    kafka_client_options: dict[str, Any] = Field(default_factory=dict)
+
+    # Event contract
+    max_record_bytes: int = Field(4096, ge=64)
+    event_types: list[str] | None = None  # keep only these event types; None keeps all
+    min_weight: float | None = None  # keep only events with weight >= this
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (flags) > environment > the TOML file, which load() passes as init
+        # defaults through _toml_defaults; no .env file magic.
+        return init_settings, env_settings
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:
+        """Build settings; ``flags`` with value None are treated as not given."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        file_values = _read_toml(config_file, set(cls.model_fields)) if config_file else {}
+        try:
+            env_and_flags = cls(**given)
+            merged = {**file_values, **env_and_flags.model_dump(exclude_unset=True)}
+            return cls(**merged)
+        except ValidationError as e:
+            raise ConfigError(f"invalid settings: {e}") from None
+
+
+def _read_toml(path: str | Path, fields: set[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in fields:
+            for sub, v in value.items():
+                flat[f"{key}_{sub}"] = v
+        else:
+            flat[key] = value
+    return flat

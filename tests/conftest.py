@@ -1,0 +1,37 @@
+"""Shared fixtures. Integration tests get a real Kafka broker from one session fixture."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from consumers.broker import LocalBroker, create_topics
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """An existing broker when NCF_STREAM_KAFKA_BOOTSTRAP is set, else a fresh local one."""
+    existing = os.environ.get("NCF_STREAM_KAFKA_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    with LocalBroker() as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture
+def topics(kafka_bootstrap: str) -> tuple[str, str]:
+    """A fresh (topic, dead-letter topic) pair, so tests never see each other's records."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    create_topics(kafka_bootstrap, [name, f"{name}.dlq"], partitions=3)
+    return name, f"{name}.dlq"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whatever needs the broker is an integration test, so `-m "not integration"` skips it."""
+    for item in items:
+        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

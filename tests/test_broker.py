@@ -1,0 +1,51 @@
+"""deploy/kafka/kafka.sh: start, status, idempotent start, stop, restart on kept state."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from consumers.broker import KAFKA_SH, LocalBroker, port_open, reachable
+
+
+def status(broker: LocalBroker) -> int:
+    return subprocess.run(
+        [str(KAFKA_SH), "status", "--port", str(broker.port), "--state-dir", str(broker.state_dir)],
+        capture_output=True, check=False,
+    ).returncode
+
+
+@pytest.mark.slow
+def test_broker_lifecycle(tmp_path: Path) -> None:
+    broker = LocalBroker(state_dir=tmp_path / "state")
+    assert status(broker) == 1
+    broker.start()
+    try:
+        assert status(broker) == 0 and reachable(broker.bootstrap)
+        broker.start()  # a second start leaves the running broker alone
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        producer.send("lifecycle", b"x").get(timeout=30)
+        producer.close()
+    finally:
+        broker.stop()
+    assert status(broker) == 1 and not port_open("127.0.0.1", broker.port)
+    assert (tmp_path / "state" / "data" / "meta.properties").exists()  # kept: restartable
+    broker.start()  # on the formatted state
+    try:
+        assert reachable(broker.bootstrap)
+    finally:
+        broker.stop()
+
+
+def test_start_refuses_a_taken_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        broker = LocalBroker(port=s.getsockname()[1], state_dir=tmp_path / "s")
+        with pytest.raises(Exception, match="taken"):
+            broker.start()

@@ -1,0 +1,207 @@
+"""The Kafka source against a real broker: good events out, bad ones dead-lettered, offsets."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaTimeoutError
+from prometheus_client import CollectorRegistry
+
+from consumers.kafka_source import KafkaSource
+from consumers.produce import produce_file
+from ncf_stream.events import Reason
+from ncf_stream.metrics import IngestMetrics
+from ncf_stream.settings import Settings
+from ncf_stream.source import EventBatch
+from ncf_stream.synth import SynthConfig, generate, write
+
+BAD_RECORDS: list[tuple[bytes, Reason]] = [
+    (b"not json at all", Reason.NOT_JSON),
+    (b'{"item": "5", "ts": 1}', Reason.MISSING_FIELD),
+    (b'{"user": [1], "item": "5"}', Reason.WRONG_TYPE),
+    (b'{"user": "1", "item": "5", "ts": NaN}', Reason.NON_FINITE),
+    (b'{"user": "' + b"u" * 300 + b'", "item": "5"}', Reason.OVERSIZE_ID),
+    (b"[1, 2]", Reason.NOT_OBJECT),
+    (b'{"user": "1", "item": "\xff"}', Reason.NOT_UTF8),
+    (b'{"user": "", "item": "5"}', Reason.EMPTY_ID),
+]
+
+
+def settings_for(bootstrap: str, topics: tuple[str, str], group: str = "g") -> Settings:
+    return Settings(kafka_bootstrap=bootstrap, kafka_topic=topics[0], kafka_dlq_topic=topics[1],
+                    kafka_group_id=f"{topics[0]}-{group}", kafka_max_poll_records=500)
+
+
+def drain(source: KafkaSource, records: int, timeout_s: float = 60.0) -> list[EventBatch]:
+    """Poll until ``records`` records (good or bad) have been consumed."""
+    batches: list[EventBatch] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(b.records for b in batches) < records:
+        assert time.monotonic() < deadline, "timed out waiting for records"
+        batch = source.poll(0.5)
+        if batch is not None:
+            batches.append(batch)
+    return batches
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) -> list[Any]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=2000)
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count and time.monotonic() < deadline:
+        out.extend(consumer)
+    consumer.close()
+    return out
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> Path:
+    path = tmp_path / "good.csv"
+    write(generate(SynthConfig(users=40, items=60, events=3000, seed=3, topics=4)), path)
+    return path
+
+
+@pytest.fixture
+def bad_file(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(raw for raw, _ in BAD_RECORDS) + b"\n")
+    return path
+
+
+def test_good_events_out_in_order_bad_ones_dead_lettered(
+    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path, bad_file: Path
+) -> None:
+    s = settings_for(kafka_bootstrap, topics)
+    good = produce_file(good_file, s, show_progress=False)
+    bad = produce_file(bad_file, s, raw=True, show_progress=False)
+    assert (good.sent, good.failed, bad.sent) == (3000, 0, len(BAD_RECORDS))
+
+    registry = CollectorRegistry()
+    source = KafkaSource(s, metrics=IngestMetrics(registry))
+    try:
+        batches = drain(source, 3000 + len(BAD_RECORDS))
+    finally:
+        source.close()
+
+    # Exactly the good events, and each user's in the order they were published.
+    expected = generate(SynthConfig(users=40, items=60, events=3000, seed=3, topics=4))
+    want: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for u, i, t in zip(expected.users, expected.items, expected.ts, strict=True):
+        want[str(u)].append((str(i), float(t)))
+    got: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for b in batches:
+        for u, i, t in zip(b.events.users, b.events.items, b.events.ts, strict=True):
+            got[u].append((i, float(t)))
+    assert got == want
+    assert sum(b.rejected for b in batches) == len(BAD_RECORDS)
+
+    # Every bad record in the dead-letter topic: original bytes, reason in a header.
+    dead = read_topic(kafka_bootstrap, topics[1], len(BAD_RECORDS))
+    reasons = {r.value: dict(r.headers)["reason"].decode() for r in dead}
+    assert reasons == {raw: reason.value for raw, reason in BAD_RECORDS}
+    assert all(dict(r.headers)["source"].startswith(topics[0].encode()) for r in dead)
+
+    assert registry.get_sample_value("ncf_stream_events_consumed_total") == 3000 + len(BAD_RECORDS)
+    for _, reason in BAD_RECORDS:
+        assert registry.get_sample_value(
+            "ncf_stream_events_rejected_total", {"reason": reason.value}) == 1
+
+
+def test_offsets_cover_every_record_and_commit_resumes(
+    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path
+) -> None:
+    s = settings_for(kafka_bootstrap, topics)
+    produce_file(good_file, s, show_progress=False)
+    source = KafkaSource(s)
+    batches = drain(source, 3000)
+    covered: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    for b in batches:
+        for tp, rng in b.offsets.items():
+            covered[tp].append(rng)
+    for ranges in covered.values():  # contiguous from 0, no gap, no overlap
+        assert ranges[0][0] == 0
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    half = batches[: len(batches) // 2]
+    for b in half:
+        source.commit(b.commit_offsets())
+    source.close()
+
+    # A new consumer in the same group resumes after the committed offsets:
+    # the uncommitted rest is delivered again (at-least-once), nothing committed is.
+    again = KafkaSource(s)
+    try:
+        redelivered = drain(again, 3000 - sum(b.records for b in half))
+    finally:
+        again.close()
+    committed: dict[tuple[str, int], int] = {}
+    for b in half:
+        committed.update(b.commit_offsets())
+    firsts: dict[tuple[str, int], int] = {}
+    for b in redelivered:
+        for tp, (lo, _) in b.offsets.items():
+            firsts[tp] = min(lo, firsts.get(tp, lo))
+    assert firsts == {tp: committed.get(tp, 0) for tp in firsts}
+    assert sum(b.records for b in redelivered) == 3000 - sum(b.records for b in half)
+
+
+class FlakyProducer(KafkaProducer):
+    """A real producer whose first send fails, as when the DLQ is briefly unreachable."""
+
+    failures = 1
+
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaTimeoutError("injected: dead-letter topic unreachable")
+        return super().send(*args, **kwargs)
+
+
+def test_dead_letter_failure_rewinds_instead_of_losing_records(
+    kafka_bootstrap: str, topics: tuple[str, str], bad_file: Path
+) -> None:
+    s = settings_for(kafka_bootstrap, topics)
+    produce_file(bad_file, s, raw=True, show_progress=False)
+    flaky = FlakyProducer(bootstrap_servers=kafka_bootstrap)
+    source = KafkaSource(s, dlq_producer=flaky)
+    try:
+        deadline = time.monotonic() + 30
+        with pytest.raises(KafkaTimeoutError):
+            while time.monotonic() < deadline:
+                source.poll(0.5)
+        batches = drain(source, len(BAD_RECORDS))
+    finally:
+        source.close()
+    assert sum(b.rejected for b in batches) == len(BAD_RECORDS)
+    firsts = [min(lo for b in batches for t, (lo, _) in b.offsets.items() if t == tp)
+              for tp in {tp for b in batches for tp in b.offsets}]
+    assert firsts == [0] * len(firsts)  # re-served from the start, nothing skipped
+    dead = read_topic(kafka_bootstrap, topics[1], len(BAD_RECORDS))
+    assert sorted(r.value for r in dead) == sorted(raw for raw, _ in BAD_RECORDS)
+
+
+def test_cli_produce_reports_bad_lines_and_summary(
+    kafka_bootstrap: str, topics: tuple[str, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "ratings.dat"
+    path.write_text("1::10::5::300\n1::10::5\n2::20::3::100\n::1::1::1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "consumers.cli", "produce", str(path), "--topic", topics[0],
+         "--bootstrap", kafka_bootstrap, "--quiet"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}:2: skipped" in proc.stderr and f"{path}:4: skipped: empty_id" in proc.stderr
+    assert "sent 2 events" in proc.stdout and "skipped 2 bad lines" in proc.stdout
+    records = read_topic(kafka_bootstrap, topics[0], 2)
+    values = sorted((json.loads(r.value)["ts"], r.key) for r in records)
+    assert values == [(100.0, b"2"), (300.0, b"1")]
