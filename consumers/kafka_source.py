@@ -116,11 +116,14 @@ class KafkaSource:
     def _dead_letter(self, records: list[Any], rejected: list[Rejection]) -> None:
         """Send the original bytes with the reason; flush so no commit passes an unsent one."""
         topic = self._settings.kafka_dlq_topic
+        first = records[rejected[0].index]
+        # One line per batch, not per record: a flood of bad input must not flood the log.
+        log.warning("dead-lettering %d records to %s; first %s[%d] offset %d: %s (%s)",
+                    len(rejected), topic, first.topic, first.partition, first.offset,
+                    rejected[0].reason.value, rejected[0].detail)
         futures = []
         for rej in rejected:
             rec = records[rej.index]
-            log.warning("rejected %s[%d] offset %d: %s (%s)", rec.topic, rec.partition,
-                        rec.offset, rej.reason.value, rej.detail)
             futures.append(self._dlq.send(
                 topic, value=rec.value, key=rec.key,
                 headers=[*(rec.headers or []), *dead_letter_headers(rec, rej)],
