@@ -1,0 +1,306 @@
+"""A growable set of int64 keys with an int32 payload, for vectorized membership at scale.
+
+Why this shape: a single sorted array answers ``searchsorted`` lookups at only
+2-7M/s once it holds ~70M keys (every lookup is ~26 cache misses), and
+rebuilding it per batch is O(N). So:
+
+* **Levels** (a log-structured merge): each appended batch becomes a new
+  small sorted level; a level is merged into the one above once it reaches
+  1/``RATIO`` of its size. Appends cost O(log N) amortized copies, and a level
+  array is never modified after it is built, so a reader may hold the tuple of
+  level arrays as an immutable view while appends go on.
+* **A fence per level**: every 64th key, small enough to stay in cache, so a
+  lookup that reaches a level does a binary search over the fence and then six
+  steps inside one 512-byte block, instead of ~26 cache-missing steps over the
+  whole level (0.16 vs 0.92 us a lookup at 60M keys).
+* **A blocked Bloom filter** in front: one 64-bit word per key, so a lookup is
+  one random memory access, and most lookups (sampled negatives are almost all
+  misses) end there. Only "maybe" answers (true hits and ~1% false positives)
+  search the levels. Bits are only ever set, so a reader's view stays correct.
+
+Memory: 8 bytes of key and 4 of payload per element, plus 1-2 bytes of filter
+and 1/8 byte of fence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RATIO = 4  # a level merges up once it holds 1/RATIO of the level above: ~log4(N/batch) levels
+# Filter bits per element of capacity; rebuilt at twice the size when full: 8-16 bits a key.
+BLOOM_BITS = 8
+_K = 4  # bits set per key within its 64-bit word
+FENCE = 64  # keys per fence block: 512 bytes, six binary-search steps
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a fast bijective hash of uint64 values."""
+    z = x.astype(np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+class BlockedBloom:
+    """Bloom filter whose K bits per key all lie in one 64-bit word."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1024, capacity)
+        self.words = np.zeros(max(1, self.capacity * BLOOM_BITS // 64), dtype=np.uint64)
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = mix64(keys)
+        # Multiply-shift maps the top 32 bits onto [0, n_words) without a modulo.
+        word = ((h >> np.uint64(32)) * np.uint64(len(self.words))) >> np.uint64(32)
+        mask = np.zeros(len(keys), dtype=np.uint64)
+        one = np.uint64(1)
+        for j in range(_K):
+            mask |= one << ((h >> np.uint64(6 * j)) & np.uint64(63))
+        return word.astype(np.int64), mask
+
+    def add(self, keys: np.ndarray) -> None:
+        word, mask = self._locate(keys)
+        np.bitwise_or.at(self.words, word, mask)
+
+    def maybe(self, keys: np.ndarray) -> np.ndarray:
+        word, mask = self._locate(keys)
+        return (self.words[word] & mask) == mask
+
+
+class Level:
+    """One sorted array of distinct keys, never modified once built, and its fence."""
+
+    __slots__ = ("fence", "keys")
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = keys
+        self.fence = keys[::FENCE].copy() if len(keys) > 4 * FENCE else None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def insertion_points(self, sorted_keys: np.ndarray) -> np.ndarray:
+        """``np.searchsorted(self.keys, sorted_keys)``, through the fence when there is one."""
+        level = self.keys
+        if self.fence is None:
+            return np.searchsorted(level, sorted_keys)
+        # The block whose first key is the last one < the query, then the last key
+        # < the query inside it: keys past the block are >= the query already.
+        block = np.searchsorted(self.fence, sorted_keys) - 1
+        pos = np.maximum(block, 0) * FENCE
+        last = len(level) - 1
+        step = FENCE // 2
+        while step:
+            ahead = np.minimum(pos + step, last)
+            pos = np.where(level[ahead] < sorted_keys, ahead, pos)
+            step //= 2
+        return np.where(block >= 0, pos + 1, 0)
+
+    def search(self, sorted_keys: np.ndarray) -> np.ndarray:
+        """Position of each key, or -1; sorted queries keep the search cache-friendly."""
+        if len(self.keys) == 0 or len(sorted_keys) == 0:
+            return np.full(len(sorted_keys), -1, dtype=np.int64)
+        pos = np.minimum(self.insertion_points(sorted_keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == sorted_keys, pos, -1)
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """An immutable view of the keys at one moment (level arrays are never mutated)."""
+
+    levels: tuple[Level, ...]
+    bloom: BlockedBloom
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, dtype=np.int64)
+        level, _ = _locate(self.levels, self.bloom, keys)
+        return level >= 0
+
+    def range(self, lo: int, hi: int) -> np.ndarray:
+        """All keys in [lo, hi), sorted."""
+        parts = [lv.keys[np.searchsorted(lv.keys, lo): np.searchsorted(lv.keys, hi)]
+                 for lv in self.levels]
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
+    def ranges(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys in [lo[j], hi[j]) for every j, as (row index j, key), grouped by row."""
+        rows, keys = [], []
+        for lv in self.levels:
+            a, b = np.searchsorted(lv.keys, lo), np.searchsorted(lv.keys, hi)
+            r, pos = _expand_ranges(a, b)
+            rows.append(r)
+            keys.append(lv.keys[pos])
+        row, key = np.concatenate(rows), np.concatenate(keys)
+        order = np.lexsort((key, row))
+        return row[order], key[order]
+
+
+class KeySet:
+    """Distinct int64 keys, each with an int32 payload; appends in batches."""
+
+    def __init__(self) -> None:
+        self._keys: list[Level] = []  # largest first; pairwise disjoint
+        self._vals: list[np.ndarray] = []
+        self._bloom = BlockedBloom(1024)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def levels(self) -> int:
+        return len(self._keys)
+
+    def view(self) -> KeyView:
+        return KeyView(tuple(self._keys), self._bloom)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return self.view().contains(keys)
+
+    def locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(level, position) of each key; level -1 where absent."""
+        return _locate(self._keys, self._bloom, np.asarray(keys, dtype=np.int64))
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """Payload of each key (keys must be present)."""
+        level, pos = self.locate(keys)
+        if np.any(level < 0):
+            raise KeyError("get() of absent keys")
+        out = np.empty(len(level), dtype=np.int32)
+        for i, vals in enumerate(self._vals):
+            sel = level == i
+            out[sel] = vals[pos[sel]]
+        return out
+
+    def upsert_max(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Insert distinct ``keys``; where one is present, keep the larger payload.
+
+        Returns the mask of keys that were new. One lookup serves both halves.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        values = np.asarray(values, dtype=np.int32)
+        level, pos = self.locate(keys)
+        for i, vals in enumerate(self._vals):
+            sel = level == i
+            if sel.any():
+                np.maximum.at(vals, pos[sel], values[sel])
+        new = level < 0
+        self.insert(keys[new], values[new])
+        return new
+
+    def insert(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add keys that are distinct and not present (the caller checks)."""
+        if len(keys) == 0:
+            return
+        keys = np.asarray(keys, dtype=np.int64)
+        values = np.asarray(values, dtype=np.int32)
+        if np.any(keys[1:] < keys[:-1]):
+            order = np.argsort(keys)
+            keys, values = keys[order], values[order]
+        self._keys.append(Level(keys))
+        self._vals.append(values)
+        self._size += len(keys)
+        if self._size > self._bloom.capacity:
+            self._rebuild_bloom(2 * self._size)
+        else:
+            self._bloom.add(keys)
+        self._compact()
+
+    def _compact(self) -> None:
+        while len(self._keys) >= 2 and len(self._keys[-1]) * RATIO > len(self._keys[-2]):
+            small_k, small_v = self._keys.pop(), self._vals.pop()
+            big_k, big_v = self._keys.pop(), self._vals.pop()
+            k, v = _merge(big_k, big_v, small_k.keys, small_v)
+            self._keys.append(Level(k))
+            self._vals.append(v)
+
+    def _rebuild_bloom(self, capacity: int) -> None:
+        bloom = BlockedBloom(capacity)
+        for lv in self._keys:
+            bloom.add(lv.keys)
+        self._bloom = bloom  # readers holding the old filter keep a valid one
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` keys drawn uniformly with replacement."""
+        if self._size == 0:
+            raise ValueError("sample() from an empty key set")
+        sizes = np.array([len(lv) for lv in self._keys])
+        flat = rng.integers(0, self._size, n)
+        bounds = np.cumsum(sizes)
+        level = np.searchsorted(bounds, flat, side="right")
+        out = np.empty(n, dtype=np.int64)
+        starts = bounds - sizes
+        for i, lv in enumerate(self._keys):
+            sel = level == i
+            out[sel] = lv.keys[flat[sel] - starts[i]]
+        return out
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All keys (sorted) and their payloads, as one pair of arrays."""
+        if not self._keys:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
+        k, v = np.concatenate([lv.keys for lv in self._keys]), np.concatenate(self._vals)
+        order = np.argsort(k)
+        return k[order], v[order]
+
+    @classmethod
+    def from_arrays(cls, keys: np.ndarray, values: np.ndarray) -> KeySet:
+        ks = cls()
+        ks.insert(keys, values)
+        return ks
+
+    def nbytes(self) -> int:
+        fences = sum(lv.fence.nbytes for lv in self._keys if lv.fence is not None)
+        arrays = sum(lv.keys.nbytes for lv in self._keys) + sum(a.nbytes for a in self._vals)
+        return arrays + fences + self._bloom.words.nbytes
+
+
+def _locate(
+    levels: list[Level] | tuple[Level, ...], bloom: BlockedBloom, keys: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(level, position) of each key, -1 where absent: the filter first, then the levels,
+    largest first, each searched only for the keys not found yet."""
+    level = np.full(len(keys), -1, dtype=np.int64)
+    pos = np.full(len(keys), -1, dtype=np.int64)
+    todo = np.flatnonzero(bloom.maybe(keys))
+    todo = todo[np.argsort(keys[todo])]
+    for i, lv in enumerate(levels):
+        if len(todo) == 0:
+            break
+        p = lv.search(keys[todo])
+        hit = p >= 0
+        level[todo[hit]] = i
+        pos[todo[hit]] = p[hit]
+        todo = todo[~hit]
+    return level, pos
+
+
+def _merge(
+    big: Level, big_v: np.ndarray, small_k: np.ndarray, small_v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two sorted disjoint levels in O(n): place the small one, fill the gaps."""
+    n = len(big) + len(small_k)
+    at = big.insertion_points(small_k) + np.arange(len(small_k))
+    gaps = np.ones(n, dtype=bool)
+    gaps[at] = False
+    rest = np.flatnonzero(gaps)  # one index array serves keys and values
+    keys = np.empty(n, dtype=np.int64)
+    vals = np.empty(n, dtype=np.int32)
+    keys[at], vals[at] = small_k, small_v
+    keys[rest], vals[rest] = big.keys, big_v
+    return keys, vals
+
+
+def _expand_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner j, position) for every position in each [lo[j], hi[j])."""
+    lengths = np.maximum(hi - lo, 0)
+    owner = np.repeat(np.arange(len(lo)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    pos = np.arange(lengths.sum()) - np.repeat(starts - lo, lengths)
+    return owner, pos

@@ -1,0 +1,176 @@
+"""NeuMF (He et al. 2017): GMF and an MLP tower over their own embeddings, joined in one output.
+
+    score(u, i) = h . [ p_u^G * q_i^G ,  MLP([p_u^M ; q_i^M]) ] + b
+
+The embedding tables are plain tensors that grow by doubling as new users and
+items appear (no hashing, no collisions; existing rows stay bit-identical),
+and are updated by :class:`ncf_stream.optim.RowAdagrad` on the touched rows
+only. Each side keeps its GMF and MLP embeddings side by side in one table
+(``[gmf | mlp]`` columns), so a step gathers and updates one table per side.
+The dense part (MLP tower and output layer) is an ordinary ``nn.Module``.
+
+Because the GMF half is h_G . (p * q) = (h_G * p) . q, an exact inner product,
+:meth:`NeuMF.gmf_item_vectors` and :meth:`NeuMF.gmf_user_queries` feed a
+maximum-inner-product index; the MLP half is rescored by :meth:`NeuMF.score`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NeuMFConfig:
+    # GMF predictive factors. 32 was the paper's sweet spot on MovieLens (8 to 64
+    # tried); on ml-latest-small 32 measured best too (bench/quality.py sweep).
+    factors: int = 32
+    # MLP tower widths; the first is the concatenated [user ; item] embedding, so
+    # each MLP embedding has layers[0] / 2 columns. The paper's tower halves each
+    # layer and ends at the predictive factors / 2 for factors 32: 64-32-16.
+    mlp_layers: tuple[int, ...] = (64, 32, 16)
+    # Dropout in the MLP tower. Measured: no help on the stream, where replay,
+    # not epochs, sets how often an example is seen; kept as a knob.
+    dropout: float = 0.0
+    # Gaussian init as the paper (sigma 0.01): small enough that early scores sit
+    # near 0.5 and new rows start neutral.
+    init_std: float = 0.01
+    # Rows allocated up front; tables double when a new row does not fit.
+    initial_capacity: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.factors < 1 or not self.mlp_layers or self.mlp_layers[0] % 2:
+            raise ValueError("factors >= 1, and mlp_layers[0] must be even (user ; item halves)")
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp_layers[0] // 2
+
+    @property
+    def row_dim(self) -> int:
+        return self.factors + self.mlp_dim
+
+
+class Tower(nn.Module):
+    """The dense part: MLP layers and the joint output layer.
+
+    The paper's first MLP layer acts on [p ; q] and the output on [gmf ; mlp];
+    both are written as sums of two halves, W [p ; q] = W_u p + W_i q and
+    h . [g ; m] = h_G . g + h_M . m: the same function without the two
+    concatenations (and their backward copies), and it exposes h_G for retrieval.
+    """
+
+    def __init__(self, cfg: NeuMFConfig) -> None:
+        super().__init__()
+        widths = cfg.mlp_layers
+        hidden = widths[1] if len(widths) > 1 else widths[0]
+        self.first_user = nn.Linear(cfg.mlp_dim, hidden)
+        self.first_item = nn.Linear(cfg.mlp_dim, hidden, bias=False)
+        layers: list[nn.Module] = [nn.ReLU()]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        for d_in, d_out in itertools.pairwise(widths[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(*layers)
+        self.out_gmf = nn.Linear(cfg.factors, 1, bias=False)
+        self.out_mlp = nn.Linear(widths[-1] if len(widths) > 1 else hidden, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, gmf: torch.Tensor, user_mlp: torch.Tensor,
+                item_mlp: torch.Tensor) -> torch.Tensor:
+        # gmf: (B, factors); user_mlp, item_mlp: (B, mlp_dim) -> logits (B,)
+        hidden = self.mlp(self.first_user(user_mlp) + self.first_item(item_mlp))
+        return (self.out_gmf(gmf) + self.out_mlp(hidden)).squeeze(1)
+
+
+@dataclass
+class Table:
+    """A growable embedding table: rows [0, rows) are live, the rest is headroom."""
+
+    weight: torch.Tensor  # (capacity, row_dim)
+    rows: int = 0
+    on_grow: list = field(default_factory=list)  # callbacks(new_capacity): optimizer state
+
+    def ensure(self, rows: int, init_std: float, generator: torch.Generator) -> None:
+        if rows > len(self.weight):
+            capacity = len(self.weight)
+            while capacity < rows:
+                capacity *= 2
+            grown = torch.empty((capacity, self.weight.shape[1]), dtype=self.weight.dtype,
+                                device=self.weight.device)
+            grown[: len(self.weight)] = self.weight
+            self.weight = grown
+            for callback in self.on_grow:
+                callback(capacity)
+        if rows > self.rows:
+            new = self.weight[self.rows: rows]
+            new.copy_(torch.randn(new.shape, generator=generator, dtype=new.dtype) * init_std)
+            self.rows = rows
+
+
+class NeuMF(nn.Module):
+    def __init__(self, cfg: NeuMFConfig | None = None, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or NeuMFConfig()
+        self.device = torch.device(device)
+        self._gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.tower = Tower(cfg).to(self.device)
+        cap = cfg.initial_capacity
+        self.users = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
+        self.items = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
+
+    def grow(self, n_users: int, n_items: int) -> None:
+        """Make rows [0, n_users) and [0, n_items) exist; new rows get fresh init."""
+        self.users.ensure(n_users, self.cfg.init_std, self._gen)
+        self.items.ensure(n_items, self.cfg.init_std, self._gen)
+
+    @property
+    def n_users(self) -> int:
+        return self.users.rows
+
+    @property
+    def n_items(self) -> int:
+        return self.items.rows
+
+    def logits_from_rows(self, u_rows: torch.Tensor, i_rows: torch.Tensor) -> torch.Tensor:
+        """Logits from gathered table rows: u_rows, i_rows (B, row_dim) -> (B,)."""
+        # split, not slicing: a slice's backward zero-fills the whole input per slice.
+        u_gmf, u_mlp = torch.split(u_rows, [self.cfg.factors, self.cfg.mlp_dim], dim=1)
+        i_gmf, i_mlp = torch.split(i_rows, [self.cfg.factors, self.cfg.mlp_dim], dim=1)
+        return self.tower(u_gmf * i_gmf, u_mlp, i_mlp)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_rows(self.users.weight[users], self.items.weight[items])
+
+    @torch.no_grad()
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Probabilities for aligned (user, item) pairs; (B,) -> (B,)."""
+        return torch.sigmoid(self(users.to(self.device), items.to(self.device)))
+
+    @torch.no_grad()
+    def score_matrix(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits of every user against every item: (U,), (I,) -> (U, I)."""
+        n_u, n_i = len(users), len(items)
+        u = self.users.weight[users.to(self.device)].repeat_interleave(n_i, dim=0)
+        i = self.items.weight[items.to(self.device)].repeat(n_u, 1)
+        return self.logits_from_rows(u, i).view(n_u, n_i)
+
+    def gmf_item_vectors(self) -> torch.Tensor:
+        """(n_items, factors): q_i^G, the item side of the GMF inner product."""
+        return self.items.weight[: self.n_items, : self.cfg.factors]
+
+    def gmf_user_queries(self, users: torch.Tensor) -> torch.Tensor:
+        """(B, factors): h_G * p_u^G, so that query . q_i is the GMF half of the logit."""
+        h_gmf = self.tower.out_gmf.weight[0]
+        return self.users.weight[users, : self.cfg.factors] * h_gmf

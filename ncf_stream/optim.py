@@ -1,0 +1,103 @@
+"""A sparse optimizer for growable embedding tables: Adagrad on the touched rows only.
+
+The embedding tables dominate a step's cost. ``torch.optim.SparseAdam`` goes
+through sparse COO gradients, coalescing and several passes over them; here a
+step gets the gradient of each *unique* touched row directly (the trainer
+gathers unique rows, so duplicates are summed by autograd's index backward)
+and applies Adagrad to those rows with a handful of gather/scatter kernels.
+
+Adagrad suits online embedding learning: a row's step size shrinks with the
+gradient it has already seen, so frequent users and items settle while rare
+and brand-new ones still move fast, with no bias-correction clock per row
+(the lazy-Adam alternative needs one). Optional L2 decay is applied lazily to
+the rows a step touches, as in implicit-feedback MF practice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ncf_stream.model import Table
+
+
+class RowAdagrad:
+    def __init__(self, table: Table, lr: float = 0.05, eps: float = 1e-8,
+                 weight_decay: float = 0.0, initial_accumulator: float = 0.0) -> None:
+        if lr <= 0 or eps <= 0 or weight_decay < 0:
+            raise ValueError("lr and eps must be > 0, weight_decay >= 0")
+        self.table = table
+        self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
+        self.initial = initial_accumulator
+        self.state = torch.full_like(table.weight, initial_accumulator)
+        table.on_grow.append(self._grow)
+
+    def _grow(self, capacity: int) -> None:
+        grown = torch.full((capacity, self.state.shape[1]), self.initial,
+                           dtype=self.state.dtype, device=self.state.device)
+        grown[: len(self.state)] = self.state
+        self.state = grown
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor, current: torch.Tensor | None = None,
+             ) -> None:
+        """Update ``rows`` (unique) with their summed gradient ``grad`` (len(rows), d).
+
+        ``current``: the rows' present values if the caller has them gathered already.
+        Gather and ``index_copy_`` rather than ``index_add_``: 10x faster on CPU.
+        """
+        weight = self.table.weight
+        if current is None:
+            current = weight.index_select(0, rows)
+        if self.weight_decay:
+            grad = grad.add(current, alpha=self.weight_decay)
+        acc = self.state.index_select(0, rows).addcmul_(grad, grad)
+        self.state.index_copy_(0, rows, acc)
+        step = grad.div_(acc.sqrt_().add_(self.eps))
+        weight.index_copy_(0, rows, current.add(step, alpha=-self.lr))
+
+    def state_dict(self) -> dict[str, torch.Tensor | float]:
+        return {"state": self.state[: self.table.rows].clone(), "lr": self.lr, "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor | float]) -> None:
+        state = d["state"]
+        assert isinstance(state, torch.Tensor)
+        self.state[: len(state)] = state
+
+
+class RowAdam:
+    """Lazy Adam on touched rows (what ``torch.optim.SparseAdam`` computes), same interface
+    as :class:`RowAdagrad`; here to compare quality against the paper's optimizer."""
+
+    def __init__(self, table: Table, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self.table = table
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.m = torch.zeros_like(table.weight)
+        self.v = torch.zeros_like(table.weight)
+        self.t = 0
+        table.on_grow.append(self._grow)
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("m", "v"):
+            old = getattr(self, name)
+            grown = torch.zeros((capacity, old.shape[1]), dtype=old.dtype, device=old.device)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor, current: torch.Tensor | None = None,
+             ) -> None:
+        weight = self.table.weight
+        if current is None:
+            current = weight.index_select(0, rows)
+        if self.weight_decay:
+            grad = grad.add(current, alpha=self.weight_decay)
+        self.t += 1
+        b1, b2 = self.betas
+        m = self.m.index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
+        v = self.v.index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        self.m.index_copy_(0, rows, m)
+        self.v.index_copy_(0, rows, v)
+        lr = self.lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t)
+        weight.index_copy_(0, rows, current.addcdiv(m, v.sqrt_().add_(self.eps), value=-lr))

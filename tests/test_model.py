@@ -1,0 +1,167 @@
+"""NeuMF, its growable tables, the sparse optimizer and the online trainer.
+
+One contract suite for every device: CUDA cases skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ncf_stream.evaluate import evaluate
+from ncf_stream.events import Events
+from ncf_stream.model import NeuMF, NeuMFConfig
+from ncf_stream.source import MemorySource
+from ncf_stream.synth import SynthConfig, generate
+from ncf_stream.trainer import Trainer, TrainerConfig, unique_inverse
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")]),
+]
+TINY = NeuMFConfig(factors=4, mlp_layers=(6, 4, 2), initial_capacity=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_growth_keeps_existing_rows_bit_identical(device: str) -> None:
+    model = NeuMF(TINY, device)
+    model.grow(3, 2)
+    before_u = model.users.weight[:3].clone()
+    before_i = model.items.weight[:2].clone()
+    model.grow(1000, 513)
+    assert model.users.weight.shape[0] >= 1000 and model.items.weight.shape[0] >= 513
+    assert torch.equal(model.users.weight[:3], before_u)
+    assert torch.equal(model.items.weight[:2], before_i)
+    assert model.users.weight[3:1000].std().item() == pytest.approx(TINY.init_std, rel=0.2)
+    model.grow(10, 10)  # never shrinks
+    assert (model.n_users, model.n_items) == (1000, 513)
+
+
+def test_capacity_doubles_instead_of_growing_per_row() -> None:
+    model = NeuMF(TINY)
+    capacities = set()
+    for n in range(1, 300):
+        model.grow(n, 1)
+        capacities.add(model.users.weight.shape[0])
+    assert capacities == {2, 4, 8, 16, 32, 64, 128, 256, 512}
+
+
+def test_gmf_decomposition_is_exact() -> None:
+    """h_G . (p * q) computed as (h_G * p) . q: the identity FAISS retrieval relies on."""
+    model = NeuMF(NeuMFConfig(factors=8, mlp_layers=(8, 4)))
+    model.grow(5, 7)
+    users = torch.arange(5)
+    gmf_part = model.gmf_user_queries(users) @ model.gmf_item_vectors().T  # (5, 7)
+    p = model.users.weight[:5, :8]
+    q = model.items.weight[:7, :8]
+    direct = model.tower.out_gmf(p[:, None, :] * q[None, :, :]).squeeze(-1)
+    torch.testing.assert_close(gmf_part, direct.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_step_equals_dense_adagrad_reference(device: str) -> None:
+    """Trainer.train_batch (unique rows, summed duplicates, RowAdagrad) against the
+    same model with dense parameters and torch.optim.Adagrad/Adam."""
+    cfg = TrainerConfig(model=TINY, lr=0.1, tower_lr=0.01)
+    trainer = Trainer(cfg, device=device)
+    trainer.model.grow(6, 5)
+    ref = copy.deepcopy(trainer.model.tower)
+    u_tab = torch.nn.Parameter(trainer.model.users.weight[:6].clone())
+    i_tab = torch.nn.Parameter(trainer.model.items.weight[:5].clone())
+    opt_tables = torch.optim.Adagrad([u_tab, i_tab], lr=0.1, eps=1e-8)
+    opt_tower = torch.optim.Adam(ref.parameters(), lr=0.01)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        users = rng.integers(0, 6, 12)  # duplicates on purpose
+        items = rng.integers(0, 5, 12)
+        labels = rng.integers(0, 2, 12).astype(np.float32)
+        trainer.train_batch(users, items, labels)
+
+        u = torch.from_numpy(users).to(device)
+        i = torch.from_numpy(items).to(device)
+        pu, qi = u_tab[u], i_tab[i]
+        logits = ref(pu[:, :4] * qi[:, :4], pu[:, 4:], qi[:, 4:])
+        loss = F.binary_cross_entropy_with_logits(
+            logits, torch.from_numpy(labels).to(device), reduction="sum")
+        opt_tables.zero_grad()
+        opt_tower.zero_grad()
+        loss.backward()
+        opt_tables.step()
+        opt_tower.step()
+    torch.testing.assert_close(trainer.model.users.weight[:6], u_tab.detach())
+    torch.testing.assert_close(trainer.model.items.weight[:5], i_tab.detach())
+    for a, b in zip(trainer.model.tower.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_optimizer_state_grows_with_the_table() -> None:
+    trainer = Trainer(TrainerConfig(model=TINY))
+    trainer.model.grow(2, 2)
+    trainer.train_batch(np.array([0, 1]), np.array([1, 0]), np.array([1.0, 0.0], np.float32))
+    state = trainer.opt_users.state[:2].clone()
+    trainer.model.grow(100, 100)
+    assert trainer.opt_users.state.shape == trainer.model.users.weight.shape
+    assert torch.equal(trainer.opt_users.state[:2], state)
+    assert trainer.opt_users.state[2:].abs().sum() == 0
+
+
+def test_unique_inverse_matches_numpy() -> None:
+    values = np.random.default_rng(1).integers(0, 50, 1000)
+    uniq, inv = unique_inverse(values)
+    ref_u, ref_inv = np.unique(values, return_inverse=True)
+    assert np.array_equal(uniq, ref_u) and np.array_equal(inv, ref_inv)
+
+
+def events_of(users: list[str], items: list[str], ts: list[float]) -> Events:
+    return Events.from_rows([(u, i, t, "interaction", 1.0)
+                             for u, i, t in zip(users, items, ts, strict=True)])
+
+
+def test_trainer_trains_fresh_first_and_replays_when_idle() -> None:
+    cfg = TrainerConfig(model=TINY, batch_size=50, negatives=4)  # 10 positives a step
+    trainer = Trainer(cfg)
+    n = 30
+    trainer.ingest(events_of([f"u{k % 3}" for k in range(n)], [f"i{k}" for k in range(n)],
+                             [float(k) for k in range(n)]))
+    assert trainer.pending == n - 3  # each user's newest is held out
+    stats = trainer.step()
+    assert stats is not None and stats.fresh == 5 and stats.replayed == 5  # fresh_share 0.5
+    while trainer.pending:
+        trainer.step()
+    idle = trainer.step()
+    assert idle is not None and idle.fresh == 0 and idle.replayed == 10
+    assert 0 < idle.loss.item() < 10
+
+
+def test_trainer_without_replay_stops_when_the_stream_does() -> None:
+    trainer = Trainer(TrainerConfig(model=TINY, batch_size=50, replay=False))
+    trainer.ingest(events_of(["a", "a", "a"], ["x", "y", "z"], [1.0, 2.0, 3.0]))
+    stats = trainer.step()
+    assert stats is not None and stats.fresh == 2 and stats.replayed == 0
+    assert trainer.step() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_planted_stream_is_learned(device: str) -> None:
+    """Far above popularity on both protocols: fails if learning breaks."""
+    stream = generate(SynthConfig(users=600, items=400, events=30_000, seed=4, topics=12))
+    trainer = Trainer(TrainerConfig(batch_size=4096), device=device)
+    source = MemorySource(stream.to_events(), batch_size=2048)
+    while (batch := source.poll()) is not None:
+        trainer.ingest(batch.events)
+        while trainer.pending:
+            trainer.step()
+    for _ in range(150):
+        trainer.step()
+    view = trainer.store.view()
+    model = evaluate(trainer.scorer(), view)
+    counts = trainer.store.item_counts().astype(np.float32)
+    popular = evaluate(lambda u, i: counts[i], view)
+    assert model["sampled"].hr[10] > popular["sampled"].hr[10] + 0.15
+    assert model["full"].hr[10] > 1.5 * popular["full"].hr[10]

@@ -1,0 +1,218 @@
+"""The interaction store and its rolling hold-out against a brute-force reference on sets."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ncf_stream.ids import IdMap
+from ncf_stream.keyset import KeySet
+from ncf_stream.store import InteractionStore
+
+Event = tuple[int, int, float]  # (user, item, ts)
+
+events = st.tuples(st.integers(0, 5), st.integers(0, 7), st.integers(0, 6).map(float))
+streams = st.lists(st.lists(events, min_size=1, max_size=12), min_size=1, max_size=10)
+
+
+class Reference:
+    """The store's contract, written the slow and obvious way."""
+
+    def __init__(self, min_history: int) -> None:
+        self.min_history = min_history
+        self.latest: dict[tuple[int, int], float] = {}
+        self.history: dict[int, list[tuple[float, int, int]]] = defaultdict(list)  # (ts, seq, item)
+        self.seq = 0
+
+    def append(self, batch: list[Event]) -> None:
+        for u, i, t in batch:
+            self.latest[(u, i)] = max(t, self.latest.get((u, i), -np.inf))
+            self.history[u].append((t, self.seq, i))
+            self.seq += 1
+
+    def items_of(self, u: int) -> set[int]:
+        return {i for (uu, i) in self.latest if uu == u}
+
+    def holdout(self) -> dict[int, int]:
+        return {u: max(h)[2] for u, h in self.history.items()
+                if len(self.items_of(u)) >= self.min_history}
+
+
+def run(batches: list[list[Event]], min_history: int) -> tuple[InteractionStore, Reference,
+                                                               list[dict[int, set[int]]]]:
+    store, ref = InteractionStore(min_history=min_history), Reference(min_history)
+    trained: list[dict[int, set[int]]] = []
+    for batch in batches:
+        u, i, t = (np.array(c) for c in zip(*batch, strict=True))
+        result = store.append(u, i, t)
+        ref.append(batch)
+        per_user: dict[int, set[int]] = defaultdict(set)
+        for uu, ii in zip(result.train_users.tolist(), result.train_items.tolist(), strict=True):
+            per_user[uu].add(ii)
+        trained.append(per_user)
+    return store, ref, trained
+
+
+@given(streams, st.integers(1, 3))
+@settings(max_examples=200, deadline=None)
+def test_store_matches_reference(batches: list[list[Event]], min_history: int) -> None:
+    store, ref, _ = run(batches, min_history)
+    assert len(store) == len(ref.latest)
+    users = np.repeat(np.arange(7), 9)
+    items = np.tile(np.arange(9), 7)
+    expected = np.array([(u, i) in ref.latest for u, i in zip(users, items, strict=True)])
+    assert np.array_equal(store.contains(users, items), expected)
+    for u in range(7):
+        assert store.seen(u).tolist() == sorted(ref.items_of(u))
+    indptr, flat = store.seen_csr(np.arange(7))
+    assert [flat[a:b].tolist() for a, b in itertools.pairwise(indptr)] == [
+        sorted(ref.items_of(u)) for u in range(7)]
+    pairs = list(ref.latest)
+    pu, pi = (np.array(c) for c in zip(*pairs, strict=True))
+    assert store.last_ts(pu, pi).tolist() == [ref.latest[p] for p in pairs]
+    assert store.item_counts().tolist() == [
+        sum(1 for (_, i) in ref.latest if i == item) for item in range(store.n_items)]
+    ho = store.holdout()
+    assert dict(zip(ho.users.tolist(), ho.items.tolist(), strict=True)) == ref.holdout()
+    assert store.repeats == sum(len(b) for b in batches) - len(ref.latest)
+
+
+@given(streams, st.integers(1, 3))
+@settings(max_examples=200, deadline=None)
+def test_holdout_is_never_trained_and_nothing_is_lost(
+    batches: list[list[Event]], min_history: int
+) -> None:
+    _store, ref, trained = run(batches, min_history)
+    # Replaying the batches one by one: what a batch trains is never the hold-out after it.
+    partial = InteractionStore(min_history=min_history)
+    for batch, per_user in zip(batches, trained, strict=True):
+        u, i, t = (np.array(c) for c in zip(*batch, strict=True))
+        partial.append(u, i, t)
+        ho = dict(zip(partial.holdout().users.tolist(), partial.holdout().items.tolist(),
+                      strict=True))
+        for user, items in per_user.items():
+            assert ho.get(user) not in items
+    # Every interaction is either trained at some point or is the current hold-out.
+    final = ref.holdout()
+    for user in ref.history:
+        ever = set().union(*(t.get(user, set()) for t in trained))
+        assert ref.items_of(user) <= ever | {final.get(user, -1)}
+
+
+def test_holdout_rolls_forward_and_late_events_train_directly() -> None:
+    s = InteractionStore(min_history=2)
+    r = s.append(np.array([0]), np.array([10]), np.array([100.0]))
+    assert r.train_items.tolist() == [10]  # one interaction: too little history to hold out
+    r = s.append(np.array([0]), np.array([11]), np.array([200.0]))
+    assert r.train_items.tolist() == [] and s.holdout().items.tolist() == [11]
+    r = s.append(np.array([0]), np.array([12]), np.array([150.0]))  # late: trains at once
+    assert r.train_items.tolist() == [12] and s.holdout().items.tolist() == [11]
+    r = s.append(np.array([0]), np.array([13]), np.array([300.0]))  # newer: 11 is released
+    assert r.train_items.tolist() == [11] and r.released == 1
+    assert s.holdout().items.tolist() == [13]
+    r = s.append(np.array([0, 0]), np.array([14, 15]), np.array([400.0, 400.0]))  # tie: arrival
+    assert sorted(r.train_items.tolist()) == [13, 14] and s.holdout().items.tolist() == [15]
+
+
+def test_repeat_keeps_latest_ts_and_counts_once() -> None:
+    s = InteractionStore()
+    s.append(np.array([1, 1, 1]), np.array([5, 5, 6]), np.array([10.0, 30.0, 20.0]))
+    r = s.append(np.array([1]), np.array([5]), np.array([25.0]))
+    assert len(s) == 2 and s.repeats == 2 and r.repeats == 1 and r.new == 0
+    assert s.last_ts(np.array([1]), np.array([5])).tolist() == [30.0]
+    assert s.item_counts().tolist() == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_replay_never_samples_a_holdout() -> None:
+    s = InteractionStore(min_history=2)
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 50, 2000)
+    s.append(u, rng.integers(0, 100, 2000), rng.random(2000))
+    users, items = s.sample_positives(np.random.default_rng(1), 20_000)
+    assert len(users) > 15_000
+    assert not s.is_holdout(users, items).any()
+    assert s.contains(users, items).all()
+
+
+def test_bad_input_is_refused() -> None:
+    s = InteractionStore()
+    with pytest.raises(ValueError, match="same length"):
+        s.append(np.array([1]), np.array([1, 2]), np.array([1.0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        s.append(np.array([-1]), np.array([1]), np.array([1.0]))
+
+
+@given(streams, st.integers(1, 3))
+@settings(max_examples=50, deadline=None)
+def test_save_and_load_is_exact(tmp_path_factory: pytest.TempPathFactory,
+                                batches: list[list[Event]], min_history: int) -> None:
+    store, _, _ = run(batches, min_history)
+    path = tmp_path_factory.mktemp("store") / "store.npz"
+    store.save(path)
+    loaded = InteractionStore.load(path)
+    users, items = np.repeat(np.arange(7), 9), np.tile(np.arange(9), 7)
+    assert np.array_equal(loaded.contains(users, items), store.contains(users, items))
+    for a, b in zip(loaded.holdout().__dict__.values(), store.holdout().__dict__.values(),
+                    strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(loaded.item_counts(), store.item_counts())
+    assert (loaded.events, loaded.repeats, len(loaded)) == (store.events, store.repeats, len(store))
+    # The restored store goes on exactly as the original would.
+    nxt = (np.array([0, 3, 6]), np.array([8, 1, 2]), np.array([7.0, 3.0, 0.0]))
+    a, b = store.append(*nxt), loaded.append(*nxt)
+    assert a.train_items.tolist() == b.train_items.tolist()
+    assert np.array_equal(store.holdout().items, loaded.holdout().items)
+
+
+def test_keyset_levels_merge_and_answer_like_a_set() -> None:
+    rng = np.random.default_rng(3)
+    ks, ref = KeySet(), set()
+    for _ in range(200):
+        batch = np.unique(rng.integers(0, 50_000, rng.integers(1, 400)))
+        new = batch[~ks.contains(batch)]
+        assert set(new.tolist()).isdisjoint(ref)
+        ks.insert(new, new.astype(np.int32))
+        ref.update(new.tolist())
+    assert len(ks) == len(ref) and ks.levels < 12
+    q = np.arange(50_000)
+    assert np.array_equal(ks.contains(q), np.isin(q, list(ref)))
+    keys, vals = ks.arrays()
+    assert keys.tolist() == sorted(ref) and np.array_equal(vals, keys.astype(np.int32))
+    sample = ks.sample(rng, 5000)
+    assert np.isin(sample, keys).all()
+
+
+def test_ids_grow_look_up_and_round_trip(tmp_path: Path) -> None:
+    ids = IdMap()
+    rows = ids.rows(np.array(["b", "a", "b", "ü", "\x00"], dtype=object))
+    assert rows.tolist() == [0, 1, 0, 2, 3]
+    assert ids.rows(np.array(["a", "zz"], dtype=object), add=False).tolist() == [1, -1]
+    assert ids.ids([2, 0]).tolist() == ["ü", "b"]
+    for n in range(2000):  # grows past its first capacity
+        ids.rows([f"x{n}"])
+    ids.save(tmp_path / "ids.npz")
+    loaded = IdMap.load(tmp_path / "ids.npz")
+    assert loaded.all_ids().tolist() == ids.all_ids().tolist()
+    assert loaded.rows(["ü", "x1999"], add=False).tolist() == [2, 2003]
+    with pytest.raises(IndexError):
+        ids.ids([len(ids)])
+
+
+@given(st.lists(st.integers(0, 10**6), min_size=300, max_size=3000, unique=True),
+       st.lists(st.integers(-5, 10**6 + 5), max_size=200))
+@settings(max_examples=50, deadline=None)
+def test_fenced_search_agrees_with_searchsorted(keys: list[int], queries: list[int]) -> None:
+    from ncf_stream.keyset import Level
+
+    level = Level(np.array(sorted(keys), dtype=np.int64))
+    assert level.fence is not None  # long enough to be fenced
+    q = np.array(sorted(queries), dtype=np.int64)
+    assert np.array_equal(level.insertion_points(q), np.searchsorted(level.keys, q))
+    expected = np.where(np.isin(q, level.keys), np.searchsorted(level.keys, q), -1)
+    assert np.array_equal(level.search(q), expected)
