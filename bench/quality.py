@@ -37,11 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ncf_stream.evaluate import Scorer, evaluate  # noqa: E402
-from ncf_stream.readers import read_events  # noqa: E402
-from ncf_stream.source import MemorySource  # noqa: E402
-from ncf_stream.store import StoreView  # noqa: E402
-from ncf_stream.trainer import Trainer, TrainerConfig  # noqa: E402
+from ncf_stream.evaluate import Scorer, evaluate
+from ncf_stream.readers import read_events
+from ncf_stream.source import MemorySource
+from ncf_stream.store import StoreView
+from ncf_stream.trainer import Trainer, TrainerConfig
 
 Result = dict[str, float]
 

@@ -42,7 +42,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumers.demo import run_demo
 
-    run_demo(_settings(args), events=args.events, rate=args.rate, seed=args.seed)
+    run_demo(_serve_settings(args), events=args.events, rate=args.rate, seed=args.seed)
+    return 0
+
+
+def _serve_settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(args.config, kafka_bootstrap=args.bootstrap, http_port=args.http_port,
+                         grpc_port=args.grpc_port, device=args.device)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from consumers.daemon import Daemon, serve_until_signalled
+
+    daemon = Daemon(_serve_settings(args))
+    serve_until_signalled(daemon)
     return 0
 
 
@@ -89,10 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file: .csv or .jsonl")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("demo", parents=[common],
-                       help="start a local broker if none runs and stream a demo through it")
-    p.add_argument("--events", type=_positive_int, default=100_000)
-    p.add_argument("--rate", type=_positive_float, default=5_000.0)
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
+    serving.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+    serving.add_argument("--device", help="auto (default), cpu or cuda")
+
+    p = sub.add_parser("serve", parents=[common, serving],
+                       help="run the daemon: consume, train, evaluate, serve HTTP and gRPC")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", parents=[common, serving],
+                       help="the daemon on a local broker (started if none runs) with a "
+                            "synthetic demo stream")
+    p.add_argument("--events", type=_positive_int, default=1_000_000)
+    p.add_argument("--rate", type=_positive_float, default=2_000.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -25,6 +25,7 @@ from ncf_stream.sampler import eval_negatives
 from ncf_stream.store import StoreView
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+CatalogueScorer = Callable[[np.ndarray], np.ndarray]  # users (n,) -> (n, n_items)
 KS = (5, 10, 20)
 
 
@@ -71,9 +72,15 @@ def sampled_ranks(scorer: Scorer, view: StoreView, rows: np.ndarray, n_neg: int 
     return ranks_against(scores[:, 0], scores[:, 1:], valid=neg >= 0)
 
 
-def full_ranks(scorer: Scorer, view: StoreView, rows: np.ndarray,
-               chunk_pairs: int = 4_000_000) -> np.ndarray:
-    """Ranks of the hold-outs among every item their user has not touched."""
+def full_ranks(scorer: Scorer | CatalogueScorer, view: StoreView, rows: np.ndarray,
+               chunk_pairs: int = 4_000_000, catalogue_scorer: bool = False,
+               pause: Callable[[], None] | None = None) -> np.ndarray:
+    """Ranks of the hold-outs among every item their user has not touched.
+
+    ``catalogue_scorer``: ``scorer(users)`` scores the whole catalogue itself
+    (faster for NeuMF); otherwise it gets the catalogue as an item matrix.
+    ``pause`` runs between chunks (the evaluator uses it to cap its CPU share).
+    """
     ho = view.holdout
     n_items = view.n_items
     out = np.empty(len(rows), dtype=np.int64)
@@ -82,12 +89,17 @@ def full_ranks(scorer: Scorer, view: StoreView, rows: np.ndarray,
     for lo in range(0, len(rows), per_chunk):
         r = rows[lo: lo + per_chunk]
         users = ho.users[r]
-        scores = scorer(users, np.broadcast_to(catalogue, (len(r), n_items)))
+        if catalogue_scorer:
+            scores = scorer(users)  # type: ignore[call-arg]
+        else:
+            scores = scorer(users, np.broadcast_to(catalogue, (len(r), n_items)))  # type: ignore[call-arg]
         pos = scores[np.arange(len(r)), ho.items[r]]
         candidate = np.ones((len(r), n_items), dtype=bool)
         indptr, seen = view.seen_csr(users)
         candidate[np.repeat(np.arange(len(r)), np.diff(indptr)), seen] = False  # holdout too
         out[lo: lo + per_chunk] = ranks_against(pos, scores, valid=candidate)
+        if pause is not None:
+            pause()
     return out
 
 

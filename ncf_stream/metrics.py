@@ -1,39 +1,139 @@
 """Prometheus metrics, on a registry the caller injects (tests pass a fresh one).
 
 Names follow Prometheus conventions: prefix ``ncf_stream_``, ``_total`` for
-counters, base units (seconds, bytes).
+counters, base units (seconds, bytes). Every labelled series that a dashboard
+plots exists from the start (at 0), so a panel shows 0 rather than no data.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ncf_stream.events import Reason
 
 PREFIX = "ncf_stream"
+KS = (5, 10, 20)
+KINDS = ("sampled", "full")
+# Request latencies: the serving target is p99 <= 10 ms, so resolve below it finely.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5)
+FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def _registry(registry: CollectorRegistry | None) -> CollectorRegistry:
+    return REGISTRY if registry is None else registry
 
 
 class IngestMetrics:
     """What the event source reports: records in, rejected by reason, skipped, lag."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = REGISTRY if registry is None else registry
-        self.consumed = Counter(
-            f"{PREFIX}_events_consumed", "Records read from the source, valid or not",
-            registry=registry,
-        )
-        self.rejected = Counter(
-            f"{PREFIX}_events_rejected", "Records sent to the dead-letter topic, by reason",
-            ["reason"], registry=registry,
-        )
-        self.skipped = Counter(
-            f"{PREFIX}_events_skipped", "Valid events dropped by the configured event filter",
-            registry=registry,
-        )
-        self.consumer_lag = Gauge(
-            f"{PREFIX}_consumer_lag", "Records in the topic not yet consumed (all partitions)",
-            registry=registry,
-        )
-        # Every reason exists from the start, so dashboards show 0 rather than no data.
+        r = _registry(registry)
+        self.consumed = Counter(f"{PREFIX}_events_consumed",
+                                "Records read from the source, valid or not", registry=r)
+        self.rejected = Counter(f"{PREFIX}_events_rejected",
+                                "Records sent to the dead-letter topic, by reason", ["reason"],
+                                registry=r)
+        self.skipped = Counter(f"{PREFIX}_events_skipped",
+                               "Valid events dropped by the configured event filter", registry=r)
+        self.consumer_lag = Gauge(f"{PREFIX}_consumer_lag",
+                                  "Records in the topic not yet consumed (all partitions)",
+                                  registry=r)
         for reason in Reason:
             self.rejected.labels(reason=reason.value)
+
+
+class EngineMetrics:
+    """Training, store, snapshots, evaluation."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = _registry(registry)
+        self.trained = Counter(f"{PREFIX}_events_trained",
+                               "Fresh positives trained on (held-out ones are not)", registry=r)
+        self.train_samples = Counter(f"{PREFIX}_train_samples",
+                                     "Training samples (positives and negatives)", registry=r)
+        self.train_steps = Counter(f"{PREFIX}_train_steps", "Optimizer steps", registry=r)
+        self.replayed = Counter(f"{PREFIX}_replayed_positives",
+                                "Positives replayed from the store", registry=r)
+        self.loss = Gauge(f"{PREFIX}_train_loss", "Mean BCE loss of recent steps", registry=r)
+        self.negatives = Counter(f"{PREFIX}_negatives_drawn",
+                                 "Negative candidates drawn, rejected ones included", registry=r)
+        self.negatives_rejected = Counter(f"{PREFIX}_negatives_rejected",
+                                          "Drawn negatives the user had touched", registry=r)
+        self.interactions = Gauge(f"{PREFIX}_store_interactions",
+                                  "Distinct (user, item) pairs in the store", registry=r)
+        self.store_bytes = Gauge(f"{PREFIX}_store_bytes", "Memory held by the store", registry=r)
+        self.repeats = Counter(f"{PREFIX}_interaction_repeats",
+                               "Events repeating a stored (user, item)", registry=r)
+        self.users = Gauge(f"{PREFIX}_users", "Known users", registry=r)
+        self.items = Gauge(f"{PREFIX}_items", "Known items", registry=r)
+        self.holdouts = Gauge(f"{PREFIX}_holdouts", "Users with a held-out interaction",
+                              registry=r)
+        self.snapshot_version = Gauge(f"{PREFIX}_snapshot_version", "Served snapshot version",
+                                      registry=r)
+        self.snapshot_events = Gauge(f"{PREFIX}_snapshot_events",
+                                     "Consumed events the served snapshot includes", registry=r)
+        self.snapshot_age = Gauge(f"{PREFIX}_snapshot_age_seconds",
+                                  "Seconds since the served snapshot was published", registry=r)
+        self.publish_seconds = Histogram(f"{PREFIX}_snapshot_publish_seconds",
+                                         "Time to take and swap in a snapshot", registry=r)
+        self.freshness = Histogram(
+            f"{PREFIX}_freshness_seconds",
+            "From consuming an event to serving the first snapshot that includes it",
+            buckets=FRESHNESS_BUCKETS, registry=r)
+        self.index_items = Gauge(f"{PREFIX}_index_items", "Items in the candidate index",
+                                 registry=r)
+        self.candidate_recall = Gauge(
+            f"{PREFIX}_candidate_recall",
+            "Recall@10 of candidates + rescoring against the exact ranking (sampled users)",
+            registry=r)
+        self.eval_hit_ratio = Gauge(f"{PREFIX}_eval_hit_ratio", "HR@K on the rolling hold-out",
+                                    ["k", "kind"], registry=r)
+        self.eval_ndcg = Gauge(f"{PREFIX}_eval_ndcg", "NDCG@K on the rolling hold-out",
+                               ["k", "kind"], registry=r)
+        self.eval_seconds = Histogram(f"{PREFIX}_eval_duration_seconds",
+                                      "Wall time of one evaluation", registry=r,
+                                      buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.eval_users = Gauge(f"{PREFIX}_eval_users", "Hold-outs in the last evaluation",
+                                registry=r)
+        self.online_hit_ratio = Gauge(f"{PREFIX}_online_hit_ratio",
+                                      "Share of probed events whose item was in the served "
+                                      "top K before training on it", ["k"], registry=r)
+        self.online_probes = Gauge(f"{PREFIX}_online_probes",
+                                   "Events probed for the online hit ratio", registry=r)
+        for k in KS:
+            self.online_hit_ratio.labels(k=str(k))
+            for kind in KINDS:
+                self.eval_hit_ratio.labels(k=str(k), kind=kind)
+                self.eval_ndcg.labels(k=str(k), kind=kind)
+
+
+class ServingMetrics:
+    """Requests by protocol and endpoint."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = _registry(registry)
+        self.duration = Histogram(f"{PREFIX}_request_duration_seconds",
+                                  "Request latency, by protocol and endpoint",
+                                  ["protocol", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(f"{PREFIX}_requests", "Requests by protocol, endpoint, code",
+                                ["protocol", "endpoint", "code"], registry=r)
+
+    def observe(self, protocol: str, endpoint: str, code: str, seconds: float) -> None:
+        self.duration.labels(protocol=protocol, endpoint=endpoint).observe(seconds)
+        self.requests.labels(protocol=protocol, endpoint=endpoint, code=code).inc()
+
+    def timer(self, protocol: str, endpoint: str) -> Callable[[str, float], None]:
+        return lambda code, seconds: self.observe(protocol, endpoint, code, seconds)
+
+
+class Metrics:
+    """All of them on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = _registry(registry)
+        self.ingest = IngestMetrics(self.registry)
+        self.engine = EngineMetrics(self.registry)
+        self.serving = ServingMetrics(self.registry)

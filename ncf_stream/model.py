@@ -135,6 +135,19 @@ class NeuMF(nn.Module):
         self.users.ensure(n_users, self.cfg.init_std, self._gen)
         self.items.ensure(n_items, self.cfg.init_std, self._gen)
 
+    @torch.no_grad()
+    def frozen_copy(self) -> NeuMF:
+        """An independent copy for readers: live rows only, eval mode, no grad."""
+        copy = NeuMF.__new__(NeuMF)
+        nn.Module.__init__(copy)
+        copy.cfg, copy.device, copy._gen = self.cfg, self.device, self._gen
+        copy.tower = Tower(self.cfg).to(self.device)
+        copy.tower.load_state_dict(self.tower.state_dict())
+        copy.tower.eval().requires_grad_(False)
+        copy.users = Table(self.users.weight[: self.users.rows].clone(), self.users.rows)
+        copy.items = Table(self.items.weight[: self.items.rows].clone(), self.items.rows)
+        return copy
+
     @property
     def n_users(self) -> int:
         return self.users.rows
@@ -159,12 +172,30 @@ class NeuMF(nn.Module):
         return torch.sigmoid(self(users.to(self.device), items.to(self.device)))
 
     @torch.no_grad()
-    def score_matrix(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Logits of every user against every item: (U,), (I,) -> (U, I)."""
-        n_u, n_i = len(users), len(items)
-        u = self.users.weight[users.to(self.device)].repeat_interleave(n_i, dim=0)
-        i = self.items.weight[items.to(self.device)].repeat(n_u, 1)
-        return self.logits_from_rows(u, i).view(n_u, n_i)
+    def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
+                     max_elements: int = 1 << 24) -> torch.Tensor:
+        """Logits of every user against every item (default: the catalogue): (U, I).
+
+        Uses the decomposition of the first MLP layer, W_u p + W_i q: the user and
+        item halves are computed once each, and the GMF half is one matrix product,
+        so a pair costs the layers after the first only. Equal to ``forward`` up to
+        float rounding.
+        """
+        f = self.cfg.factors
+        users = users.to(self.device)
+        item_rows = self.items.weight[: self.n_items] if items is None else (
+            self.items.weight[items.to(self.device)])
+        u_rows = self.users.weight[users]
+        tower = self.tower
+        gmf = (u_rows[:, :f] * tower.out_gmf.weight[0]) @ item_rows[:, :f].T  # (U, I)
+        a = tower.first_user(u_rows[:, f:])  # (U, H)
+        c = tower.first_item(item_rows[:, f:])  # (I, H)
+        out = torch.empty(len(users), len(item_rows), device=self.device)
+        step = max(1, max_elements // max(1, len(item_rows) * a.shape[1]))
+        for lo in range(0, len(users), step):
+            hidden = tower.mlp(a[lo: lo + step, None, :] + c[None, :, :])  # (u, I, last)
+            out[lo: lo + step] = tower.out_mlp(hidden).squeeze(-1)
+        return out + gmf
 
     def gmf_item_vectors(self) -> torch.Tensor:
         """(n_items, factors): q_i^G, the item side of the GMF inner product."""

@@ -36,6 +36,49 @@ class Settings(BaseSettings):
     event_types: list[str] | None = None  # keep only these event types; None keeps all
     min_weight: float | None = None  # keep only events with weight >= this
 
+    # Model and training (see ncf_stream.model.NeuMFConfig, ncf_stream.trainer.TrainerConfig)
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+    factors: int = Field(32, ge=1)
+    mlp_layers: list[int] = Field(default_factory=lambda: [64, 32, 16])
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(8192, ge=16)
+    negatives: int = Field(4, ge=1)
+    negative_alpha: float = Field(0.0, ge=0.0)
+    lr: float = Field(0.02, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    tower_lr: float = Field(1e-3, gt=0)
+    fresh_share: float = Field(0.5, gt=0, le=1)
+    replay: bool = True
+    min_history: int = Field(2, ge=1)
+    seed: int = 0
+    # Share of the trainer's time spent replaying while the stream is idle; the
+    # rest is left to the servers on a small machine.
+    replay_duty: float = Field(0.5, gt=0, le=1)
+
+    # Snapshots and retrieval
+    publish_every_s: float = Field(2.0, gt=0)
+    publish_every_events: int = Field(50_000, ge=1)
+    index_refresh_s: float = Field(30.0, gt=0)
+    ivf_threshold: int = Field(200_000, ge=1)
+    nprobe: int = Field(32, ge=1)
+    candidates: int = Field(400, ge=1)
+    max_k: int = Field(1000, ge=1)
+
+    # Evaluation
+    eval_interval_s: float = Field(60.0, gt=0)
+    eval_max_users: int = Field(10_000, ge=0)
+    eval_full: bool = True
+    eval_duty: float = Field(0.25, gt=0, le=1)
+    online_fraction: float = Field(0.01, ge=0, le=1)
+
+    # Serving (loopback by default: exposing it is a deliberate act)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # also serve /metrics alone here
+    shutdown_grace_s: float = Field(5.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -1,0 +1,276 @@
+"""``ncf-stream serve``: the source, trainer, publisher, evaluator, HTTP and gRPC in one process.
+
+One thread consumes and trains: poll, probe the online hit rate, ingest, train
+until the fresh positives are drained (then replay, at ``replay_duty`` of the
+time while the stream is idle), publish a snapshot when due. The evaluator,
+the HTTP server (uvicorn) and the gRPC server run on their own threads and
+read snapshots only. SIGTERM/SIGINT stop consuming, finish the step, and stop
+the servers with a grace period.
+
+Offsets are not committed yet: the store lives in memory until checkpoints
+exist, so a restart must rebuild it from the topic, and a committed offset
+would lose those events. The durability issue adds checkpoints and commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from consumers.kafka_source import KafkaSource
+from ncf_stream.api import Status
+from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
+from ncf_stream.grpc_server import GrpcServer
+from ncf_stream.http_app import create_app
+from ncf_stream.metrics import Metrics
+from ncf_stream.model import NeuMFConfig
+from ncf_stream.recommend import Recommender
+from ncf_stream.retrieval import IndexConfig
+from ncf_stream.settings import Settings
+from ncf_stream.snapshot import Publisher, SnapshotHolder
+from ncf_stream.source import EventBatch, EventSource
+from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
+LAG_EVERY_S = 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def trainer_config(s: Settings) -> TrainerConfig:
+    return TrainerConfig(
+        batch_size=s.batch_size, negatives=s.negatives, alpha=s.negative_alpha, lr=s.lr,
+        weight_decay=s.weight_decay, tower_lr=s.tower_lr, fresh_share=s.fresh_share,
+        replay=s.replay, min_history=s.min_history, seed=s.seed,
+        model=NeuMFConfig(factors=s.factors, mlp_layers=tuple(s.mlp_layers), dropout=s.dropout))
+
+
+@dataclass
+class Counters:
+    consumed: int = 0
+    rejected: int = 0
+    trained: int = 0
+    lag: int = 0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, source: EventSource | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = s = settings
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.device = resolve_device(s.device)
+        self.trainer = Trainer(trainer_config(s), self.device)
+        self.holder = SnapshotHolder()
+        self.publisher = Publisher(
+            self.trainer, self.holder,
+            IndexConfig(ivf_threshold=s.ivf_threshold, nprobe=s.nprobe),
+            every_s=s.publish_every_s, every_events=s.publish_every_events,
+            index_refresh_s=s.index_refresh_s)
+        self.recommender = Recommender(self.holder, s.candidates, s.max_k)
+        self.evaluator = Evaluator(
+            self.holder, EvalConfig(interval_s=s.eval_interval_s, max_users=s.eval_max_users,
+                                    full=s.eval_full, duty=s.eval_duty, seed=s.seed),
+            on_report=self._export_eval)
+        self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
+        self.counters = Counters()
+        self._unpublished_since: float | None = None
+        self._drawn = (0, 0)
+        self._stop = threading.Event()
+        self.source = source or KafkaSource(s, metrics=self.metrics.ingest)
+        self._http_socket = _bind(s.http_host, s.http_port)
+        self.http_port = self._http_socket.getsockname()[1]
+        app = create_app(self.recommender, self.status, self.metrics.registry,
+                         self.metrics.serving, self.evaluator)
+        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self._http_thread = threading.Thread(target=self._http.run,
+                                             kwargs={"sockets": [self._http_socket]},
+                                             name="ncf-http", daemon=True)
+        self.grpc = GrpcServer(self.recommender, self.status, self.metrics.serving,
+                               s.grpc_host, s.grpc_port)
+
+    # ---- status --------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        snap = self.holder.get()
+        c = self.counters
+        return Status(
+            events_consumed=c.consumed, events_rejected=c.rejected, events_trained=c.trained,
+            consumer_lag=c.lag, users=len(self.trainer.user_ids),
+            items=len(self.trainer.item_ids), interactions=len(self.trainer.store),
+            model_version=0 if snap is None else snap.version,
+            snapshot_events=0 if snap is None else snap.events,
+            snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start_servers(self) -> None:
+        self._http_thread.start()
+        self.grpc.start()
+        self.evaluator.start()
+        log.info("serving HTTP on %s:%d, gRPC on %s:%d", self.settings.http_host,
+                 self.http_port, self.settings.grpc_host, self.grpc.port)
+
+    def run(self) -> None:
+        """Serve and train until :meth:`stop`; then shut down cleanly."""
+        self.start_servers()
+        try:
+            self._loop()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        grace = self.settings.shutdown_grace_s
+        self.evaluator.stop()
+        self.grpc.stop(grace)
+        self._http.should_exit = True
+        self._http_thread.join(grace + 1)
+        self.publisher.close()
+        self.source.close()
+
+    # ---- the consumer/trainer loop -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_lag = 0.0
+        idle_wait = self.settings.kafka_poll_timeout_s
+        while not self._stop.is_set():
+            busy = self.trainer.pending > 0
+            batch = self.source.poll(0.0 if busy else idle_wait)
+            if batch is not None:
+                self._ingest(batch)
+            worked = self._train()
+            if not busy and batch is None and worked > 0:
+                # Idle: replay was the work; rest so that replay takes replay_duty.
+                self._stop.wait(worked * (1 / self.settings.replay_duty - 1))
+            self._maybe_publish()
+            now = time.monotonic()
+            if now - last_lag >= LAG_EVERY_S:
+                last_lag = now
+                self._gauges()
+
+    def _ingest(self, batch: EventBatch) -> None:
+        events = batch.events
+        self.online.observe(self.holder.get(), events.users, events.items)
+        result = self.trainer.ingest(events)
+        c = self.counters
+        c.consumed += batch.records
+        c.rejected += batch.rejected
+        m = self.metrics.engine
+        m.repeats.inc(result.repeats)
+        if self._unpublished_since is None:
+            self._unpublished_since = time.monotonic()
+
+    def _train(self) -> float:
+        """Train for up to one slice; returns the seconds spent."""
+        start = time.perf_counter()
+        while time.perf_counter() - start < TRAIN_SLICE_S and not self._stop.is_set():
+            stats = self.trainer.step()
+            if stats is None:
+                break
+            self._count(stats)
+            if self.trainer.pending == 0 and stats.fresh > 0:
+                break  # drained: go back and poll
+        return time.perf_counter() - start
+
+    def _count(self, stats: StepStats) -> None:
+        m = self.metrics.engine
+        self.counters.trained += stats.fresh
+        m.trained.inc(stats.fresh)
+        m.replayed.inc(stats.replayed)
+        m.train_samples.inc(stats.samples)
+        m.train_steps.inc()
+        if self.trainer.steps % 20 == 0:
+            m.loss.set(float(stats.loss))  # a device sync, so not every step
+
+    def _maybe_publish(self) -> None:
+        consumed = self.counters.consumed
+        overdue = self.publisher.since_last() > 2 * self.publisher.every_s
+        if not self.publisher.due(consumed) or (self.trainer.pending and not overdue):
+            return
+        stats = self.publisher.publish(consumed)
+        m = self.metrics.engine
+        m.publish_seconds.observe(stats.seconds)
+        m.snapshot_version.set(stats.version)
+        m.snapshot_events.set(consumed)
+        if self._unpublished_since is not None:
+            m.freshness.observe(time.monotonic() - self._unpublished_since)
+            self._unpublished_since = None
+        snap = self.holder.get()
+        if snap is not None:
+            m.index_items.set(snap.index.size)
+        if stats.version == 1:
+            self.grpc.ready()
+            log.info("first snapshot published: ready")
+
+    def _gauges(self) -> None:
+        m, store = self.metrics.engine, self.trainer.store
+        lag = getattr(self.source, "lag", None)
+        if lag is not None:
+            self.counters.lag = lag()
+        m.interactions.set(len(store))
+        m.users.set(len(self.trainer.user_ids))
+        m.items.set(len(self.trainer.item_ids))
+        m.holdouts.set(int((store.user_counts() >= store.min_history).sum()))
+        m.store_bytes.set(store.nbytes())
+        sampler = self.trainer.sampler
+        m.negatives.inc(sampler.drawn - self._drawn[0])
+        m.negatives_rejected.inc(sampler.rejected - self._drawn[1])
+        self._drawn = (sampler.drawn, sampler.rejected)
+        snap = self.holder.get()
+        if snap is not None:
+            m.snapshot_age.set(snap.age())
+        rates = self.online.rates()
+        for k, v in rates.items():
+            m.online_hit_ratio.labels(k=str(k)).set(v)
+        m.online_probes.set(self.online.probes)
+
+    def _export_eval(self, report: EvalReport) -> None:
+        m = self.metrics.engine
+        for kind, r in (("sampled", report.sampled), ("full", report.full)):
+            if r is None:
+                continue
+            for k in r.hr:
+                m.eval_hit_ratio.labels(k=str(k), kind=kind).set(r.hr[k])
+                m.eval_ndcg.labels(k=str(k), kind=kind).set(r.ndcg[k])
+        m.eval_seconds.observe(report.seconds)
+        m.eval_users.set(report.users)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve_until_signalled(daemon: Daemon) -> None:
+    """Run in the main thread; SIGTERM or SIGINT stops consuming and shuts down cleanly."""
+    import signal
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    s = daemon.settings
+    print(f"ncf-stream serving on http://{s.http_host}:{daemon.http_port} "
+          f"(status page /, API /v1/..., metrics /metrics, OpenAPI /openapi.json) and "
+          f"gRPC {s.grpc_host}:{daemon.grpc.port}; consuming {s.kafka_topic} from "
+          f"{s.kafka_bootstrap}", flush=True)
+    daemon.run()

@@ -1,0 +1,58 @@
+"""What HTTP and gRPC share: request limits, the status fields, and the request metrics.
+
+Both servers are thin: they validate, call :class:`ncf_stream.recommend.Recommender`
+and format. The status fields come from a callable the daemon provides, so the
+servers know nothing of Kafka.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ncf_stream.errors import BadInput
+from ncf_stream.events import MAX_ID_BYTES
+
+MAX_BATCH_USERS = 1000
+MAX_SCORE_ITEMS = 10_000
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Status:
+    events_consumed: int = 0
+    events_rejected: int = 0
+    events_trained: int = 0
+    consumer_lag: int = 0
+    users: int = 0
+    items: int = 0
+    interactions: int = 0
+    model_version: int = 0
+    snapshot_events: int = 0  # consumed events the served snapshot includes
+    snapshot_age_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+StatusSource = Callable[[], Status]
+
+
+def check_id(value: object, what: str) -> str:
+    """An id: a string or an integer, 1 to 256 characters (the HTTP schema's rule too).
+
+    One longer than 256 UTF-8 bytes can never have been stored, so it is unknown.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadInput(f"'{what}' must be a string or an integer")
+    text = str(value)
+    if not 0 < len(text) <= MAX_ID_BYTES:
+        raise BadInput(f"'{what}' must be 1 to {MAX_ID_BYTES} characters")
+    return text
+
+
+def check_k(k: int, max_k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
+        raise BadInput(f"'k' must be an integer from 1 to {max_k}")
+    return k

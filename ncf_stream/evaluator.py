@@ -1,0 +1,241 @@
+"""Continuous evaluation on published snapshots, and the online (prequential) hit rate.
+
+The periodic evaluator ranks the current hold-out of every user, or a seeded
+sample of at most ``max_users``, by both protocols of :mod:`ncf_stream.evaluate`
+for K in (5, 10, 20). It runs off the training thread on the latest snapshot
+and caps its own CPU share (``duty``): after each chunk of work it sleeps in
+proportion, so on a machine the trainer already saturates, ingest keeps >= 90%
+of its rate during an evaluation. The price is wall time, not training.
+
+The online hit rate asks, for a sampled fraction of incoming events, before
+the model trains on them: was the event's item in the user's top K as served
+right then? That is what a live system experiences.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
+from ncf_stream.recommend import top_k
+from ncf_stream.snapshot import Snapshot, SnapshotHolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    interval_s: float = 60.0
+    max_users: int = 10_000  # a seeded sample bounds the cost; 0 = every hold-out
+    negatives: int = 99  # the paper's protocol
+    seed: int = 0
+    full: bool = True  # also rank against the whole catalogue
+    duty: float = 0.25  # at most this share of wall time computing; the rest sleeps
+    history: int = 100
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    version: int  # snapshot evaluated
+    finished_at: float
+    users: int
+    seconds: float  # wall time, throttling included
+    compute_seconds: float
+    sampled: Report
+    full: Report | None
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "model_version": self.version, "finished_at": self.finished_at, "users": self.users,
+            "seconds": round(self.seconds, 3), "compute_seconds": round(self.compute_seconds, 3),
+            "sampled": _rounded(self.sampled.as_dict())}
+        if self.full is not None:
+            out["full"] = _rounded(self.full.as_dict())
+        return out
+
+
+def _rounded(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 5) for k, v in d.items()}
+
+
+def snapshot_scorer(snap: Snapshot) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    model = snap.model
+
+    def score(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        n, m = items.shape
+        with torch.no_grad():
+            u = torch.from_numpy(np.repeat(users, m)).to(model.device)
+            i = torch.from_numpy(np.ascontiguousarray(items).ravel()).to(model.device)
+            return model(u, i).float().cpu().numpy().reshape(n, m)
+
+    return score
+
+
+def catalogue_scorer(snap: Snapshot) -> Callable[[np.ndarray], np.ndarray]:
+    model = snap.model
+
+    def score(users: np.ndarray) -> np.ndarray:
+        u = torch.from_numpy(np.asarray(users, dtype=np.int64))
+        return model.score_matrix(u).float().cpu().numpy()
+
+    return score
+
+
+class Throttle:
+    """Sleeps after each piece of work so that work takes at most ``duty`` of wall time."""
+
+    def __init__(self, duty: float, stop: threading.Event | None = None) -> None:
+        self.duty = min(max(duty, 0.01), 1.0)
+        self.stop = stop
+        self.busy = 0.0
+        self._mark = time.perf_counter()
+
+    def __call__(self) -> None:
+        worked = time.perf_counter() - self._mark
+        self.busy += worked
+        rest = worked * (1.0 / self.duty - 1.0)
+        if rest > 0:
+            if self.stop is not None:
+                self.stop.wait(rest)
+            else:
+                time.sleep(rest)
+        self._mark = time.perf_counter()
+
+
+class Evaluator:
+    def __init__(self, holder: SnapshotHolder, config: EvalConfig | None = None,
+                 on_report: Callable[[EvalReport], None] | None = None) -> None:
+        self.holder = holder
+        self.config = config or EvalConfig()
+        self.on_report = on_report
+        self.history: deque[EvalReport] = deque(maxlen=self.config.history)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def latest(self) -> EvalReport | None:
+        return self.history[-1] if self.history else None
+
+    def evaluate(self, snap: Snapshot | None = None, throttle: bool = False) -> EvalReport | None:
+        """One evaluation of ``snap`` (default: the current snapshot); None before any."""
+        snap = snap or self.holder.get()
+        if snap is None or len(snap.store.holdout.users) == 0:
+            return None
+        cfg = self.config
+        start = time.perf_counter()
+        pause = Throttle(cfg.duty, self._stop) if throttle else None
+        rows = self._rows(snap)
+        sampled = metrics(sampled_ranks(snapshot_scorer(snap), snap.store, rows, cfg.negatives,
+                                        cfg.seed), "sampled", KS)
+        if pause is not None:
+            pause()
+        full = None
+        if cfg.full:
+            ranks = full_ranks(catalogue_scorer(snap), snap.store, rows, catalogue_scorer=True,
+                               pause=pause)
+            full = metrics(ranks, "full", KS)
+        seconds = time.perf_counter() - start
+        report = EvalReport(snap.version, time.time(), len(rows), seconds,
+                            pause.busy if pause is not None else seconds, sampled, full)
+        self.history.append(report)
+        log.info("eval v%d: %d users, HR@10 sampled %.4f full %s, %.1f s", snap.version,
+                 len(rows), sampled.hr[10], "-" if full is None else f"{full.hr[10]:.4f}",
+                 seconds)
+        if self.on_report is not None:
+            self.on_report(report)
+        return report
+
+    def _rows(self, snap: Snapshot) -> np.ndarray:
+        n = len(snap.store.holdout.users)
+        limit = self.config.max_users
+        if not limit or n <= limit:
+            return np.arange(n)
+        rng = np.random.default_rng(self.config.seed)
+        return np.sort(rng.choice(n, size=limit, replace=False))
+
+    # ---- the periodic thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ncf-evaluator", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Evaluate as soon as possible (on demand)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.evaluate(throttle=True)
+            except Exception:  # an evaluation must never take the daemon down
+                log.exception("evaluation failed")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+@dataclass
+class OnlineHitRate:
+    """Prequential HR@K: was the item in the user's served top K before training on it?"""
+
+    fraction: float = 0.01
+    max_per_second: float = 50.0  # each probe is a retrieval; cap their cost at full ingest
+    candidates: int = 400
+    seed: int = 0
+    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
+    probes: int = 0
+    _rng: np.random.Generator = field(init=False)
+    _budget: float = field(init=False, default=0.0)
+    _last: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._last = time.monotonic()
+
+    def observe(self, snap: Snapshot | None, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Probe a sample of a batch of (external) events against the served snapshot."""
+        if snap is None or len(user_ids) == 0:
+            return
+        now = time.monotonic()
+        self._budget = min(self.max_per_second, self._budget + (now - self._last)
+                           * self.max_per_second)
+        self._last = now
+        picked = np.flatnonzero(self._rng.random(len(user_ids)) < self.fraction)
+        for j in picked[: int(self._budget)].tolist():
+            self._budget -= 1
+            self._probe(snap, str(user_ids[j]), str(item_ids[j]))
+
+    def _probe(self, snap: Snapshot, user: str, item: str) -> None:
+        kmax = max(KS)
+        row = snap.user_row(user)
+        if row is None:  # served as cold start: the popular list
+            served = snap.popular[:kmax]
+        else:
+            served, _ = top_k(snap, row, kmax, self.candidates)
+        target = snap.item_rows([item])[0]
+        self.probes += 1
+        if target < 0:
+            return
+        position = np.flatnonzero(served == target)
+        for k in KS:
+            if len(position) and position[0] < k:
+                self.hits[k] += 1
+
+    def rates(self) -> dict[int, float]:
+        return {k: (self.hits[k] / self.probes if self.probes else 0.0) for k in KS}

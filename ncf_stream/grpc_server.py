@@ -1,0 +1,138 @@
+"""The gRPC API: ``ncf_stream.v1.Recommender``, the standard health service, reflection.
+
+A thin servicer over the same :class:`Recommender` the HTTP app calls (grpc
+examples, ``health_checking/``). Bad input is INVALID_ARGUMENT, an unknown user
+NOT_FOUND, and no snapshot yet UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ncf_stream.api import MAX_BATCH_USERS, MAX_SCORE_ITEMS, StatusSource, check_id, check_k
+from ncf_stream.errors import BadInput
+from ncf_stream.metrics import ServingMetrics
+from ncf_stream.proto import recommender_pb2 as pb
+from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
+from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+
+SERVICE = "ncf_stream.v1.Recommender"
+
+
+def _response(r: Recommendation) -> pb.RecommendResponse:
+    return pb.RecommendResponse(
+        user=r.user, model_version=r.model_version, cold_start=r.cold_start,
+        items=[pb.ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
+
+
+class Servicer(pb_grpc.RecommenderServicer):
+    def __init__(self, recommender: Recommender, status: StatusSource,
+                 metrics: ServingMetrics) -> None:
+        self.recommender, self.status, self.metrics = recommender, status, metrics
+
+    @contextmanager
+    def _call(self, endpoint: str, context: grpc.ServicerContext) -> Iterator[None]:
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            yield
+        except BadInput as e:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, str(e))
+        except UnknownUser as e:
+            code = grpc.StatusCode.NOT_FOUND
+            context.abort(code, e.args[0])
+        except NotReady as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            context.abort(code, str(e))
+        finally:
+            self.metrics.observe("grpc", endpoint, code.name, time.perf_counter() - start)
+
+    def _k(self, request: Any) -> int:
+        return check_k(request.k if request.HasField("k") else 10, self.recommender.max_k)
+
+    @staticmethod
+    def _exclude(request: Any) -> bool:
+        return request.exclude_seen if request.HasField("exclude_seen") else True
+
+    def Recommend(self, request: pb.RecommendRequest,
+                  context: grpc.ServicerContext) -> pb.RecommendResponse:
+        with self._call("Recommend", context):
+            user = check_id(request.user, "user")
+            return _response(self.recommender.recommend(user, self._k(request),
+                                                        self._exclude(request)))
+        raise AssertionError("unreachable")  # abort() raises
+
+    def RecommendBatch(self, request: pb.RecommendBatchRequest,
+                       context: grpc.ServicerContext) -> pb.RecommendBatchResponse:
+        with self._call("RecommendBatch", context):
+            if not 1 <= len(request.users) <= MAX_BATCH_USERS:
+                raise BadInput(f"'users' must hold 1 to {MAX_BATCH_USERS} ids")
+            users = [check_id(u, "users[]") for u in request.users]
+            results = self.recommender.recommend_many(users, self._k(request),
+                                                      self._exclude(request))
+            return pb.RecommendBatchResponse(results=[_response(r) for r in results])
+        raise AssertionError("unreachable")
+
+    def Score(self, request: pb.ScoreRequest,
+              context: grpc.ServicerContext) -> pb.ScoreResponse:
+        with self._call("Score", context):
+            if not 1 <= len(request.items) <= MAX_SCORE_ITEMS:
+                raise BadInput(f"'items' must hold 1 to {MAX_SCORE_ITEMS} ids")
+            user = check_id(request.user, "user")
+            items = [check_id(i, "items[]") for i in request.items]
+            s = self.recommender.score(user, items)
+            return pb.ScoreResponse(user=s.user, model_version=s.model_version, scores=[
+                pb.ItemScore(item=i, known=v is not None, score=v or 0.0)
+                for i, v in zip(items, s.scores, strict=True)])
+        raise AssertionError("unreachable")
+
+    def Status(self, request: pb.StatusRequest,
+               context: grpc.ServicerContext) -> pb.StatusResponse:
+        with self._call("Status", context):
+            return pb.StatusResponse(**self.status().as_dict())
+        raise AssertionError("unreachable")
+
+
+class GrpcServer:
+    """The server with the recommender, health and reflection services on one port."""
+
+    def __init__(self, recommender: Recommender, status: StatusSource, metrics: ServingMetrics,
+                 host: str = "127.0.0.1", port: int = 50051, workers: int = 8) -> None:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
+                                                             thread_name_prefix="ncf-grpc"))
+        pb_grpc.add_RecommenderServicer_to_server(Servicer(recommender, status, metrics),
+                                                  self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["Recommender"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {host}:{port}")
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set(self, status: Any) -> None:
+        self.health.set("", status)
+        self.health.set(SERVICE, status)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def ready(self) -> None:
+        """Report SERVING once a snapshot is served."""
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait(grace + 1)
+

@@ -1,0 +1,290 @@
+# mypy: disable-error-code="valid-type,attr-defined"
+# (the request models are built per app, so their names are variables to mypy)
+"""The HTTP API (FastAPI): thin handlers over the recommender; every client error is a 4xx.
+
+Errors always have the shape ``{"error": <kind>, "detail": <sentence>}``:
+400 bad value, 404 unknown user, 413 body too large, 422 malformed request,
+503 before the first snapshot. The OpenAPI document at ``/openapi.json``
+describes every response, so schemathesis can hold the server to it.
+"""
+
+# No ``from __future__ import annotations``: the request models carry the
+# configured maximum k, so they are built per app, and FastAPI must see the
+# handlers' annotations as objects rather than names to look up in globals.
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    create_model,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ncf_stream.api import (
+    MAX_BATCH_USERS,
+    MAX_BODY_BYTES,
+    MAX_SCORE_ITEMS,
+    StatusSource,
+)
+from ncf_stream.errors import BadInput
+from ncf_stream.evaluator import Evaluator
+from ncf_stream.events import MAX_ID_BYTES
+from ncf_stream.metrics import ServingMetrics
+from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+
+
+# An id as in the event contract: a string or an integer (meaning its decimal
+# string). Up to 256 characters here; one longer than 256 UTF-8 bytes can never
+# have been stored, so it is simply unknown.
+def _whole(value: object) -> object:
+    """JSON Schema counts 42.0 as an integer, so a whole float is one; a boolean is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be an integer")
+    return value
+
+
+# Integer ids within JSON's exact range (2**53); larger ones travel as strings.
+# Bounds first, then the validator: so the schema says minimum/maximum.
+SAFE_INT = 2**53 - 1
+Id = (Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_BYTES)]
+      | Annotated[int, Field(ge=-SAFE_INT, le=SAFE_INT), BeforeValidator(_whole)])
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def request_models(max_k: int) -> tuple[Any, Any, Any]:
+    """The request bodies, with the configured maximum k in their schema."""
+    k = Annotated[int, Field(ge=1, le=max_k, description=f"how many items, 1 to {max_k}"),
+                  BeforeValidator(_whole)]
+    exclude = Annotated[StrictBool, Field(description="drop items the user has touched")]
+    recommend = create_model(
+        "RecommendRequest", __base__=_Request,
+        user=(Id, Field(description="user id; an unknown user gets popular items")),
+        k=(k, 10), exclude_seen=(exclude, True))
+    batch = create_model(
+        "BatchRecommendRequest", __base__=_Request,
+        users=(list[Id], Field(min_length=1, max_length=MAX_BATCH_USERS)),
+        k=(k, 10), exclude_seen=(exclude, True))
+    score = create_model(
+        "ScoreRequest", __base__=_Request,
+        user=(Id, ...), items=(list[Id], Field(min_length=1, max_length=MAX_SCORE_ITEMS)))
+    return recommend, batch, score
+
+
+class ScoredItem(BaseModel):
+    item: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    user: str
+    items: list[ScoredItem]
+    model_version: int
+    cold_start: bool
+
+
+class BatchRecommendResponse(BaseModel):
+    results: list[RecommendResponse]
+
+
+class ScoreResponse(BaseModel):
+    user: str
+    scores: list[float | None] = Field(description="null: the item is unknown to the model")
+    model_version: int
+
+
+class StatusResponse(BaseModel):
+    events_consumed: int
+    events_rejected: int
+    events_trained: int
+    consumer_lag: int
+    users: int
+    items: int
+    interactions: int
+    model_version: int
+    snapshot_events: int
+    snapshot_age_seconds: float
+
+
+class EvalResponse(BaseModel):
+    latest: dict[str, Any] | None
+    history: list[dict[str, Any]]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+
+
+def error(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+class BodyLimit:
+    """413 for bodies over ``limit`` bytes, declared or streamed, before they are parsed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.limit
+        # Read the body here (it is small by contract), so a chunked body that never
+        # declared its size is refused before any handler runs.
+        chunks: list[bytes] = []
+        size, more = 0, not too_large
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            too_large = size > self.limit
+            more = more and not too_large
+        if too_large:
+            response = error(413, "body_too_large", f"request body over {self.limit} bytes")
+            await response(scope, receive, send)
+            return
+        body: list[Message] = [{"type": "http.request", "body": b"".join(chunks),
+                                "more_body": False}]
+
+        async def replay() -> Message:
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _recommendation(r: Recommendation) -> RecommendResponse:
+    return RecommendResponse(
+        user=r.user, items=[ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores,
+                                                                       strict=True)],
+        model_version=r.model_version, cold_start=r.cold_start)
+
+
+def create_app(
+    recommender: Recommender,
+    status: StatusSource,
+    registry: CollectorRegistry,
+    metrics: ServingMetrics,
+    evaluator: Evaluator | None = None,
+    status_page: Callable[[], str] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    app = FastAPI(title="ncf-stream", version="1",
+                  description="Online NeuMF recommendations from a Kafka stream.")
+    max_k = recommender.max_k
+    RecommendRequest, BatchRecommendRequest, ScoreRequest = request_models(max_k)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        return error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(422, "invalid_request", f"{where or 'body'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(BadInput)
+    async def _bad(_: Request, exc: BadInput) -> JSONResponse:
+        return error(400, "bad_value", str(exc))
+
+    @app.exception_handler(UnknownUser)
+    async def _unknown(_: Request, exc: UnknownUser) -> JSONResponse:
+        return error(404, "unknown_user", exc.args[0])
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
+        return error(503, "not_ready", str(exc))
+
+    @app.middleware("http")
+    async def _timed(request: Request,
+                     call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.observe("http", endpoint, str(response.status_code),
+                        time.perf_counter() - start)
+        return response
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS)
+    def recommend(req: RecommendRequest) -> RecommendResponse:
+        user, k = str(req.user), req.k
+        return _recommendation(recommender.recommend(user, k, req.exclude_seen))
+
+    @app.post("/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
+    def recommend_batch(req: BatchRecommendRequest
+                        ) -> BatchRecommendResponse:
+        users = [str(u) for u in req.users]
+        results = recommender.recommend_many(users, req.k, req.exclude_seen)
+        return BatchRecommendResponse(results=[_recommendation(r) for r in results])
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
+    def score(req: ScoreRequest) -> ScoreResponse:
+        s = recommender.score(str(req.user), [str(i) for i in req.items])
+        return ScoreResponse(user=s.user, scores=s.scores, model_version=s.model_version)
+
+    @app.get("/v1/status", response_model=StatusResponse)
+    def get_status() -> StatusResponse:
+        return StatusResponse(**status().as_dict())
+
+    @app.get("/v1/eval", response_model=EvalResponse)
+    def get_eval() -> EvalResponse:
+        history = [r.as_dict() for r in evaluator.history] if evaluator else []
+        return EvalResponse(latest=history[-1] if history else None, history=history)
+
+    @app.post("/v1/eval", status_code=202, response_model=EvalResponse)
+    def request_eval() -> EvalResponse:
+        """Ask for an evaluation now; the report appears in GET /v1/eval when done."""
+        if evaluator is not None:
+            evaluator.request()
+        return get_eval()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    def readyz() -> Any:
+        snap = recommender.holder.get()
+        if snap is None:
+            return error(503, "not_ready", "no model snapshot is published yet")
+        return {"status": "ready", "model_version": snap.version}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if status_page is not None:
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        def page() -> str:
+            return status_page()
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app

@@ -1,0 +1,109 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user", "k", "exclude_seen")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    k: int
+    exclude_seen: bool
+    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item", "score")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    score: float
+    def __init__(self, item: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("user", "items", "model_version", "cold_start")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: int
+    cold_start: bool
+    def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
+
+class RecommendBatchRequest(_message.Message):
+    __slots__ = ("users", "k", "exclude_seen")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    exclude_seen: bool
+    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
+
+class RecommendBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RecommendResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[RecommendResponse, _Mapping]]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("user", "items")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    items: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ItemScore(_message.Message):
+    __slots__ = ("item", "known", "score")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    known: bool
+    score: float
+    def __init__(self, item: _Optional[str] = ..., known: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("user", "scores", "model_version")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    scores: _containers.RepeatedCompositeFieldContainer[ItemScore]
+    model_version: int
+    def __init__(self, user: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("events_consumed", "events_rejected", "events_trained", "consumer_lag", "users", "items", "interactions", "model_version", "snapshot_events", "snapshot_age_seconds")
+    EVENTS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_LAG_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    events_consumed: int
+    events_rejected: int
+    events_trained: int
+    consumer_lag: int
+    users: int
+    items: int
+    interactions: int
+    model_version: int
+    snapshot_events: int
+    snapshot_age_seconds: float
+    def __init__(self, events_consumed: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_trained: _Optional[int] = ..., consumer_lag: _Optional[int] = ..., users: _Optional[int] = ..., items: _Optional[int] = ..., interactions: _Optional[int] = ..., model_version: _Optional[int] = ..., snapshot_events: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,146 @@
+"""Top-k from a snapshot: FAISS candidates, rescored by the full NeuMF, seen items dropped.
+
+HTTP and gRPC both call this one class. Everything a request reads comes from
+the snapshot current when it starts, so an answer never mixes two models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ncf_stream.errors import BadInput, NcfStreamError
+from ncf_stream.snapshot import Snapshot, SnapshotHolder
+
+DEFAULT_CANDIDATES = 400  # C: bench/retrieval.py picks it (recall@10 vs latency)
+MAX_K = 1000
+
+
+class NotReady(NcfStreamError):
+    """No snapshot has been published yet."""
+
+
+class UnknownUser(NcfStreamError, KeyError):
+    """The user has no interactions in the served snapshot."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user: str
+    items: list[str]
+    scores: list[float]  # model probability; popularity share when cold_start
+    model_version: int
+    cold_start: bool
+
+
+@dataclass(frozen=True)
+class Scores:
+    user: str
+    scores: list[float | None]  # None: the item is unknown to the model
+    model_version: int
+
+
+class Recommender:
+    def __init__(self, holder: SnapshotHolder, candidates: int = DEFAULT_CANDIDATES,
+                 max_k: int = MAX_K) -> None:
+        self.holder = holder
+        self.candidates = candidates
+        self.max_k = max_k
+
+    def snapshot(self) -> Snapshot:
+        snap = self.holder.get()
+        if snap is None:
+            raise NotReady("no model snapshot is published yet")
+        return snap
+
+    def recommend(self, user: str, k: int = 10, exclude_seen: bool = True) -> Recommendation:
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        return self.recommend_many([user], k, exclude_seen)[0]
+
+    def recommend_many(self, users: list[str], k: int = 10,
+                       exclude_seen: bool = True) -> list[Recommendation]:
+        """Top k for each user, all from the same snapshot."""
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        snap = self.snapshot()
+        out = []
+        for user in users:
+            row = snap.user_row(user)
+            if row is None:
+                out.append(self._cold_start(snap, user, k))
+                continue
+            rows, scores = top_k(snap, row, k, self.candidates, exclude_seen)
+            out.append(Recommendation(user, snap.item_ids.ids(rows).tolist(), scores.tolist(),
+                                      snap.version, cold_start=False))
+        return out
+
+    def _cold_start(self, snap: Snapshot, user: str, k: int) -> Recommendation:
+        rows = snap.popular[:k]
+        return Recommendation(user, snap.item_ids.ids(rows).tolist(),
+                              snap.popularity[:k].astype(float).tolist(), snap.version,
+                              cold_start=True)
+
+    def score(self, user: str, items: list[str]) -> Scores:
+        snap = self.snapshot()
+        row = snap.user_row(user)
+        if row is None:
+            raise UnknownUser(f"unknown user {user!r}")
+        rows = snap.item_rows(items)
+        known = rows >= 0
+        out: list[float | None] = [None] * len(items)
+        if known.any():
+            probs = score_rows(snap, row, rows[known])
+            for j, p in zip(np.flatnonzero(known).tolist(), probs.tolist(), strict=True):
+                out[j] = p
+        return Scores(user, out, snap.version)
+
+
+def score_rows(snap: Snapshot, user_row: int, item_rows: np.ndarray) -> np.ndarray:
+    """Probabilities of one user against the given item rows."""
+    model = snap.model
+    with torch.no_grad():
+        items = torch.from_numpy(np.asarray(item_rows, dtype=np.int64)).to(model.device)
+        users = torch.full_like(items, user_row)
+        return torch.sigmoid(model(users, items)).float().cpu().numpy()
+
+
+def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
+          exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(item rows, probabilities) of the user's top k: retrieval, then full rescoring.
+
+    With ``candidates`` >= the catalogue this is the exact ranking.
+    """
+    seen = seen_items(snap, user_row) if exclude_seen else np.empty(0, dtype=np.int64)
+    # Ask for room to drop the seen ones, so k survive whenever k unseen items exist.
+    want = min(snap.n_items, max(candidates, k) + len(seen))
+    model = snap.model
+    query = model.gmf_user_queries(torch.tensor([user_row], device=model.device))
+    _, found = snap.index.search(query.detach().cpu().numpy(), want)
+    # In row order, so ties in score break by row exactly as in exact_top_k.
+    cand = np.sort(found[0][found[0] >= 0])
+    if len(seen):
+        cand = cand[~np.isin(cand, seen, assume_unique=True)]
+    if len(cand) == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    probs = score_rows(snap, user_row, cand)
+    order = np.argsort(-probs, kind="stable")[:k]
+    return cand[order], probs[order]
+
+
+def exact_top_k(snap: Snapshot, user_row: int, k: int,
+                exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The full model over the whole catalogue: the reference retrieval is measured against."""
+    items = np.arange(snap.n_items)
+    if exclude_seen:
+        items = np.setdiff1d(items, seen_items(snap, user_row), assume_unique=True)
+    probs = score_rows(snap, user_row, items)
+    order = np.argsort(-probs, kind="stable")[:k]
+    return items[order], probs[order]
+
+
+def seen_items(snap: Snapshot, user_row: int) -> np.ndarray:
+    indptr, items = snap.store.seen_csr(np.array([user_row]))
+    return items[indptr[0]: indptr[1]]

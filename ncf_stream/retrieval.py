@@ -1,0 +1,94 @@
+"""Candidate retrieval: a FAISS inner-product index over the GMF item vectors.
+
+NeuMF's GMF half is h_G . (p_u * q_i) = (h_G * p_u) . q_i, so a maximum inner
+product search with the query h_G * p_u over the vectors q_i ranks items by
+the GMF half exactly. The MLP half is not decomposable; the recommender
+rescores the top C candidates with the full network.
+
+One class, choices inside it (CONVENTIONS.md, item 1): a flat index below
+``ivf_threshold`` items (exact, and cheap to rebuild: a copy), an IVF index
+above it (sub-linear search; its coarse quantizer is trained once and kept,
+so a refresh only re-assigns vectors), on the GPU when CUDA and faiss-gpu are
+both present, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    # Flat (exact) search costs O(items) per query: ~3 ms at 1M items x 32 dims on
+    # one core, so flat serves up to this many items; IVF takes over above it.
+    ivf_threshold: int = 200_000
+    # IVF lists ~ 4 sqrt(n) (FAISS's guideline); probes trade recall for time.
+    nlist: int | None = None
+    nprobe: int = 32
+    use_gpu: bool = True  # when CUDA and faiss-gpu are present
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class CandidateIndex:
+    """An immutable MIPS index over item rows [0, n)."""
+
+    def __init__(self, vectors: np.ndarray, config: IndexConfig | None = None,
+                 quantizer: faiss.Index | None = None) -> None:
+        self.config = cfg = config or IndexConfig()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.size, self.dim = vectors.shape
+        self.kind = "ivf" if self.size >= cfg.ivf_threshold else "flat"
+        if self.kind == "flat":
+            index: faiss.Index = faiss.IndexFlatIP(self.dim)
+        else:
+            index = self._ivf(vectors, quantizer)
+        index.add(vectors)
+        self.device = "cpu"
+        if cfg.use_gpu and gpu_available():
+            index = self._to_gpu(index)
+        self.index = index
+
+    def _ivf(self, vectors: np.ndarray, quantizer: faiss.Index | None) -> faiss.Index:
+        nlist = self.config.nlist or int(4 * np.sqrt(self.size))
+        if quantizer is None or quantizer.d != self.dim:
+            quantizer = faiss.IndexFlatIP(self.dim)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = vectors[np.random.default_rng(0).permutation(self.size)[: 64 * nlist]]
+            ivf.train(sample)
+        else:  # reuse trained centroids: a refresh only re-assigns vectors
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, quantizer.ntotal,
+                                     faiss.METRIC_INNER_PRODUCT)
+            ivf.is_trained = True
+        ivf.nprobe = self.config.nprobe
+        self.quantizer = quantizer
+        return ivf
+
+    def _to_gpu(self, index: faiss.Index) -> faiss.Index:
+        try:
+            res = faiss.StandardGpuResources()
+            moved = faiss.index_cpu_to_gpu(res, 0, index)
+        except (RuntimeError, AttributeError) as e:  # a broken driver or build: keep the CPU one
+            log.warning("FAISS GPU index unavailable (%s); using the CPU index", e)
+            return index
+        self._gpu_resources = res  # must outlive the index
+        self.device = "cuda"
+        return moved
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items by inner product: (scores, rows), each (len(queries), k); -1 pads."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = min(k, self.size)
+        if k <= 0:
+            empty = np.empty((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        scores, rows = self.index.search(queries, k)
+        return scores, rows

@@ -1,0 +1,226 @@
+"""HTTP and gRPC on real servers on loopback, over a daemon fed from memory.
+
+The contract (ARCHITECTURE.md): the same answers on both protocols, a 4xx
+with a JSON message for every bad request, and schemathesis holding the HTTP
+server to its own OpenAPI document (no 5xx, every response as declared).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+import schemathesis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+
+from consumers.daemon import Daemon
+from ncf_stream.proto import recommender_pb2 as pb
+from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
+from ncf_stream.settings import Settings
+from ncf_stream.source import MemorySource
+from ncf_stream.synth import SynthConfig, generate
+
+EVENTS = 6000
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    stream = generate(SynthConfig(users=200, items=150, events=EVENTS, seed=9, topics=5))
+    s = Settings(http_port=0, grpc_port=0, batch_size=1024, factors=8, mlp_layers=[16, 8],
+                 publish_every_s=0.2, eval_interval_s=3600, eval_max_users=50, max_k=100,
+                 device="cpu", shutdown_grace_s=1.0, replay=False)  # stable once consumed
+    d = Daemon(s, source=MemorySource(stream.to_events(), batch_size=1500))
+    thread = threading.Thread(target=d.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while d.status().snapshot_events < EVENTS:
+        assert time.monotonic() < deadline, d.status()
+        time.sleep(0.05)
+    yield d
+    d.stop()
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def http(daemon: Daemon) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.http_port}", timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def channel(daemon: Daemon) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.RecommenderStub:
+    return pb_grpc.RecommenderStub(channel)
+
+
+def test_http_and_grpc_agree_on_recommend_and_never_return_seen_items(
+    daemon: Daemon, http: httpx.Client, stub: pb_grpc.RecommenderStub
+) -> None:
+    store, ids = daemon.trainer.store, daemon.trainer.item_ids
+    for user in ("0", "17", "123"):
+        h = http.post("/v1/recommend", json={"user": user, "k": 10}).json()
+        g = stub.Recommend(pb.RecommendRequest(user=user, k=10))
+        assert [i["item"] for i in h["items"]] == [i.item for i in g.items]
+        assert h["model_version"] == g.model_version and not h["cold_start"]
+        assert [i["score"] for i in h["items"]] == pytest.approx([i.score for i in g.items])
+        row = daemon.trainer.user_ids.rows([user], add=False)[0]
+        seen = set(ids.ids(store.seen(int(row))).tolist())
+        assert seen.isdisjoint(i["item"] for i in h["items"]) and len(h["items"]) == 10
+
+
+def test_integer_user_ids_mean_their_string(http: httpx.Client) -> None:
+    a = http.post("/v1/recommend", json={"user": 17, "k": 3}).json()
+    b = http.post("/v1/recommend", json={"user": "17", "k": 3}).json()
+    assert a == b and a["user"] == "17"
+
+
+def test_cold_start_on_both_protocols(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    h = http.post("/v1/recommend", json={"user": "new-user", "k": 4}).json()
+    g = stub.Recommend(pb.RecommendRequest(user="new-user", k=4))
+    assert h["cold_start"] and g.cold_start
+    assert [i["item"] for i in h["items"]] == [i.item for i in g.items]
+
+
+def test_batch(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    h = http.post("/v1/recommend/batch", json={"users": ["1", "x"], "k": 3}).json()
+    g = stub.RecommendBatch(pb.RecommendBatchRequest(users=["1", "x"], k=3))
+    assert [r["cold_start"] for r in h["results"]] == [False, True]
+    assert [[i["item"] for i in r["items"]] for r in h["results"]] == [
+        [i.item for i in r.items] for r in g.results]
+
+
+def test_score(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    top = http.post("/v1/recommend", json={"user": "5", "k": 2}).json()["items"]
+    items = [top[0]["item"], "no-such-item", top[1]["item"]]
+    h = http.post("/v1/score", json={"user": "5", "items": items}).json()
+    assert h["scores"][1] is None
+    assert h["scores"][0] == pytest.approx(top[0]["score"], rel=1e-5)
+    assert h["scores"][0] >= h["scores"][2]
+    g = stub.Score(pb.ScoreRequest(user="5", items=items))
+    assert [s.known for s in g.scores] == [True, False, True]
+    assert g.scores[0].score == pytest.approx(h["scores"][0])
+
+
+def test_status_and_eval(daemon: Daemon, http: httpx.Client,
+                         stub: pb_grpc.RecommenderStub) -> None:
+    s = http.get("/v1/status").json()
+    assert s["events_consumed"] == s["snapshot_events"] == EVENTS
+    assert s["users"] == len(daemon.trainer.user_ids) and s["interactions"] > 0
+    g = stub.Status(pb.StatusRequest())
+    assert g.events_consumed == EVENTS and g.users == s["users"]
+    assert http.post("/v1/eval").status_code == 202
+    deadline = time.monotonic() + 30
+    while (latest := http.get("/v1/eval").json()["latest"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert 0 <= latest["sampled"]["hr10"] <= 1 and latest["users"] == 50
+
+
+def test_health_readiness_metrics(http: httpx.Client, channel: grpc.Channel) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").json()["status"] == "ready"
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "ncf_stream.v1.Recommender"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    text = http.get("/metrics").text
+    for name in ("ncf_stream_request_duration_seconds_bucket", "ncf_stream_snapshot_version",
+                 "ncf_stream_events_trained_total", 'protocol="grpc"'):
+        assert name in text
+
+
+def test_grpc_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"ncf_stream.v1.Recommender", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(("path", "body", "status", "kind"), [
+    ("/v1/recommend", {"user": "1", "k": 0}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "k": 101}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "k": "ten"}, 422, "invalid_request"),
+    ("/v1/recommend", {"k": 3}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": ""}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "u" * 300}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": 10**30}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": True}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "surprise": 1}, 422, "invalid_request"),
+    ("/v1/recommend", [1, 2], 422, "invalid_request"),
+    ("/v1/score", {"user": "no-such-user", "items": ["1"]}, 404, "unknown_user"),
+    ("/v1/score", {"user": "1", "items": []}, 422, "invalid_request"),
+    ("/v1/recommend/batch", {"users": []}, 422, "invalid_request"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(http: httpx.Client, path: str, body: object,
+                                               status: int, kind: str) -> None:
+    r = http.post(path, json=body)
+    assert r.status_code == status
+    assert r.json()["error"] == kind and r.json()["detail"]
+
+
+def test_malformed_json_oversize_and_unknown_routes(http: httpx.Client) -> None:
+    r = http.post("/v1/recommend", content=b"{not json", headers={"content-type":
+                                                                  "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    r = http.post("/v1/recommend", content=b"x" * (2 << 20),
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = http.post("/v1/recommend", content=chunks(), headers={"content-type":
+                                                              "application/json"})
+    assert r.status_code == 413
+    assert http.get("/nope").json()["error"] == "not_found"
+    assert http.get("/v1/recommend").status_code == 405
+
+
+@pytest.mark.parametrize(("request_", "code"), [
+    (pb.RecommendRequest(user="1", k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="", k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", k=100_000), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.ScoreRequest(user="nobody", items=["1"]), grpc.StatusCode.NOT_FOUND),
+    (pb.ScoreRequest(user="1"), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendBatchRequest(users=[]), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_grpc_errors(stub: pb_grpc.RecommenderStub, request_: object,
+                     code: grpc.StatusCode) -> None:
+    method = {pb.RecommendRequest: stub.Recommend, pb.ScoreRequest: stub.Score,
+              pb.RecommendBatchRequest: stub.RecommendBatch}[type(request_)]
+    with pytest.raises(grpc.RpcError) as e:
+        method(request_)
+    assert e.value.code() == code and e.value.details()
+
+
+def test_openapi_contract(daemon: Daemon) -> None:
+    """No 5xx for any input, every response as the OpenAPI document declares.
+
+    Strategies per operation rather than schemathesis' pytest plugin, whose
+    fixture support does not work with pytest 9.
+    """
+    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{daemon.http_port}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 7
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate()
+
+        check()

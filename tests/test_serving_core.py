@@ -1,0 +1,211 @@
+"""Snapshots, retrieval and the recommender, evaluation on snapshots, the online hit rate."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import ncf_stream.retrieval as retrieval
+from ncf_stream.evaluate import evaluate
+from ncf_stream.evaluator import (
+    EvalConfig,
+    Evaluator,
+    OnlineHitRate,
+    Throttle,
+    catalogue_scorer,
+    snapshot_scorer,
+)
+from ncf_stream.model import NeuMFConfig
+from ncf_stream.recommend import NotReady, Recommender, UnknownUser, exact_top_k, top_k
+from ncf_stream.retrieval import CandidateIndex, IndexConfig
+from ncf_stream.snapshot import Publisher, SnapshotHolder
+from ncf_stream.source import MemorySource
+from ncf_stream.synth import SynthConfig, generate
+from ncf_stream.trainer import Trainer, TrainerConfig
+
+SMALL = TrainerConfig(batch_size=2048, model=NeuMFConfig(factors=8, mlp_layers=(16, 8, 4)))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Trainer, SnapshotHolder, Publisher]:
+    stream = generate(SynthConfig(users=300, items=250, events=12_000, seed=2, topics=6))
+    trainer = Trainer(SMALL)
+    holder = SnapshotHolder()
+    publisher = Publisher(trainer, holder)
+    source = MemorySource(stream.to_events(), batch_size=3000)
+    while (batch := source.poll()) is not None:
+        trainer.ingest(batch.events)
+        while trainer.pending:
+            trainer.step()
+    for _ in range(30):
+        trainer.step()
+    publisher.publish(12_000)
+    return trainer, holder, publisher
+
+
+def test_candidate_path_equals_exact_when_c_covers_the_catalogue(trained) -> None:
+    _, holder, _ = trained
+    snap = holder.get()
+    for user in range(0, 300, 37):
+        row = snap.user_row(str(user))
+        if row is None:
+            continue
+        got = top_k(snap, row, 20, candidates=snap.n_items)
+        want = exact_top_k(snap, row, 20)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_seen_items_never_come_back_when_excluded(trained) -> None:
+    trainer, holder, _ = trained
+    snap = holder.get()
+    rec = Recommender(holder, candidates=50)
+    for user in map(str, range(0, 300, 11)):
+        row = snap.user_row(user)
+        if row is None:
+            continue
+        items = rec.recommend(user, 30).items
+        rows = snap.item_ids.rows(items, add=False)
+        assert not trainer.store.contains(np.full(len(rows), row), rows).any()
+        assert len(items) == 30
+    with_seen = rec.recommend("0", 30, exclude_seen=False).items
+    seen = set(snap.item_ids.ids(trainer.store.seen(snap.user_row("0"))).tolist())
+    assert seen & set(with_seen)  # a well-trained model ranks what the user liked
+
+
+def test_cold_start_gets_popular_items_flagged(trained) -> None:
+    trainer, holder, _ = trained
+    r = Recommender(holder).recommend("never-seen-user", 5)
+    counts = trainer.store.item_counts()
+    assert r.cold_start
+    assert r.items == trainer.item_ids.ids(np.argsort(-counts, kind="stable")[:5]).tolist()
+    assert r.scores == sorted(r.scores, reverse=True)
+
+
+def test_score_unknown_item_is_none_unknown_user_raises(trained) -> None:
+    _, holder, _ = trained
+    rec = Recommender(holder)
+    s = rec.score("0", ["1", "no-such-item"])
+    assert s.scores[1] is None and 0.0 < s.scores[0] < 1.0
+    with pytest.raises(UnknownUser):
+        rec.score("no-such-user", ["1"])
+
+
+def test_not_ready_before_the_first_snapshot() -> None:
+    with pytest.raises(NotReady):
+        Recommender(SnapshotHolder()).recommend("0", 1)
+
+
+def test_readers_never_see_a_torn_snapshot() -> None:
+    """Publish while readers check that every answer is consistent with one snapshot."""
+    stream = generate(SynthConfig(users=100, items=80, events=4000, seed=3, topics=4))
+    trainer = Trainer(SMALL)
+    holder = SnapshotHolder()
+    publisher = Publisher(trainer, holder)
+    events = stream.to_events()
+    trainer.ingest(events.take(np.arange(1000)))
+    publisher.publish(1000)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            snap = holder.get()
+            assert snap is not None
+            if not (snap.model.n_items == snap.index.size == snap.store.n_items):
+                failures.append(f"v{snap.version}: sizes differ")
+            weights = snap.model.items.weight.clone()
+            top_k(snap, 0, 5, 20)
+            if not torch.equal(weights, snap.model.items.weight):
+                failures.append(f"v{snap.version}: weights changed under a reader")
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for lo in range(1000, 4000, 250):
+        trainer.ingest(events.take(np.arange(lo, lo + 250)))
+        for _ in range(3):
+            trainer.step()
+        publisher.publish(lo + 250)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    assert holder.get().version == publisher.version
+
+
+def test_flat_and_ivf_indexes_find_the_true_top(trained) -> None:
+    _, holder, _ = trained
+    vectors = holder.get().model.gmf_item_vectors().numpy()
+    q = np.random.default_rng(0).normal(size=(20, vectors.shape[1])).astype(np.float32)
+    truth = np.argsort(-(q @ vectors.T), axis=1)[:, :10]
+    flat = CandidateIndex(vectors, IndexConfig(ivf_threshold=10**9))
+    ivf = CandidateIndex(vectors, IndexConfig(ivf_threshold=1, nlist=8, nprobe=8))
+    assert (flat.kind, ivf.kind) == ("flat", "ivf")
+    assert np.array_equal(flat.search(q, 10)[1], truth)
+    assert np.array_equal(ivf.search(q, 10)[1], truth)  # nprobe = nlist: exhaustive
+    reused = CandidateIndex(vectors * 2, IndexConfig(ivf_threshold=1, nprobe=8), ivf.quantizer)
+    assert reused.quantizer is ivf.quantizer
+    assert np.array_equal(reused.search(q, 10)[1], truth)
+
+
+def test_gpu_request_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retrieval, "gpu_available", lambda: True)
+    monkeypatch.delattr(retrieval.faiss, "StandardGpuResources", raising=False)
+    vectors = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+    index = CandidateIndex(vectors, IndexConfig(use_gpu=True))
+    assert index.device == "cpu"
+    assert index.search(vectors[:1], 3)[1][0, 0] >= 0
+
+
+def test_snapshot_scorers_agree_with_the_model_on_both_protocols(trained) -> None:
+    trainer, holder, _ = trained
+    snap = holder.get()
+    direct = evaluate(trainer.scorer(), snap.store)
+    via_snapshot = evaluate(snapshot_scorer(snap), snap.store)
+    assert direct["sampled"].hr == via_snapshot["sampled"].hr
+    fast = catalogue_scorer(snap)(snap.store.holdout.users[:5])
+    slow = snapshot_scorer(snap)(snap.store.holdout.users[:5],
+                                 np.broadcast_to(np.arange(snap.n_items), (5, snap.n_items)))
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluator_reports_and_keeps_history(trained) -> None:
+    _, holder, _ = trained
+    reports = []
+    ev = Evaluator(holder, EvalConfig(max_users=100, history=2), on_report=reports.append)
+    for _ in range(3):
+        ev.evaluate()
+    assert len(ev.history) == 2 and len(reports) == 3
+    r = ev.latest
+    assert r is not None and r.users == 100 and r.full is not None
+    assert 0 < r.full.hr[10] <= r.sampled.hr[10] <= 1
+
+
+def test_throttle_caps_the_duty_cycle() -> None:
+    import time
+
+    throttle = Throttle(duty=0.5)
+    start = time.perf_counter()
+    for _ in range(3):
+        deadline = time.perf_counter() + 0.02
+        while time.perf_counter() < deadline:
+            pass
+        throttle()
+    assert time.perf_counter() - start >= 0.11  # 60 ms of work, 60 ms of rest
+
+
+def test_online_hit_rate_counts_served_hits(trained) -> None:
+    _trainer, holder, _ = trained
+    snap = holder.get()
+    online = OnlineHitRate(fraction=1.0, max_per_second=1e9)
+    user = "0"
+    served, _ = top_k(snap, snap.user_row(user), 20, 400)
+    items = snap.item_ids.ids(served)
+    online.observe(snap, np.array([user] * 3), np.array([items[0], items[7], items[15]]))
+    assert online.probes == 3
+    assert online.hits == {5: 1, 10: 2, 20: 3}
+    online.observe(snap, np.array(["new-user"]), np.array([items[0]]))
+    assert online.probes == 4
