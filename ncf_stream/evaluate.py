@@ -63,13 +63,23 @@ def metrics(ranks: np.ndarray, kind: str, ks: Sequence[int] = KS) -> Report:
 
 
 def sampled_ranks(scorer: Scorer, view: StoreView, rows: np.ndarray, n_neg: int = 99,
-                  seed: int = 0) -> np.ndarray:
-    """Ranks of the hold-outs ``view.holdout[rows]`` among their evaluation negatives."""
+                  seed: int = 0, chunk: int = 2048,
+                  pause: Callable[[], None] | None = None) -> np.ndarray:
+    """Ranks of the hold-outs ``view.holdout[rows]`` among their evaluation negatives.
+
+    In chunks of users: memory stays small, and ``pause`` runs between chunks.
+    """
     ho = view.holdout
-    neg = eval_negatives(view, rows, n_neg, seed)
-    items = np.concatenate([ho.items[rows, None], np.maximum(neg, 0)], axis=1)
-    scores = scorer(ho.users[rows], items)
-    return ranks_against(scores[:, 0], scores[:, 1:], valid=neg >= 0)
+    out = np.empty(len(rows), dtype=np.int64)
+    for lo in range(0, len(rows), chunk):
+        r = rows[lo: lo + chunk]
+        neg = eval_negatives(view, r, n_neg, seed)
+        items = np.concatenate([ho.items[r, None], np.maximum(neg, 0)], axis=1)
+        scores = scorer(ho.users[r], items)
+        out[lo: lo + chunk] = ranks_against(scores[:, 0], scores[:, 1:], valid=neg >= 0)
+        if pause is not None:
+            pause()
+    return out
 
 
 def full_ranks(scorer: Scorer | CatalogueScorer, view: StoreView, rows: np.ndarray,

@@ -23,6 +23,7 @@ from ncf_stream.metrics import ServingMetrics
 from ncf_stream.proto import recommender_pb2 as pb
 from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
 from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.threads import reader_thread
 
 SERVICE = "ncf_stream.v1.Recommender"
 
@@ -106,8 +107,8 @@ class GrpcServer:
 
     def __init__(self, recommender: Recommender, status: StatusSource, metrics: ServingMetrics,
                  host: str = "127.0.0.1", port: int = 50051, workers: int = 8) -> None:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
-                                                             thread_name_prefix="ncf-grpc"))
+        self.server = grpc.server(futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="ncf-grpc", initializer=reader_thread))
         pb_grpc.add_RecommenderServicer_to_server(Servicer(recommender, status, metrics),
                                                   self.server)
         self.health = health.HealthServicer()

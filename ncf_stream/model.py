@@ -201,6 +201,39 @@ class NeuMF(nn.Module):
         """(n_items, factors): q_i^G, the item side of the GMF inner product."""
         return self.items.weight[: self.n_items, : self.cfg.factors]
 
+    def retrieval_items(self, chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vectors for maximum-inner-product retrieval, and the user reference a_ref.
+
+        The logit is GMF(u, i) + f(a_u + c_i) + b, with a_u and c_i the user and item
+        halves of the first MLP layer and f the rest of the tower. GMF is an exact
+        inner product; f is expanded to first order around the mean user a_ref:
+            f(a_u + c_i) ~ f(a_ref + c_i) + grad f(a_ref + c_i) . (a_u - a_ref).
+        So with item vector [q_i^G, grad_i, f(a_ref + c_i)] and user query
+        [h_G * p_u^G, a_u - a_ref, 1] (:meth:`retrieval_queries`) the inner product
+        approximates the whole logit: GMF exactly, the MLP to first order.
+        """
+        f, tower = self.cfg.factors, self.tower
+        with torch.no_grad():
+            a_ref = tower.first_user(self.users.weight[: self.n_users, f:]).mean(0)
+            c = tower.first_item(self.items.weight[: self.n_items, f:])
+        parts = []
+        for lo in range(0, self.n_items, chunk):
+            x = (a_ref + c[lo: lo + chunk]).requires_grad_()
+            out = tower.out_mlp(tower.mlp(x)).squeeze(-1)
+            (grad,) = torch.autograd.grad(out.sum(), x)  # rows are independent
+            parts.append(torch.cat([self.items.weight[lo: lo + len(x), :f], grad,
+                                    out.detach()[:, None]], dim=1))
+        return torch.cat(parts), a_ref
+
+    def retrieval_queries(self, users: torch.Tensor, a_ref: torch.Tensor) -> torch.Tensor:
+        """(B, factors + hidden + 1) queries matching :meth:`retrieval_items`."""
+        f = self.cfg.factors
+        with torch.no_grad():
+            rows = self.users.weight[users]
+            a = self.tower.first_user(rows[:, f:]) - a_ref
+            ones = torch.ones(len(rows), 1, device=rows.device)
+            return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)
+
     def gmf_user_queries(self, users: torch.Tensor) -> torch.Tensor:
         """(B, factors): h_G * p_u^G, so that query . q_i is the GMF half of the logit."""
         h_gmf = self.tower.out_gmf.weight[0]

@@ -117,8 +117,8 @@ def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
     # Ask for room to drop the seen ones, so k survive whenever k unseen items exist.
     want = min(snap.n_items, max(candidates, k) + len(seen))
     model = snap.model
-    query = model.gmf_user_queries(torch.tensor([user_row], device=model.device))
-    _, found = snap.index.search(query.detach().cpu().numpy(), want)
+    query = model.retrieval_queries(torch.tensor([user_row], device=model.device), snap.a_ref)
+    _, found = snap.index.search(query.cpu().numpy(), want)
     # In row order, so ties in score break by row exactly as in exact_top_k.
     cand = np.sort(found[0][found[0] >= 0])
     if len(seen):

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     eval_interval_s: float = Field(60.0, gt=0)
     eval_max_users: int = Field(10_000, ge=0)
     eval_full: bool = True
-    eval_duty: float = Field(0.25, gt=0, le=1)
+    eval_full_max_pairs: int = Field(50_000_000, ge=1)  # full-catalogue ranking budget
+    eval_duty: float = Field(0.05, gt=0, le=1)
     online_fraction: float = Field(0.01, ge=0, le=1)
 
     # Serving (loopback by default: exposing it is a deliberate act)

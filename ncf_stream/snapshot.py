@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ncf_stream.ids import IdMap
 from ncf_stream.model import NeuMF
@@ -43,6 +44,7 @@ class Snapshot:
     model: NeuMF  # frozen copy, eval mode
     index: CandidateIndex  # may lag the weights by up to one index refresh
     index_version: int  # the snapshot version whose item vectors the index holds
+    a_ref: torch.Tensor  # the index's linearization point (NeuMF.retrieval_items)
     store: StoreView
     user_ids: IdMap  # live maps; rows >= n_users / n_items did not exist yet
     item_ids: IdMap
@@ -109,15 +111,18 @@ class Publisher:
         self._last_events = 0
         self._last_steps = 0
         self._index: CandidateIndex | None = None
+        self._a_ref: torch.Tensor | None = None
         self._index_version = 0
         self._index_time = 0.0
-        self._building: Future[CandidateIndex] | None = None
+        self._building: Future[tuple[CandidateIndex, torch.Tensor]] | None = None
         self._building_version = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ncf-index")
 
     def due(self, events: int, now: float | None = None) -> bool:
         """Time or volume says publish, and the model changed since the last snapshot
         (replay steps change it too, so an idle stream still gets fresher snapshots)."""
+        if self.trainer.model.n_items == 0 or self.trainer.model.n_users == 0:
+            return False  # nothing to serve yet: /readyz stays 503
         if self.version == 0:
             return True
         now = time.monotonic() if now is None else now
@@ -135,13 +140,13 @@ class Publisher:
         model = self.trainer.model.frozen_copy()
         self.version += 1
         rebuilt = self._refresh_index(model)
-        assert self._index is not None
+        assert self._index is not None and self._a_ref is not None
         counts = self.trainer.store.item_counts()
         popular = np.argsort(-counts, kind="stable")[:POPULAR_KEPT]
         total = max(int(counts.sum()), 1)
         snapshot = Snapshot(
             version=self.version, published_at=time.time(), events=events, model=model,
-            index=self._index, index_version=self._index_version,
+            index=self._index, index_version=self._index_version, a_ref=self._a_ref,
             store=self.trainer.store.view(), user_ids=self.trainer.user_ids,
             item_ids=self.trainer.item_ids, popular=popular, popularity=counts[popular] / total,
         )
@@ -151,22 +156,21 @@ class Publisher:
         return PublishStats(self.version, time.perf_counter() - start, rebuilt)
 
     def _refresh_index(self, model: NeuMF) -> bool:
-        vectors = model.gmf_item_vectors().detach().cpu().numpy()
         if self._building is not None and self._building.done():
-            self._index, self._index_version = self._building.result(), self._building_version
+            (self._index, self._a_ref), self._index_version = (self._building.result(),
+                                                              self._building_version)
             self._building = None
-        flat = len(vectors) < self.index_config.ivf_threshold
+        flat = model.n_items < self.index_config.ivf_threshold
         if flat or self._index is None:
             # Flat: a copy, cheap enough for every snapshot. The first IVF build is
             # synchronous: there is nothing older to serve from.
-            self._index = CandidateIndex(vectors, self.index_config, self._quantizer())
+            self._index, self._a_ref = _build_index(model, self.index_config, self._quantizer())
             self._index_version, self._index_time = self.version, time.monotonic()
             return True
         stale = time.monotonic() - self._index_time >= self.index_refresh_s
         if stale and self._building is None:
-            quantizer = self._quantizer()
-            self._building = self._pool.submit(CandidateIndex, vectors, self.index_config,
-                                               quantizer)
+            self._building = self._pool.submit(_build_index, model, self.index_config,
+                                               self._quantizer())
             self._building_version, self._index_time = self.version, time.monotonic()
         return False
 
@@ -175,3 +179,9 @@ class Publisher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _build_index(model: NeuMF, config: IndexConfig,
+                 quantizer: faiss.Index | None) -> tuple[CandidateIndex, torch.Tensor]:
+    vectors, a_ref = model.retrieval_items()
+    return CandidateIndex(vectors.detach().cpu().numpy(), config, quantizer), a_ref

@@ -1,0 +1,216 @@
+"""Serving under ingest: query latency over HTTP and gRPC while the daemon trains at full speed.
+
+    python bench/load.py [--quick] [--events N] [--items I] [--clients C]
+
+A real daemon (``ncf-stream serve``, a subprocess) consumes a synthetic stream
+from the real broker as fast as it can, twice, from two topics holding the
+same events: once alone (the ingest baseline) and once while closed-loop
+clients in other processes ask top-10 over HTTP and over gRPC, each paced to
+``--qps`` (default 100/s; 0 = as fast as answers come, which on 2 cores takes
+CPU from training in proportion). Reported per protocol: throughput, p50, p99,
+p999; and ingest under load / ingest alone.
+
+``--quick``: 300k events over 100k items; full: 1M events. The last line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from consumers.broker import LocalBroker, create_topics, free_port  # noqa: E402
+from consumers.produce import publish  # noqa: E402
+from ncf_stream.events import encode_event  # noqa: E402
+from ncf_stream.settings import Settings  # noqa: E402
+from ncf_stream.synth import SynthConfig, generate  # noqa: E402
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[str]:
+    existing = os.environ.get("NCF_STREAM_KAFKA_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    with LocalBroker() as b:
+        yield b.bootstrap
+
+
+@contextlib.contextmanager
+def daemon(bootstrap: str, topic: str) -> Iterator[tuple[int, int]]:
+    http_port, grpc_port = free_port(), free_port()
+    log = open(f"/tmp/ncf-load-{topic}.log", "w")  # noqa: SIM115 - closed below
+    env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
+           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-load", "NCF_STREAM_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
+                             str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        yield http_port, grpc_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def status(http_port: int) -> dict[str, float] | None:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{http_port}/v1/status", timeout=5).json()
+    except (httpx.TransportError, ValueError):
+        return None
+
+
+def ingest_rate(http_port: int, total: int, on_ready: threading.Event | None = None) -> float:
+    """Events/s from the first consumed event to the last; sets ``on_ready`` when serving."""
+    first_t = first_n = None
+    deadline = time.monotonic() + 600
+    while True:
+        s = status(http_port)
+        now = time.monotonic()
+        if s is not None:
+            if on_ready is not None and s["model_version"] > 0:
+                on_ready.set()
+            if first_t is None and s["events_consumed"] > 0:
+                first_t, first_n = now, s["events_consumed"]
+            if s["events_consumed"] >= total and first_t is not None:
+                return (total - first_n) / max(now - first_t, 1e-9)
+        if now > deadline or (s is None and first_t is not None):
+            raise RuntimeError(f"ingest did not finish (the daemon stopped answering): {s}")
+        time.sleep(0.1)
+
+
+def client_main(protocol: str, port: int, users: int, seconds: float, qps: float) -> None:
+    """Closed loop: one request at a time, paced to ``qps`` (0: as fast as answers come);
+    prints latencies."""
+    rng = np.random.default_rng(1 if protocol == "http" else 2)
+    latencies = []
+    if protocol == "http":
+        import httpx
+
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+
+        def call(user: str) -> None:
+            client.post("/v1/recommend", json={"user": user, "k": 10}).raise_for_status()
+    else:
+        import grpc
+
+        from ncf_stream.proto import recommender_pb2 as pb
+        from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+        def call(user: str) -> None:
+            stub.Recommend(pb.RecommendRequest(user=user, k=10), timeout=10)
+
+    begin = time.monotonic()
+    end = begin + seconds
+    while time.monotonic() < end:
+        if qps:
+            ahead = begin + len(latencies) / qps - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        user = str(int(rng.integers(0, users)))
+        start = time.perf_counter()
+        call(user)
+        latencies.append(time.perf_counter() - start)
+    print(json.dumps(latencies))
+
+
+def run_clients(http_port: int, grpc_port: int, users: int, seconds: float,
+                clients: int, qps: float) -> dict[str, dict[str, float]]:
+    procs = []
+    for protocol, port in (("http", http_port), ("grpc", grpc_port)):
+        for _ in range(clients):
+            procs.append((protocol, subprocess.Popen(
+                [sys.executable, __file__, "--client", protocol, "--port", str(port),
+                 "--users", str(users), "--seconds", str(seconds), "--qps", str(qps)],
+                stdout=subprocess.PIPE, text=True)))
+    out: dict[str, list[float]] = {"http": [], "grpc": []}
+    for protocol, p in procs:
+        stdout, _ = p.communicate(timeout=seconds + 120)
+        out[protocol] += json.loads(stdout.strip().splitlines()[-1])
+    return {proto: summarize(np.array(lat), seconds) for proto, lat in out.items()}
+
+
+def summarize(lat: np.ndarray, seconds: float) -> dict[str, float]:
+    ms = lat * 1000
+    return {"qps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "p999_ms": round(float(np.percentile(ms, 99.9)), 2), "requests": len(lat)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--events", type=int)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, default=1, help="closed-loop clients per protocol")
+    parser.add_argument("--qps", type=float, default=100.0,
+                        help="requests/s each client aims at (0: as fast as answers come)")
+    parser.add_argument("--client", choices=["http", "grpc"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--users", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        client_main(args.client, args.port, args.users, args.seconds, args.qps)
+        return
+    n = args.events or (300_000 if args.quick else 1_000_000)
+    users = max(1000, n // 10)
+    stream = generate(SynthConfig(users=users, items=args.items, events=n, seed=0, topics=50))
+    msgs = [(str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
+            zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
+    with broker() as bootstrap:
+        alone, loaded = (f"load-{uuid.uuid4().hex[:8]}-{x}" for x in ("alone", "loaded"))
+        create_topics(bootstrap, [alone, loaded, f"{alone}.dlq", f"{loaded}.dlq"])
+        settings = Settings(kafka_bootstrap=bootstrap)
+        for topic in (alone, loaded):
+            publish(msgs, settings, topic)
+        print(f"published {n:,} events ({args.items:,} items) to two topics", file=sys.stderr)
+
+        with daemon(bootstrap, alone) as (http_port, _):
+            rate_alone = ingest_rate(http_port, n)
+        print(f"ingest alone: {rate_alone:,.0f} events/s", file=sys.stderr)
+
+        with daemon(bootstrap, loaded) as (http_port, grpc_port):
+            ready = threading.Event()
+            result: dict[str, float] = {}
+            watcher = threading.Thread(
+                target=lambda: result.update(rate=ingest_rate(http_port, n, ready)))
+            watcher.start()
+            ready.wait(300)
+            seconds = max(5.0, 0.8 * n / rate_alone)
+            latency = run_clients(http_port, grpc_port, users, seconds, args.clients, args.qps)
+            watcher.join()
+        rate_loaded = result["rate"]
+    print(f"ingest under load: {rate_loaded:,.0f} events/s; {latency}", file=sys.stderr)
+    print(json.dumps({
+        "events": n, "items": args.items, "clients_per_protocol": args.clients,
+        "target_qps_per_client": args.qps,
+        "http": latency["http"], "grpc": latency["grpc"],
+        "ingest_alone_per_s": round(rate_alone), "ingest_under_load_per_s": round(rate_loaded),
+        "ingest_ratio_under_load": round(rate_loaded / rate_alone, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

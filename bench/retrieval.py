@@ -1,0 +1,116 @@
+"""Retrieval: FAISS candidates + full rescoring against the exact full-catalogue ranking.
+
+    python bench/retrieval.py [--quick] [--sizes 10000,100000,1000000]
+
+For each catalogue size: a synthetic stream is ingested and the model trained
+briefly; a snapshot is published (timed: weights copy + index build); then for
+a sample of users, in one run:
+
+* recall@10 of the candidate path (top C by GMF inner product, rescored by the
+  full NeuMF) against the exact top 10 of the full NeuMF over the catalogue,
+  for several C;
+* p50 and p99 latency per query of both paths (one query at a time, as a
+  request would), and their ratio.
+
+The default C is the smallest tried with recall@10 >= 0.95 at every size. The
+last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ncf_stream.recommend import exact_top_k, top_k
+from ncf_stream.snapshot import Publisher, SnapshotHolder
+from ncf_stream.synth import SynthConfig, generate
+from ncf_stream.trainer import Trainer, TrainerConfig
+
+CANDIDATES = (100, 200, 400, 800)
+
+
+def build(items: int, train_s: float, seed: int = 0) -> tuple[Trainer, Publisher]:
+    events = max(200_000, 3 * items)
+    stream = generate(SynthConfig(users=max(5000, items // 10), items=items, events=events,
+                                  seed=seed, topics=max(20, items // 2000)))
+    trainer = Trainer(TrainerConfig())
+    ev = stream.to_events()
+    for lo in range(0, events, 262_144):
+        trainer.ingest(ev.take(np.arange(lo, min(lo + 262_144, events))))
+    start = time.perf_counter()
+    while time.perf_counter() - start < train_s:
+        trainer.step()
+    return trainer, Publisher(trainer, SnapshotHolder())
+
+
+def latencies(fn, users: np.ndarray) -> np.ndarray:
+    out = []
+    for u in users.tolist():
+        start = time.perf_counter()
+        fn(u)
+        out.append(time.perf_counter() - start)
+    return np.array(out) * 1000
+
+
+def measure(items: int, train_s: float, n_users: int) -> dict[str, object]:
+    trainer, publisher = build(items, train_s)
+    start = time.perf_counter()
+    publisher.publish(0)
+    first_publish = time.perf_counter() - start
+    trainer.step()
+    start = time.perf_counter()
+    publisher.publish(1)  # a later publish: an IVF index is refreshed in the background
+    publish = time.perf_counter() - start
+    snap = publisher.holder.get()
+    assert snap is not None
+    rng = np.random.default_rng(1)
+    users = rng.choice(snap.n_users, n_users, replace=False)
+    exact = {u: exact_top_k(snap, u, 10)[0] for u in users.tolist()}
+    recall = {}
+    for c in CANDIDATES:
+        hits = [len(np.intersect1d(top_k(snap, u, 10, c)[0], exact[u])) for u in users.tolist()]
+        recall[c] = float(np.mean(hits)) / 10
+    cand_ms = latencies(lambda u: top_k(snap, u, 10, 400), users)
+    exact_ms = latencies(lambda u: exact_top_k(snap, u, 10), users[: max(10, n_users // 4)])
+    publisher.close()
+    return {
+        "items": items, "index": snap.index.kind, "recall_at_10": round(recall[400], 4),
+        "recall_by_candidates": {str(c): round(r, 4) for c, r in recall.items()},
+        "p50_ms": round(float(np.percentile(cand_ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(cand_ms, 99)), 3),
+        "exact_p50_ms": round(float(np.percentile(exact_ms, 50)), 3),
+        "exact_p99_ms": round(float(np.percentile(exact_ms, 99)), 3),
+        "speedup_p50": round(float(np.percentile(exact_ms, 50) / np.percentile(cand_ms, 50)), 1),
+        "publish_seconds": round(publish, 3), "first_publish_seconds": round(first_publish, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", help="comma-separated catalogue sizes")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes
+             else [10_000, 100_000, 1_000_000])
+    train_s, n_users = (2.0, 60) if args.quick else (20.0, 300)
+    results = []
+    for items in sizes:
+        r = measure(items, train_s, n_users)
+        print(json.dumps(r), file=sys.stderr)
+        results.append(r)
+    chosen = next((c for c in CANDIDATES
+                   if all(r["recall_by_candidates"][str(c)] >= 0.95 for r in results)), None)
+    print(json.dumps({"sizes": results, "candidates_for_recall_0_95": chosen}))
+
+
+if __name__ == "__main__":
+    main()
