@@ -22,6 +22,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import torch
 
@@ -174,7 +175,7 @@ class Publisher:
             self._building_version, self._index_time = self.version, time.monotonic()
         return False
 
-    def _quantizer(self):
+    def _quantizer(self) -> faiss.Index | None:
         return getattr(self._index, "quantizer", None)
 
     def close(self) -> None:
