@@ -8,7 +8,10 @@ three ways, each in its own consumer group, in one run:
 
 * ``default``: kafka-python with its default settings (values only);
 * ``consume``: kafka-python with the source's tuned settings (values only);
-* ``source``: the KafkaSource (the same consumer, plus decode, validate, arrays).
+* ``source``: the KafkaSource (the same consumer, plus decode, validate, arrays);
+* ``source_10pct_bad``: the same over a topic where one record in ten is
+  malformed, each dead-lettered with its reason (the durability issue's target:
+  within 20% of the clean rate).
 
 The last line is a JSON object with the rates and their ratios.
 """
@@ -16,13 +19,10 @@ The last line is a JSON object with the rates and their ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from consumers.broker import LocalBroker, create_topics
+from consumers.broker import create_topics, existing_or_local
 from consumers.kafka_source import KafkaSource, consumer_config
 from ncf_stream.events import encode_event
 from ncf_stream.settings import Settings
 from ncf_stream.synth import SynthConfig, generate
 
-
-@contextlib.contextmanager
-def broker() -> Iterator[str]:
-    existing = os.environ.get("NCF_STREAM_KAFKA_BOOTSTRAP")
-    if existing:
-        yield existing
-        return
-    with LocalBroker() as b:
-        yield b.bootstrap
+BAD = [b"not json", b'{"item": "1"}', b'{"user": [1], "item": "1"}', b"[]",
+       b'{"user": "1", "item": "2", "ts": NaN}', b'{"user": "", "item": "2"}']
 
 
-def publish(bootstrap: str, topic: str, n: int) -> float:
+def publish(bootstrap: str, topic: str, n: int, bad_every: int = 0) -> float:
+    """n records; with ``bad_every``, one in that many is malformed."""
     s = generate(SynthConfig(users=max(100, n // 50), items=max(100, n // 100), events=n))
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024,
                              acks=1, metrics_enabled=False)
     start = time.perf_counter()
-    for u, i, t in zip(s.users.tolist(), s.items.tolist(), s.ts.tolist(), strict=True):
+    for j, (u, i, t) in enumerate(zip(s.users.tolist(), s.items.tolist(), s.ts.tolist(),
+                                      strict=True)):
         user = str(u)
-        producer.send(topic, value=encode_event(user, str(i), t), key=user.encode())
+        value = (BAD[j % len(BAD)] if bad_every and j % bad_every == 0
+                 else encode_event(user, str(i), t))
+        producer.send(topic, value=value, key=user.encode())
     producer.flush()
     producer.close()
     return n / (time.perf_counter() - start)
@@ -105,10 +102,13 @@ def main() -> None:
     args = parser.parse_args()
     n = args.events or (200_000 if args.quick else 1_000_000)
 
-    with broker() as bootstrap:
+    with existing_or_local() as bootstrap:
         topic = f"bench-io-{uuid.uuid4().hex[:8]}"
-        create_topics(bootstrap, [topic, f"{topic}.dlq"], partitions=args.partitions)
+        bad_topic = f"{topic}-bad"
+        create_topics(bootstrap, [topic, f"{topic}.dlq", bad_topic, f"{bad_topic}.dlq"],
+                      partitions=args.partitions)
         produce = publish(bootstrap, topic, n)
+        publish(bootstrap, bad_topic, n, bad_every=10)
         print(f"published {n} events at {produce:,.0f}/s", file=sys.stderr)
 
         settings = Settings(kafka_bootstrap=bootstrap, kafka_topic=topic,
@@ -116,10 +116,14 @@ def main() -> None:
         tuned = consumer_config(settings) | {"group_id": f"{topic}-raw"}
         default = {"bootstrap_servers": bootstrap, "group_id": f"{topic}-default",
                    "auto_offset_reset": "earliest", "enable_auto_commit": False}
+        bad_settings = Settings(kafka_bootstrap=bootstrap, kafka_topic=bad_topic,
+                                kafka_dlq_topic=f"{bad_topic}.dlq",
+                                kafka_group_id=f"{bad_topic}-source")
         rates = {
             "default_consume_records_per_s": raw_rate(default, topic, n),
             "consume_records_per_s": raw_rate(tuned, topic, n),
             "source_records_per_s": source_rate(settings, n),
+            "source_10pct_bad_records_per_s": source_rate(bad_settings, n),
         }
     for name, rate in rates.items():
         print(f"{name}: {rate:,.0f}", file=sys.stderr)
@@ -130,6 +134,8 @@ def main() -> None:
         **{k: round(v) for k, v in rates.items()},
         "source_vs_consume": round(
             rates["source_records_per_s"] / rates["consume_records_per_s"], 3),
+        "bad_10pct_vs_clean": round(
+            rates["source_10pct_bad_records_per_s"] / rates["source_records_per_s"], 3),
         "tuned_vs_default": round(
             rates["consume_records_per_s"] / rates["default_consume_records_per_s"], 3),
     }))

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from consumers.broker import LocalBroker, create_topics, free_port  # noqa: E402
+from consumers.broker import create_topics, existing_or_local, free_port  # noqa: E402
 from consumers.produce import publish  # noqa: E402
 from ncf_stream.events import encode_event  # noqa: E402
 from ncf_stream.settings import Settings  # noqa: E402
@@ -41,20 +42,11 @@ from ncf_stream.synth import SynthConfig, generate  # noqa: E402
 
 
 @contextlib.contextmanager
-def broker() -> Iterator[str]:
-    existing = os.environ.get("NCF_STREAM_KAFKA_BOOTSTRAP")
-    if existing:
-        yield existing
-        return
-    with LocalBroker() as b:
-        yield b.bootstrap
-
-
-@contextlib.contextmanager
 def daemon(bootstrap: str, topic: str) -> Iterator[tuple[int, int]]:
     http_port, grpc_port = free_port(), free_port()
     log = open(f"/tmp/ncf-load-{topic}.log", "w")  # noqa: SIM115 - closed below
     env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
+           "NCF_STREAM_CHECKPOINT_DIR": tempfile.mkdtemp(prefix="ncf-load-ckpt-"),
            "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-load", "NCF_STREAM_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
@@ -179,7 +171,7 @@ def main() -> None:
     stream = generate(SynthConfig(users=users, items=args.items, events=n, seed=0, topics=50))
     msgs = [(str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
             zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
-    with broker() as bootstrap:
+    with existing_or_local() as bootstrap:
         alone, loaded = (f"load-{uuid.uuid4().hex[:8]}-{x}" for x in ("alone", "loaded"))
         create_topics(bootstrap, [alone, loaded, f"{alone}.dlq", f"{loaded}.dlq"])
         settings = Settings(kafka_bootstrap=bootstrap)

@@ -7,10 +7,12 @@ broker the same way a developer does.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -106,3 +108,15 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 4) -> None
                 admin.create_topics(new, wait_for_metadata=True)
     finally:
         admin.close()
+
+
+@contextlib.contextmanager
+def existing_or_local() -> Iterator[str]:
+    """The broker named by NCF_STREAM_KAFKA_BOOTSTRAP, else a fresh local one for the
+    duration (removed afterwards). Yields its bootstrap address."""
+    existing = os.environ.get("NCF_STREAM_KAFKA_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    with LocalBroker() as broker:
+        yield broker.bootstrap

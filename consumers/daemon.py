@@ -7,9 +7,12 @@ the HTTP server (uvicorn) and the gRPC server run on their own threads and
 read snapshots only. SIGTERM/SIGINT stop consuming, finish the step, and stop
 the servers with a grace period.
 
-Offsets are not committed yet: the store lives in memory until checkpoints
-exist, so a restart must rebuild it from the topic, and a committed offset
-would lose those events. The durability issue adds checkpoints and commits.
+Durability: the state (model, optimizer, store, ids) is checkpointed every
+``checkpoint_every_s`` and at shutdown, with the offsets it includes; only then
+are those offsets committed to Kafka. On start the newest valid checkpoint is
+restored and the consumer seeks to its offsets, so after a crash the events
+since the checkpoint are applied once more to the restored state: every
+event's effect on the store happens exactly once.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import uvicorn
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 
 from consumers.kafka_source import KafkaSource
+from ncf_stream import checkpoint
 from ncf_stream.api import Status
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.grpc_server import GrpcServer
@@ -38,7 +42,8 @@ from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import EventBatch, EventSource
+from ncf_stream.source import EventBatch, EventSource, Partition
+from ncf_stream.status_page import History, Sample
 from ncf_stream.threads import reader_thread
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
 LAG_EVERY_S = 1.0
+HISTORY_EVERY_S = 2.0
 SWITCH_INTERVAL_S = 0.0001
 # Requests run at normal priority and preempt training on a busy machine.
 TRAINER_NICE = 19
@@ -94,14 +100,30 @@ class Daemon:
             on_report=self._export_eval)
         self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
         self.counters = Counters()
+        # Next offset per partition that the state includes: the checkpoint's, then
+        # advanced by every ingested batch. The source seeks here on assignment.
+        self.positions: dict[Partition, int] = {}
+        self.restored = None
+        if s.checkpoint_dir:
+            self.restored = checkpoint.load_latest(s.checkpoint_dir, self.trainer)
+        if self.restored is not None:
+            self.positions = dict(self.restored.offsets)
+            self.counters = Counters(**{k: v for k, v in self.restored.counters.items()
+                                        if k in Counters.__dataclass_fields__})
+        self._last_checkpoint = time.monotonic()
+        self._checkpointed_positions = dict(self.positions)
         self._unpublished_since: float | None = None
         self._drawn = (0, 0)
+        self._last_query_count = 0
         self._stop = threading.Event()
-        self.source = source or KafkaSource(s, metrics=self.metrics.ingest)
+        self.source = source or KafkaSource(s, metrics=self.metrics.ingest,
+                                            positions=lambda: self.positions)
         self._http_socket = _bind(s.http_host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
+        self.history = History()
+        self._last_sample: Sample | None = None
         app = create_app(self.recommender, self.status, self.metrics.registry,
-                         self.metrics.serving, self.evaluator)
+                         self.metrics.serving, self.evaluator, self.history)
         self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._http_thread = threading.Thread(target=self._serve_http, name="ncf-http",
                                              daemon=True)
@@ -128,6 +150,9 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start_servers(self) -> None:
+        if self.settings.metrics_port is not None:  # /metrics alone, on a port of its own
+            start_http_server(self.settings.metrics_port, self.settings.http_host,
+                              registry=self.metrics.registry)
         self._http_thread.start()
         self.grpc.start()
         self.evaluator.start()
@@ -159,12 +184,30 @@ class Daemon:
         finally:
             self._stop.set()
             trainer.join()
+            if not failure:
+                self.checkpoint()  # the final one: a clean restart replays nothing
             self.shutdown()
         if failure:
             raise failure[0]
 
     def stop(self) -> None:
         self._stop.set()
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint of the state and the offsets it covers; then commit them."""
+        if not self.settings.checkpoint_dir or self.positions == self._checkpointed_positions:
+            return
+        start = time.perf_counter()
+        counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
+                    "trained": self.counters.trained}
+        path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
+                               counters, keep=self.settings.checkpoint_keep)
+        self._checkpointed_positions = dict(self.positions)
+        self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
+        try:
+            self.source.commit(self.positions)
+        except Exception as e:  # the checkpoint holds the truth; a commit is a courtesy
+            log.warning("could not commit offsets after %s: %s", path.name, e)
 
     def shutdown(self) -> None:
         grace = self.settings.shutdown_grace_s
@@ -192,6 +235,9 @@ class Daemon:
                 self._stop.wait(worked * (1 / self.settings.replay_duty - 1))
             self._maybe_publish()
             now = time.monotonic()
+            if now - self._last_checkpoint >= self.settings.checkpoint_every_s:
+                self._last_checkpoint = now
+                self.checkpoint()
             if now - last_lag >= LAG_EVERY_S:
                 last_lag = now
                 self._gauges()
@@ -200,6 +246,8 @@ class Daemon:
         events = batch.events
         self.online.observe(self.holder.get(), events.users, events.items)
         result = self.trainer.ingest(events)
+        for tp, (_, hi) in batch.offsets.items():
+            self.positions[tp] = hi
         c = self.counters
         c.consumed += batch.records
         c.rejected += batch.rejected
@@ -271,6 +319,30 @@ class Daemon:
         for k, v in rates.items():
             m.online_hit_ratio.labels(k=str(k)).set(v)
         m.online_probes.set(self.online.probes)
+        self._sample()
+
+    def _sample(self) -> None:
+        """One point of the status page's charts, every HISTORY_EVERY_S."""
+        now, last = time.time(), self._last_sample
+        if last is not None and now - last.t < HISTORY_EVERY_S:
+            return
+        status, window = self.status(), self.metrics.serving.window
+        p50, p99 = window.percentiles()
+        report = self.evaluator.latest
+        dt = now - last.t if last is not None else 0.0
+        consumed_before = last.events_consumed if last is not None else 0
+        sample = Sample(
+            t=now, events_consumed=status.events_consumed,
+            events_per_s=(status.events_consumed - consumed_before) / dt if dt else 0.0,
+            requests_per_s=(window.count - self._last_query_count) / dt if dt else 0.0,
+            latency_p50_ms=p50, latency_p99_ms=p99,
+            hr10_sampled=report.sampled.hr[10] if report else None,
+            hr10_full=report.full.hr[10] if report and report.full else None,
+            model_version=status.model_version, users=status.users, items=status.items,
+            interactions=status.interactions)
+        self._last_query_count = window.count
+        self._last_sample = sample
+        self.history.add(sample)
 
     def _export_eval(self, report: EvalReport) -> None:
         m = self.metrics.engine

@@ -9,10 +9,10 @@ effect is safe, so a crash replays events rather than losing them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -57,8 +57,37 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _PositionFromState(ConsumerRebalanceListener):
+    """On every assignment, seek to where the engine's state says it is: the offsets its
+    checkpoint plus the batches ingested since cover, or the beginning of a partition the
+    state has never seen. Committed offsets are never used for positioning: they are for
+    lag tools, and the state in memory is what must not skip or repeat an event."""
+
+    def __init__(self, consumer: KafkaConsumer, positions: Callable[[], Mapping[Partition, int]],
+                 ) -> None:
+        self.consumer, self.positions = consumer, positions
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        known = self.positions()
+        fresh = [tp for tp in assigned if (tp.topic, tp.partition) not in known]
+        for tp in assigned:
+            if (tp.topic, tp.partition) in known:
+                self.consumer.seek(tp, known[(tp.topic, tp.partition)])
+        if fresh:
+            self.consumer.seek_to_beginning(*fresh)
+        log.info("assigned %s; positions from state: %s", sorted(map(tuple, assigned)), known)
+
+
 class KafkaSource:
-    """An :class:`ncf_stream.source.EventSource` over a Kafka topic."""
+    """An :class:`ncf_stream.source.EventSource` over a Kafka topic.
+
+    ``positions`` returns the next offset per partition that the engine's state
+    includes (its checkpoint plus what it ingested since); every assignment seeks
+    there, so a restart neither skips nor repeats an event's effect.
+    """
 
     def __init__(
         self,
@@ -67,13 +96,15 @@ class KafkaSource:
         metrics: IngestMetrics | None = None,
         consumer: KafkaConsumer | None = None,
         dlq_producer: KafkaProducer | None = None,
+        positions: Callable[[], Mapping[Partition, int]] | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._filter = _event_filter(settings)
         self._consumer = consumer or KafkaConsumer(**consumer_config(settings))
         if consumer is None:
-            self._consumer.subscribe([settings.kafka_topic])
+            listener = _PositionFromState(self._consumer, positions or dict)
+            self._consumer.subscribe([settings.kafka_topic], listener=listener)
         self._dlq = dlq_producer or KafkaProducer(**producer_config(settings))
 
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
-from ncf_stream.recommend import top_k
+from ncf_stream.recommend import DEFAULT_CANDIDATES, top_k
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.threads import reader_thread
 
@@ -212,7 +212,7 @@ class OnlineHitRate:
 
     fraction: float = 0.01
     max_per_second: float = 50.0  # each probe is a retrieval; cap their cost at full ingest
-    candidates: int = 400
+    candidates: int = DEFAULT_CANDIDATES
     seed: int = 0
     hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
     probes: int = 0

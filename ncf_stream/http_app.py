@@ -13,7 +13,6 @@ describes every response, so schemathesis can hold the server to it.
 # handlers' annotations as objects rather than names to look up in globals.
 
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +42,7 @@ from ncf_stream.evaluator import Evaluator
 from ncf_stream.events import MAX_ID_BYTES
 from ncf_stream.metrics import ServingMetrics
 from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.status_page import PAGE, History
 
 
 # An id as in the event contract: a string or an integer (meaning its decimal
@@ -125,6 +125,10 @@ class StatusResponse(BaseModel):
 class EvalResponse(BaseModel):
     latest: dict[str, Any] | None
     history: list[dict[str, Any]]
+
+
+class HistoryResponse(BaseModel):
+    samples: list[dict[str, Any]]
 
 
 class ErrorResponse(BaseModel):
@@ -219,7 +223,7 @@ def create_app(
     registry: CollectorRegistry,
     metrics: ServingMetrics,
     evaluator: Evaluator | None = None,
-    status_page: Callable[[], str] | None = None,
+    history: History | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(title="ncf-stream", version="1",
@@ -302,10 +306,14 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    if status_page is not None:
-        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-        async def page() -> str:
-            return status_page()
+    @app.get("/v1/history", response_model=HistoryResponse)
+    async def get_history() -> HistoryResponse:
+        """Figures sampled every few seconds: what the status page at / draws."""
+        return HistoryResponse(samples=history.as_list() if history is not None else [])
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return PAGE
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(Timed, metrics=metrics)

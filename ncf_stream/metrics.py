@@ -12,6 +12,7 @@ from collections.abc import Callable
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ncf_stream.events import Reason
+from ncf_stream.status_page import LatencyWindow
 
 PREFIX = "ncf_stream"
 KS = (5, 10, 20)
@@ -83,6 +84,9 @@ class EngineMetrics:
             f"{PREFIX}_freshness_seconds",
             "From consuming an event to serving the first snapshot that includes it",
             buckets=FRESHNESS_BUCKETS, registry=r)
+        self.checkpoint_seconds = Histogram(f"{PREFIX}_checkpoint_seconds",
+                                            "Time to write a checkpoint", registry=r,
+                                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.index_items = Gauge(f"{PREFIX}_index_items", "Items in the candidate index",
                                  registry=r)
         self.candidate_recall = Gauge(
@@ -110,20 +114,32 @@ class EngineMetrics:
                 self.eval_ndcg.labels(k=str(k), kind=kind)
 
 
+QUERY_ENDPOINTS = frozenset({"/v1/recommend", "Recommend"})
+
+
 class ServingMetrics:
-    """Requests by protocol and endpoint."""
+    """Requests by protocol and endpoint; top-k queries also feed a recent-latency window."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = _registry(registry)
+        self.window = LatencyWindow()
         self.duration = Histogram(f"{PREFIX}_request_duration_seconds",
                                   "Request latency, by protocol and endpoint",
                                   ["protocol", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.requests = Counter(f"{PREFIX}_requests", "Requests by protocol, endpoint, code",
                                 ["protocol", "endpoint", "code"], registry=r)
+        for protocol, endpoints, ok in (
+                ("http", ("/v1/recommend", "/v1/recommend/batch", "/v1/score"), "200"),
+                ("grpc", ("Recommend", "RecommendBatch", "Score"), "OK")):
+            for endpoint in endpoints:
+                self.duration.labels(protocol=protocol, endpoint=endpoint)
+                self.requests.labels(protocol=protocol, endpoint=endpoint, code=ok)
 
     def observe(self, protocol: str, endpoint: str, code: str, seconds: float) -> None:
         self.duration.labels(protocol=protocol, endpoint=endpoint).observe(seconds)
         self.requests.labels(protocol=protocol, endpoint=endpoint, code=code).inc()
+        if endpoint in QUERY_ENDPOINTS:
+            self.window.add(seconds)
 
     def timer(self, protocol: str, endpoint: str) -> Callable[[str, float], None]:
         return lambda code, seconds: self.observe(protocol, endpoint, code, seconds)

@@ -100,7 +100,8 @@ class Table:
     rows: int = 0
     on_grow: list = field(default_factory=list)  # callbacks(new_capacity): optimizer state
 
-    def ensure(self, rows: int, init_std: float, generator: torch.Generator) -> None:
+    def ensure_capacity(self, rows: int) -> None:
+        """Room for ``rows`` rows (capacity doubles); live rows and their values unchanged."""
         if rows > len(self.weight):
             capacity = len(self.weight)
             while capacity < rows:
@@ -111,6 +112,10 @@ class Table:
             self.weight = grown
             for callback in self.on_grow:
                 callback(capacity)
+
+    def ensure(self, rows: int, init_std: float, generator: torch.Generator) -> None:
+        """Make rows [0, rows) live; new ones get Gaussian init."""
+        self.ensure_capacity(rows)
         if rows > self.rows:
             new = self.weight[self.rows: rows]
             new.copy_(torch.randn(new.shape, generator=generator, dtype=new.dtype) * init_std)

@@ -61,8 +61,10 @@ class RowAdagrad:
 
     def load_state_dict(self, d: dict[str, torch.Tensor | float]) -> None:
         state = d["state"]
-        assert isinstance(state, torch.Tensor)
-        self.state[: len(state)] = state
+        if not isinstance(state, torch.Tensor):
+            raise TypeError("optimizer state must hold a tensor")
+        self.table.ensure_capacity(len(state))
+        self.state[: len(state)] = state.to(self.state.device)
 
 
 class RowAdam:
@@ -101,3 +103,16 @@ class RowAdam:
         self.v.index_copy_(0, rows, v)
         lr = self.lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t)
         weight.index_copy_(0, rows, current.addcdiv(m, v.sqrt_().add_(self.eps), value=-lr))
+
+    def state_dict(self) -> dict[str, torch.Tensor | float | int]:
+        rows = self.table.rows
+        return {"m": self.m[:rows].clone(), "v": self.v[:rows].clone(), "t": self.t}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor | float | int]) -> None:
+        m, v = d["m"], d["v"]
+        if not isinstance(m, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError("optimizer state must hold tensors")
+        self.table.ensure_capacity(len(m))
+        self.m[: len(m)] = m.to(self.m.device)
+        self.v[: len(v)] = v.to(self.v.device)
+        self.t = int(d["t"])

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     index_refresh_s: float = Field(30.0, gt=0)
     ivf_threshold: int = Field(200_000, ge=1)
     nprobe: int = Field(32, ge=1)
-    candidates: int = Field(400, ge=1)
+    candidates: int = Field(800, ge=1)
     max_k: int = Field(1000, ge=1)
 
     # Evaluation
@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     eval_full_max_pairs: int = Field(50_000_000, ge=1)  # full-catalogue ranking budget
     eval_duty: float = Field(0.05, gt=0, le=1)
     online_fraction: float = Field(0.01, ge=0, le=1)
+
+    # Checkpoints (the only place the learning state survives a restart; None: none)
+    checkpoint_dir: str | None = "checkpoints"
+    checkpoint_every_s: float = Field(60.0, gt=0)
+    checkpoint_keep: int = Field(3, ge=1)
 
     # Serving (loopback by default: exposing it is a deliberate act)
     http_host: str = "127.0.0.1"

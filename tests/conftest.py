@@ -8,18 +8,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from consumers.broker import LocalBroker, create_topics
+from consumers.broker import create_topics, existing_or_local
+
+# Daemons in tests do not checkpoint unless a test gives them a directory of their
+# own: a shared one would let one test's daemon restore another's state.
+os.environ["NCF_STREAM_CHECKPOINT_DIR"] = ""
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """An existing broker when NCF_STREAM_KAFKA_BOOTSTRAP is set, else a fresh local one."""
-    existing = os.environ.get("NCF_STREAM_KAFKA_BOOTSTRAP")
-    if existing:
-        yield existing
-        return
-    with LocalBroker() as broker:
-        yield broker.bootstrap
+    with existing_or_local() as bootstrap:
+        yield bootstrap
 
 
 @pytest.fixture

@@ -1,0 +1,19 @@
+# ncf-stream daemon image (CPU; for CUDA start from a CUDA base and add the gpu extra).
+# Not built in CI (no Docker engine there); tests check its syntax and paths.
+FROM python:3.11-slim
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY ncf_stream ./ncf_stream
+COPY consumers ./consumers
+RUN pip install --no-cache-dir .
+
+# Inside a container network the servers must listen beyond loopback.
+ENV NCF_STREAM_HTTP_HOST=0.0.0.0 \
+    NCF_STREAM_GRPC_HOST=0.0.0.0 \
+    NCF_STREAM_KAFKA_BOOTSTRAP=kafka:9092
+
+EXPOSE 8080 50051
+USER nobody
+ENTRYPOINT ["ncf-stream"]
+CMD ["serve"]

@@ -1,0 +1,189 @@
+"""Checkpoints: the whole learning state and the source offsets it includes, written atomically.
+
+A checkpoint is a directory ``ckpt-<seq>`` holding plain files:
+
+* ``model.pt``, ``optim.pt``: tensors and numbers only, loaded with
+  ``torch.load(weights_only=True)`` (no pickled code is ever executed);
+* ``store.npz``, ``users.npz``, ``items.npz``: numpy arrays, loaded with
+  ``allow_pickle=False``;
+* ``meta.json``: the offsets (next offset per topic partition) whose events
+  the state includes, counters, the model shape, and a SHA-256 per file.
+
+It is written to a temporary directory, every file and the directory fsynced,
+then renamed into place (atomic on POSIX), and only then are older ones beyond
+``keep`` removed. Loading takes the newest checkpoint whose files match their
+checksums; a damaged one is skipped with its reason logged. Checkpoints are
+read only from the configured directory.
+
+Restoring the state and seeking the source to the checkpoint's offsets makes
+every event's effect on the store happen exactly once across crashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ncf_stream.errors import NcfStreamError
+from ncf_stream.ids import IdMap
+from ncf_stream.source import Partition
+from ncf_stream.store import InteractionStore
+from ncf_stream.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+FILES = ("model.pt", "optim.pt", "store.npz", "users.npz", "items.npz")
+
+
+class CheckpointError(NcfStreamError):
+    pass
+
+
+@dataclass
+class Restored:
+    path: Path
+    offsets: dict[Partition, int]
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
+         counters: dict[str, int] | None = None, keep: int = 3) -> Path:
+    """Write a checkpoint of ``trainer`` covering ``offsets``; returns its path."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash in the middle of a save
+        shutil.rmtree(stale, ignore_errors=True)
+    seq = _next_seq(root)
+    tmp = root / f".tmp-{seq:08d}-{os.getpid()}"
+    tmp.mkdir()
+    _write_state(tmp, trainer)
+    meta = {
+        "format": FORMAT, "seq": seq, "created": time.time(),
+        "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+        "counters": counters or {}, "model": _shape(trainer),
+        "sha256": {name: _digest(tmp / name) for name in FILES},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for name in (*FILES, "meta.json"):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    final = root / f"ckpt-{seq:08d}"
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in sorted(root.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_state(directory: Path, trainer: Trainer) -> None:
+    model = trainer.model
+    torch.save({
+        "users": model.users.weight[: model.n_users].cpu(),
+        "items": model.items.weight[: model.n_items].cpu(),
+        "tower": {k: v.cpu() for k, v in model.tower.state_dict().items()},
+    }, directory / "model.pt")
+    torch.save({
+        "users": trainer.opt_users.state_dict(), "items": trainer.opt_items.state_dict(),
+        "tower": trainer.opt_tower.state_dict(),
+        "steps": trainer.steps, "samples": trainer.samples_trained,
+    }, directory / "optim.pt")
+    trainer.store.save(directory / "store.npz")
+    trainer.user_ids.save(directory / "users.npz")
+    trainer.item_ids.save(directory / "items.npz")
+
+
+def load_latest(directory: str | Path, trainer: Trainer) -> Restored | None:
+    """Restore the newest valid checkpoint into a fresh ``trainer``; None if there is none."""
+    root = Path(directory)
+    for path in sorted(root.glob("ckpt-*"), reverse=True):
+        try:
+            meta = _verify(path, trainer)
+            state = _read_files(path)
+        except (CheckpointError, OSError, ValueError, KeyError, RuntimeError,
+                pickle.UnpicklingError) as e:
+            log.warning("skipping checkpoint %s: %s", path, str(e).splitlines()[0][:300])
+            continue
+        _apply(state, trainer)
+        offsets = {(t, int(p)): int(o) for t, p, o in meta["offsets"]}
+        log.info("restored %s: %d interactions, offsets %s", path.name, len(trainer.store),
+                 offsets)
+        return Restored(path, offsets, {k: int(v) for k, v in meta["counters"].items()})
+    return None
+
+
+def _verify(path: Path, trainer: Trainer) -> dict[str, Any]:
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"format {meta.get('format')}, expected {FORMAT}")
+    if meta["model"] != _shape(trainer):
+        raise CheckpointError(f"model shape {meta['model']} differs from {_shape(trainer)}")
+    for name in FILES:
+        if _digest(path / name) != meta["sha256"][name]:
+            raise CheckpointError(f"{name} does not match its checksum")
+    return meta
+
+
+def _read_files(path: Path) -> dict[str, Any]:
+    """Everything read and checked before anything in the trainer changes."""
+    return {
+        "weights": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
+        "optim": torch.load(path / "optim.pt", map_location="cpu", weights_only=True),
+        "users": IdMap.load(path / "users.npz"), "items": IdMap.load(path / "items.npz"),
+        "store": InteractionStore.load(path / "store.npz"),
+    }
+
+
+def _apply(state: dict[str, Any], trainer: Trainer) -> None:
+    model = trainer.model
+    weights, optim, store = state["weights"], state["optim"], state["store"]
+    trainer.user_ids, trainer.item_ids = state["users"], state["items"]
+    trainer.store = store
+    trainer.sampler.store = store
+    model.grow(len(weights["users"]), len(weights["items"]))
+    with torch.no_grad():
+        model.users.weight[: len(weights["users"])] = weights["users"].to(model.device)
+        model.items.weight[: len(weights["items"])] = weights["items"].to(model.device)
+    model.tower.load_state_dict(weights["tower"])
+    trainer.opt_users.load_state_dict(optim["users"])
+    trainer.opt_items.load_state_dict(optim["items"])
+    trainer.opt_tower.load_state_dict(optim["tower"])
+    trainer.steps, trainer.samples_trained = int(optim["steps"]), int(optim["samples"])
+
+
+def _shape(trainer: Trainer) -> dict[str, Any]:
+    m = trainer.model.cfg
+    return {"factors": m.factors, "mlp_layers": list(m.mlp_layers),
+            "optimizer": trainer.cfg.optimizer, "min_history": trainer.cfg.min_history}
+
+
+def _next_seq(root: Path) -> int:
+    existing = [int(p.name.split("-")[1]) for p in root.glob("ckpt-*")
+                if p.name.split("-")[1].isdigit()]
+    return max(existing, default=0) + 1
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,117 @@
+"""Checkpoints: exact restore, atomic writes, damaged ones skipped, nothing executed on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ncf_stream import checkpoint
+from ncf_stream.model import NeuMFConfig
+from ncf_stream.synth import SynthConfig, generate
+from ncf_stream.trainer import Trainer, TrainerConfig
+
+CFG = TrainerConfig(batch_size=512, model=NeuMFConfig(factors=4, mlp_layers=(8, 4)))
+OFFSETS = {("t", 0): 120, ("t", 1): 7}
+
+
+def trained(optimizer: str = "adagrad") -> Trainer:
+    trainer = Trainer(CFG if optimizer == "adagrad" else TrainerConfig(
+        batch_size=512, optimizer="adam", lr=1e-3, model=CFG.model))
+    trainer.ingest(generate(SynthConfig(users=80, items=60, events=2000, seed=1,
+                                        topics=3)).to_events())
+    for _ in range(20):
+        trainer.step()
+    return trainer
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_restore_is_exact(tmp_path: Path, optimizer: str) -> None:
+    before = trained(optimizer)
+    checkpoint.save(tmp_path, before, OFFSETS, {"consumed": 2000})
+    after = Trainer(before.cfg)
+    restored = checkpoint.load_latest(tmp_path, after)
+    assert restored is not None
+    assert restored.offsets == OFFSETS and restored.counters == {"consumed": 2000}
+    assert after.user_ids.all_ids().tolist() == before.user_ids.all_ids().tolist()
+    assert after.item_ids.all_ids().tolist() == before.item_ids.all_ids().tolist()
+    users = torch.arange(before.model.n_users)
+    assert torch.equal(after.model.score_matrix(users), before.model.score_matrix(users))
+    u, i = np.repeat(np.arange(80), 60), np.tile(np.arange(60), 80)
+    assert np.array_equal(after.store.contains(u, i), before.store.contains(u, i))
+    assert np.array_equal(after.store.holdout().items, before.store.holdout().items)
+    for a, b in ((after.opt_users, before.opt_users), (after.opt_items, before.opt_items)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor)
+                   else sa[k] == sb[k] for k in sa)
+    assert after.steps == before.steps
+    after.step()  # it trains on from there
+
+
+def test_keeps_the_last_n_and_writes_atomically(tmp_path: Path) -> None:
+    t = trained()
+    (tmp_path / ".tmp-00000009-1").mkdir(parents=True)  # a crash mid-save left this
+    paths = [checkpoint.save(tmp_path, t, {("t", 0): n}, keep=2) for n in range(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths[-2:]]
+    restored = checkpoint.load_latest(tmp_path, Trainer(CFG))
+    assert restored is not None and restored.offsets == {("t", 0): 3}
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "drop a file", "bad meta"])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = trained()
+    checkpoint.save(tmp_path, t, {("t", 0): 1})
+    newest = checkpoint.save(tmp_path, t, {("t", 0): 2})
+    target = newest / "store.npz"
+    if damage == "flip a byte":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "drop a file":
+        target.unlink()
+    else:
+        (newest / "meta.json").write_text("{not json")
+    restored = checkpoint.load_latest(tmp_path, Trainer(CFG))
+    assert restored is not None and restored.offsets == {("t", 0): 1}
+    assert "skipping checkpoint" in caplog.text and newest.name in caplog.text
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, trained(), {("t", 0): 1})
+    other = Trainer(TrainerConfig(model=NeuMFConfig(factors=8, mlp_layers=(8, 4))))
+    assert checkpoint.load_latest(tmp_path, other) is None
+
+
+def test_no_checkpoint_is_none(tmp_path: Path) -> None:
+    assert checkpoint.load_latest(tmp_path / "nothing-here", Trainer(CFG)) is None
+
+
+def test_loading_never_unpickles(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A model.pt carrying a pickled callable is refused, not run (weights_only)."""
+    t = trained()
+    path = checkpoint.save(tmp_path, t, {("t", 0): 1})
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"users": Boom()}, path / "model.pt")
+    meta = (path / "meta.json").read_text()
+    digest = checkpoint._digest(path / "model.pt")
+    import json
+
+    m = json.loads(meta)
+    m["sha256"]["model.pt"] = digest  # even with a matching checksum
+    (path / "meta.json").write_text(json.dumps(m))
+    fresh = Trainer(CFG)
+    assert checkpoint.load_latest(tmp_path, fresh) is None
+    assert "this must never run" not in capsys.readouterr().out
+    assert "skipping checkpoint" in caplog.text
+    assert len(fresh.store) == 0 and len(fresh.user_ids) == 0  # untouched
