@@ -27,7 +27,7 @@ import torch
 from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
 from ncf_stream.recommend import DEFAULT_CANDIDATES, top_k
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
-from ncf_stream.threads import reader_thread
+from ncf_stream.threads import reader_thread, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,8 @@ class Evaluator:
                 return
             except Exception:  # an evaluation must never take the daemon down
                 log.exception("evaluation failed")
+            finally:
+                release_free_memory()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -181,7 +181,7 @@ class NeuMF(nn.Module):
 
     @torch.no_grad()
     def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
-                     max_elements: int = 1 << 24) -> torch.Tensor:
+                     max_elements: int = 1 << 20) -> torch.Tensor:
         """Logits of every user against every item (default: the catalogue): (U, I).
 
         Uses the decomposition of the first MLP layer, W_u p + W_i q: the user and
