@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import uvicorn
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, start_http_server
 
 from consumers.kafka_source import KafkaSource
@@ -184,9 +185,11 @@ class Daemon:
         finally:
             self._stop.set()
             trainer.join()
-            if not failure:
-                self.checkpoint()  # the final one: a clean restart replays nothing
-            self.shutdown()
+            try:
+                if not failure:
+                    self.checkpoint()  # the final one: a clean restart replays nothing
+            finally:
+                self.shutdown()
         if failure:
             raise failure[0]
 
@@ -198,6 +201,9 @@ class Daemon:
         if not self.settings.checkpoint_dir or self.positions == self._checkpointed_positions:
             return
         start = time.perf_counter()
+        flush = getattr(self.source, "flush", None)
+        if flush is not None:
+            flush()  # dead letters first: the checkpoint must not cover an unwritten one
         counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
                     "trained": self.counters.trained}
         path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
@@ -206,7 +212,7 @@ class Daemon:
         self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
         try:
             self.source.commit(self.positions)
-        except Exception as e:  # the checkpoint holds the truth; a commit is a courtesy
+        except KafkaError as e:  # the checkpoint holds the truth; a commit is a courtesy
             log.warning("could not commit offsets after %s: %s", path.name, e)
 
     def shutdown(self) -> None:

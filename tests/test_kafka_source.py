@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -16,7 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 
-from consumers.kafka_source import KafkaSource
+from consumers.kafka_source import KafkaSource, SourceError
 from consumers.produce import produce_file
 from ncf_stream.events import Reason
 from ncf_stream.metrics import IngestMetrics
@@ -174,27 +175,35 @@ class FlakyProducer(KafkaProducer):
         return super().send(*args, **kwargs)
 
 
-def test_dead_letter_failure_rewinds_instead_of_losing_records(
+def test_a_failed_dead_letter_blocks_the_commit_and_a_replay_resends_it(
     kafka_bootstrap: str, topics: tuple[str, str], bad_file: Path
 ) -> None:
+    """Dead letters are written off the consumer's thread; flush (before any checkpoint or
+    commit) raises if one failed, so nothing durable covers it, and reading again from the
+    last durable state (here: none) dead-letters every bad record."""
     s = settings_for(kafka_bootstrap, topics)
     produce_file(bad_file, s, raw=True, show_progress=False)
-    flaky = FlakyProducer(bootstrap_servers=kafka_bootstrap)
-    source = KafkaSource(s, dlq_producer=flaky)
+    source = KafkaSource(s, dlq_producer=FlakyProducer(bootstrap_servers=kafka_bootstrap))
     try:
-        deadline = time.monotonic() + 30
-        with pytest.raises(KafkaTimeoutError):
-            while time.monotonic() < deadline:
-                source.poll(0.5)
         batches = drain(source, len(BAD_RECORDS))
+        assert sum(b.rejected for b in batches) == len(BAD_RECORDS)
+        with pytest.raises(SourceError, match="injected"):
+            source.flush()
+        with pytest.raises(SourceError):
+            source.commit({tp: hi for b in batches for tp, (_, hi) in b.offsets.items()})
     finally:
-        source.close()
-    assert sum(b.rejected for b in batches) == len(BAD_RECORDS)
-    firsts = [min(lo for b in batches for t, (lo, _) in b.offsets.items() if t == tp)
-              for tp in {tp for b in batches for tp in b.offsets}]
-    assert firsts == [0] * len(firsts)  # re-served from the start, nothing skipped
-    dead = read_topic(kafka_bootstrap, topics[1], len(BAD_RECORDS))
-    assert sorted(r.value for r in dead) == sorted(raw for raw, _ in BAD_RECORDS)
+        with contextlib.suppress(SourceError):
+            source.close()
+
+    replay = KafkaSource(s)  # from the state that was durable: the beginning
+    try:
+        again = drain(replay, len(BAD_RECORDS))
+        replay.flush()
+    finally:
+        replay.close()
+    assert sum(b.rejected for b in again) == len(BAD_RECORDS)
+    dead = read_topic(kafka_bootstrap, topics[1], 2 * len(BAD_RECORDS) - 1, timeout_s=10)
+    assert {r.value for r in dead} == {raw for raw, _ in BAD_RECORDS}  # none lost
 
 
 def test_cli_produce_reports_bad_lines_and_summary(
