@@ -4,11 +4,14 @@ Why this shape: a single sorted array answers ``searchsorted`` lookups at only
 2-7M/s once it holds ~70M keys (every lookup is ~26 cache misses), and
 rebuilding it per batch is O(N). So:
 
-* **Levels** (a log-structured merge): each appended batch becomes a new
-  small sorted level; a level is merged into the one above once it reaches
-  1/``RATIO`` of its size. Appends cost O(log N) amortized copies, and a level
-  array is never modified after it is built, so a reader may hold the tuple of
-  level arrays as an immutable view while appends go on.
+* **Levels** (a log-structured merge, size-tiered): each appended batch becomes
+  a new small sorted level; once the last ``TIER`` levels are of one size class
+  they are merged into one. Each key is copied about log_TIER(N/batch) times
+  (~6 at 70M keys, against ~16 when a level merges up at a quarter of the one
+  above), for up to ~(TIER-1) levels per size class to search; the filter
+  below keeps that cheap. A level array is never modified after it is built,
+  so a reader may hold the tuple of level arrays as an immutable view while
+  appends go on.
 * **A fence per level**: every 64th key, small enough to stay in cache, so a
   lookup that reaches a level does a binary search over the fence and then six
   steps inside one 512-byte block, instead of ~26 cache-missing steps over the
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RATIO = 4  # a level merges up once it holds 1/RATIO of the level above: ~log4(N/batch) levels
+TIER = 4  # levels merged at once, and the size ratio between size classes
 # Filter bits per element of capacity; rebuilt at twice the size when full: 8-16 bits a key.
 BLOOM_BITS = 8
 _K = 4  # bits set per key within its 64-bit word
@@ -66,7 +69,14 @@ class BlockedBloom:
 
     def add(self, keys: np.ndarray) -> None:
         word, mask = self._locate(keys)
-        np.bitwise_or.at(self.words, word, mask)
+        if len(keys) > 1 << 16:  # a rebuild: ufunc.at beats sorting millions of words
+            np.bitwise_or.at(self.words, word, mask)
+            return
+        # A batch: OR the masks of keys sharing a word together first, 4x faster.
+        order = np.argsort(word)
+        word = word[order]
+        first = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+        self.words[word[first]] |= np.bitwise_or.reduceat(mask[order], first)
 
     def maybe(self, keys: np.ndarray) -> np.ndarray:
         word, mask = self._locate(keys)
@@ -189,7 +199,8 @@ class KeySet:
         for i, vals in enumerate(self._vals):
             sel = level == i
             if sel.any():
-                np.maximum.at(vals, pos[sel], values[sel])
+                at = pos[sel]  # distinct keys, so distinct positions: no ufunc.at needed
+                vals[at] = np.maximum(vals[at], values[sel])
         new = level < 0
         self.insert(keys[new], values[new])
         return new
@@ -213,10 +224,11 @@ class KeySet:
         self._compact()
 
     def _compact(self) -> None:
-        while len(self._keys) >= 2 and len(self._keys[-1]) * RATIO > len(self._keys[-2]):
-            small_k, small_v = self._keys.pop(), self._vals.pop()
-            big_k, big_v = self._keys.pop(), self._vals.pop()
-            k, v = _merge(big_k, big_v, small_k.keys, small_v)
+        # Levels run largest first; the last TIER merge once the oldest of them is
+        # under TIER times the newest, i.e. they are of one size class.
+        while len(self._keys) >= TIER and len(self._keys[-TIER]) < TIER * len(self._keys[-1]):
+            k, v = _merge([lv.keys for lv in self._keys[-TIER:]], self._vals[-TIER:])
+            del self._keys[-TIER:], self._vals[-TIER:]
             self._keys.append(Level(k))
             self._vals.append(v)
 
@@ -281,20 +293,16 @@ def _locate(
     return level, pos
 
 
-def _merge(
-    big: Level, big_v: np.ndarray, small_k: np.ndarray, small_v: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two sorted disjoint levels in O(n): place the small one, fill the gaps."""
-    n = len(big) + len(small_k)
-    at = big.insertion_points(small_k) + np.arange(len(small_k))
-    gaps = np.ones(n, dtype=bool)
-    gaps[at] = False
-    rest = np.flatnonzero(gaps)  # one index array serves keys and values
-    keys = np.empty(n, dtype=np.int64)
-    vals = np.empty(n, dtype=np.int32)
-    keys[at], vals[at] = small_k, small_v
-    keys[rest], vals[rest] = big.keys, big_v
-    return keys, vals
+def _merge(keys: list[np.ndarray], vals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Merge sorted, pairwise disjoint levels in O(n log(levels)).
+
+    A stable argsort of the runs laid end to end is timsort finding the runs and
+    merging them with galloping: 2-3x faster than placing one level into another
+    by binary search and filling the gaps (measured at 20M keys, 0.10 vs 0.26 s).
+    """
+    merged = np.concatenate(keys)
+    order = np.argsort(merged, kind="stable")
+    return merged[order], np.concatenate(vals)[order]
 
 
 def _expand_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -188,6 +188,20 @@ def test_keyset_levels_merge_and_answer_like_a_set() -> None:
     assert np.isin(sample, keys).all()
 
 
+def test_bloom_filter_never_forgets_a_key_added_in_bulk_or_in_batches() -> None:
+    from ncf_stream.keyset import BlockedBloom
+
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 2**62, 200_000)
+    bloom = BlockedBloom(len(keys))
+    bloom.add(keys[:150_000])  # the bulk path of a rebuild
+    for lo in range(150_000, len(keys), 5000):  # the per-batch path, duplicates in a word
+        bloom.add(keys[lo:lo + 5000])
+    assert bloom.maybe(keys).all()
+    others = rng.integers(0, 2**62, 100_000)
+    assert bloom.maybe(others).mean() < 0.05  # and it still filters
+
+
 def test_ids_grow_look_up_and_round_trip(tmp_path: Path) -> None:
     ids = IdMap()
     rows = ids.rows(np.array(["b", "a", "b", "ü", "\x00"], dtype=object))
