@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
 LAG_EVERY_S = 1.0
 HISTORY_EVERY_S = 2.0
-SWITCH_INTERVAL_S = 0.0001
+SWITCH_INTERVAL_S = 2e-5
 # Requests run at normal priority and preempt training on a busy machine.
 TRAINER_NICE = 19
 
@@ -163,7 +163,9 @@ class Daemon:
     def run(self) -> None:
         """Serve and train until :meth:`stop`; then shut down cleanly."""
         # The trainer thread holds the GIL between kernels; with the default 5 ms
-        # switch interval a request waits up to 5 ms at every thread hand-off.
+        # switch interval a request waits up to 5 ms at every thread hand-off
+        # (a request against a thread running pure Python, as kafka-python's
+        # parser does: p50 4.9 ms at 0.1 ms, 3.2 ms at 20 us; at 5 us no better).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         _quiet_gc()
         self.start_servers()

@@ -134,9 +134,15 @@ class KeyView:
 
     def range(self, lo: int, hi: int) -> np.ndarray:
         """All keys in [lo, hi), sorted."""
-        parts = [lv.keys[np.searchsorted(lv.keys, lo): np.searchsorted(lv.keys, hi)]
-                 for lv in self.levels]
-        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+        bounds = np.array([lo, hi], dtype=np.int64)
+        parts = []
+        for lv in self.levels:
+            a, b = np.searchsorted(lv.keys, bounds)
+            if b > a:
+                parts.append(lv.keys[a:b])
+        if len(parts) < 2:  # levels are sorted and disjoint: one part needs no sort
+            return parts[0].copy() if parts else np.empty(0, dtype=np.int64)
+        return np.sort(np.concatenate(parts))
 
     def ranges(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys in [lo[j], hi[j]) for every j, as (row index j, key), grouped by row."""

@@ -142,5 +142,4 @@ def exact_top_k(snap: Snapshot, user_row: int, k: int,
 
 
 def seen_items(snap: Snapshot, user_row: int) -> np.ndarray:
-    indptr, items = snap.store.seen_csr(np.array([user_row]))
-    return items[indptr[0]: indptr[1]]
+    return snap.store.seen(user_row)

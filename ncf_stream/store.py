@@ -77,6 +77,10 @@ class StoreView:
     def seen_csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _seen_csr(self.keys, users)
 
+    def seen(self, user: int) -> np.ndarray:
+        """One user's item rows, sorted: a few calls per level, for the request path."""
+        return _seen(self.keys, user)
+
 
 class _Growable:
     """Per-row arrays that grow by doubling, so growth never reallocates per event."""
@@ -213,8 +217,7 @@ class InteractionStore:
 
     def seen(self, user: int) -> np.ndarray:
         """Items the user has touched, held-out one included, sorted."""
-        keys = self._pairs.view().range(user << ITEM_BITS, (user + 1) << ITEM_BITS)
-        return keys & ITEM_MASK
+        return _seen(self._pairs.view(), user)
 
     def seen_csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indptr, items) of the users' seen items, each row sorted."""
@@ -314,6 +317,10 @@ def _newest_per_user(users: np.ndarray, ts: np.ndarray) -> np.ndarray:
     lengths = np.diff(np.r_[starts, len(users)])
     at_max = ts_sorted == np.repeat(np.maximum.reduceat(ts_sorted, starts), lengths)
     return np.maximum.reduceat(np.where(at_max, order, -1), starts)
+
+
+def _seen(view: KeyView, user: int) -> np.ndarray:
+    return view.range(user << ITEM_BITS, (user + 1) << ITEM_BITS) & ITEM_MASK
 
 
 def _seen_csr(view: KeyView, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

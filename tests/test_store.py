@@ -68,8 +68,10 @@ def test_store_matches_reference(batches: list[list[Event]], min_history: int) -
     items = np.tile(np.arange(9), 7)
     expected = np.array([(u, i) in ref.latest for u, i in zip(users, items, strict=True)])
     assert np.array_equal(store.contains(users, items), expected)
+    view = store.view()
     for u in range(7):
         assert store.seen(u).tolist() == sorted(ref.items_of(u))
+        assert view.seen(u).tolist() == sorted(ref.items_of(u))
     indptr, flat = store.seen_csr(np.arange(7))
     assert [flat[a:b].tolist() for a, b in itertools.pairwise(indptr)] == [
         sorted(ref.items_of(u)) for u in range(7)]
