@@ -45,7 +45,7 @@ from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.source import EventBatch, EventSource, Partition
 from ncf_stream.status_page import History, Sample
-from ncf_stream.threads import reader_thread
+from ncf_stream.threads import reader_thread, tune_malloc
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Counters:
 class Daemon:
     def __init__(self, settings: Settings, source: EventSource | None = None,
                  registry: CollectorRegistry | None = None) -> None:
+        tune_malloc()  # before the big allocations: see threads.tune_malloc
         self.settings = s = settings
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.device = resolve_device(s.device)
