@@ -222,3 +222,41 @@ def test_cli_produce_reports_bad_lines_and_summary(
     records = read_topic(kafka_bootstrap, topics[0], 2)
     values = sorted((json.loads(r.value)["ts"], r.key) for r in records)
     assert values == [(100.0, b"2"), (300.0, b"1")]
+
+
+def test_dead_letter_log_is_one_summary_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """The first dead letter is logged at once; then one line per interval, with counts by
+    reason and one example, whatever the rate of bad records; the rest at a flush."""
+    from types import SimpleNamespace
+
+    from consumers.kafka_source import DeadLetterLog
+    from ncf_stream.events import Rejection
+
+    now = [100.0]
+    dl = DeadLetterLog("t.dlq", every_s=10.0, clock=lambda: now[0])
+    records = [SimpleNamespace(topic="t", partition=p, offset=o) for p in (0, 1) for o in (7, 8)]
+
+    def batch(*reasons: Reason) -> None:
+        dl.add(records, [Rejection(j, r, f"detail {j}") for j, r in enumerate(reasons)])
+
+    with caplog.at_level("WARNING", logger="consumers.kafka_source"):
+        batch(Reason.NOT_JSON)
+        for _ in range(50):  # five seconds of bad input at ten batches a second
+            now[0] += 0.1
+            batch(Reason.NOT_JSON, Reason.MISSING_FIELD)
+        assert len(caplog.records) == 1
+        assert "dead-lettered 1 records to t.dlq" in caplog.text
+        assert "t[0] offset 7: not_json (detail 0)" in caplog.text
+        now[0] += 6.0  # past the interval: one summary of everything since
+        batch(Reason.EMPTY_ID, Reason.EMPTY_ID, Reason.EMPTY_ID)
+        assert len(caplog.records) == 2
+        assert caplog.records[1].getMessage().startswith(
+            "dead-lettered 103 records to t.dlq in the last 11 s (not_json 50, missing_field 50, "
+            "empty_id 3)")
+        now[0] += 1.0
+        batch(Reason.WRONG_TYPE)
+        assert len(caplog.records) == 2
+        dl.flush()
+        assert len(caplog.records) == 3 and "(wrong_type 1)" in caplog.records[2].getMessage()
+        dl.flush()  # nothing pending: nothing logged
+        assert len(caplog.records) == 3
