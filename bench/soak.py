@@ -9,6 +9,13 @@ answering a light query load all the while. Its RSS is sampled from /proc;
 the store's own size comes from its metrics. The last line is one JSON object
 with ``rss_start_mb``, ``rss_end_mb`` and ``bytes_per_new_interaction``
 (RSS growth after warm-up per interaction added).
+
+``--steady``: the second half of the stream repeats the first (same users,
+items and pairs, later timestamps), so nothing new arrives in it and RSS must
+stay flat: the last line adds ``rss_growth_mb_during_repeats``, the median RSS
+over the last third of the repeats minus that over the first third (medians:
+each evaluation swings RSS by tens of MB), which no growth of the data can
+explain.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,13 +58,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--minutes", type=float)
     parser.add_argument("--rate", type=float, default=5000.0)
+    parser.add_argument("--steady", action="store_true",
+                        help="the second half repeats the first: RSS must stay flat")
     args = parser.parse_args()
     minutes = args.minutes or (1.0 if args.quick else 30.0)
     n = int(args.rate * minutes * 60)
-    stream = generate(SynthConfig(users=max(1000, n // 20), items=max(500, n // 100), events=n,
-                                  seed=0, topics=50))
-    msgs = [(str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
-            zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
+    fresh = n // 2 if args.steady else n
+    stream = generate(SynthConfig(users=max(1000, fresh // 20), items=max(500, fresh // 100),
+                                  events=fresh, seed=0, topics=50))
+    users, items, ts = stream.users.tolist(), stream.items.tolist(), stream.ts.tolist()
+    if args.steady:
+        span = ts[-1] - ts[0] + 1.0
+        users, items, ts = users * 2, items * 2, ts + [t + span for t in ts]
+    msgs = [(str(u).encode(), encode_event(str(u), str(i), t))
+            for u, i, t in zip(users, items, ts, strict=True)]
     with existing_or_local() as bootstrap:
         topic = f"soak-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic, f"{topic}.dlq"])
@@ -87,6 +102,10 @@ def main() -> None:
                 status = client.get("/v1/status").json()
                 samples.append((time.monotonic() - start, rss_mb(proc.pid),
                                 status["interactions"], status["users"], status["items"]))
+                if len(samples) % 15 == 1:  # every ~30 s: the trajectory, not just the ends
+                    t, rss, inter, users, items = samples[-1]
+                    print(f"{t:6.0f} s  rss {rss:7.1f} MB  interactions {inter:,}  users {users:,}"
+                          f"  items {items:,}", file=sys.stderr, flush=True)
                 with contextlib.suppress(httpx.HTTPError):
                     client.post("/v1/recommend", json={"user": "1", "k": 10})
                 time.sleep(2.0)
@@ -97,6 +116,17 @@ def main() -> None:
             proc.wait(60)
     warm = samples[len(samples) // 5]  # after warm-up: imports, first snapshot, first eval
     end = samples[-1]
+    extra = {}
+    if args.steady:  # from the first sample with every distinct pair stored: repeats only
+        first = next(j for j, x in enumerate(samples) if x[2] >= end[2])
+        repeats = np.array([x[1] for x in samples[first:]])
+        third = max(1, len(repeats) // 3)
+        # Evaluations swing RSS by ~80 MB every 20 s: compare medians, not two samples.
+        early, late = float(np.median(repeats[:third])), float(np.median(repeats[-third:]))
+        extra = {"rss_repeats_early_median_mb": round(early, 1),
+                 "rss_repeats_late_median_mb": round(late, 1),
+                 "rss_growth_mb_during_repeats": round(late - early, 1),
+                 "minutes_of_repeats": round((end[0] - samples[first][0]) / 60, 1)}
     grown = max(end[2] - warm[2], 1)
     print(f"rss {samples[0][1]:.0f} -> {warm[1]:.0f} (warm) -> {end[1]:.0f} MB; "
           f"interactions {warm[2]:,} -> {end[2]:,}", file=sys.stderr)
@@ -106,6 +136,7 @@ def main() -> None:
         "rss_end_mb": round(end[1], 1), "interactions": end[2], "users": end[3],
         "items": end[4],
         "bytes_per_new_interaction": round((end[1] - warm[1]) * 2**20 / grown, 1),
+        **extra,
     }))
 
 
