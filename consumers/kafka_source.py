@@ -66,7 +66,7 @@ def dead_letter_producer_config(settings: Settings) -> dict[str, Any]:
     """Dead letters wait for no one (a checkpoint flushes them), so they travel in
     large batches: 27 vs 35 us of Python a record in kafka-python."""
     return {**producer_config(settings), "linger_ms": 50, "batch_size": 1 << 20,
-            **settings.kafka_client_options}
+            **settings.kafka_client_options}  # the user's client options still win
 
 
 class _PositionFromState(ConsumerRebalanceListener):
@@ -119,7 +119,7 @@ class KafkaSource:
             self._consumer.subscribe([settings.kafka_topic], listener=listener)
         self._dlq = DeadLetterWriter(
             dlq_producer or KafkaProducer(**dead_letter_producer_config(settings)),
-                                     settings.kafka_dlq_topic)
+            settings.kafka_dlq_topic)
         self._dlq_log = DeadLetterLog(settings.kafka_dlq_topic)
 
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:

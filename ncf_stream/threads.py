@@ -12,6 +12,7 @@ the thread count is per calling thread, so the trainer keeps its own.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import faiss
 import torch
@@ -23,6 +24,14 @@ def reader_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
+def _glibc(name: str) -> Any:
+    """A glibc function, or None where there is no glibc (or no such function)."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name, None)
+    except OSError:
+        return None
+
+
 def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
@@ -30,11 +39,7 @@ def release_free_memory() -> None:
     freed blocks in its arenas, so RSS ratcheted up by hundreds of MB per
     evaluation (bench/soak.py) without anything being live.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    trim = getattr(libc, "malloc_trim", None)
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -57,11 +62,7 @@ def tune_malloc() -> bool:
     rate): bench/soak.py, 5 min at 5k events/s, RSS after warm-up 1277 -> 1331
     MB by default, 1013 -> 968 MB so. Returns whether glibc took the settings.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
+from malformed import MALFORMED  # tests/malformed.py
 
 from consumers.broker import LocalBroker, create_topics, free_port
 from consumers.daemon import Daemon
@@ -161,20 +162,6 @@ def test_broker_outage_serves_from_the_last_snapshot_and_loses_nothing(tmp_path:
         broker.stop()
 
 
-BAD = [
-    (b"not json", Reason.NOT_JSON),
-    (b'{"item": "1", "ts": 1}', Reason.MISSING_FIELD),
-    (b'{"user": [], "item": "1"}', Reason.WRONG_TYPE),
-    (b'{"user": "1", "item": "2", "ts": Infinity}', Reason.NON_FINITE),
-    (b'{"user": "' + b"x" * 300 + b'", "item": "2"}', Reason.OVERSIZE_ID),
-    (b"[]", Reason.NOT_OBJECT),
-    (b"\xc3\x28", Reason.NOT_UTF8),
-    (b'{"user": "", "item": "2"}', Reason.EMPTY_ID),
-    (b'{"user": "1", "item": "2", "type": ""}', Reason.BAD_EVENT_TYPE),
-    (b"x" * 5000, Reason.OVERSIZE_RECORD),
-]
-
-
 def test_ten_percent_bad_records_all_dead_lettered_counters_exact(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -185,7 +172,7 @@ def test_ten_percent_bad_records_all_dead_lettered_counters_exact(
     write(generate(SynthConfig(users=300, items=200, events=good_n, seed=4, topics=5)), path)
     good = file_messages(path, None, None, False, lambda _: None)
     rng = random.Random(1)
-    bad = [BAD[i % len(BAD)] for i in range(good_n // 9)]  # 10% of all records
+    bad = [MALFORMED[i % len(MALFORMED)] for i in range(good_n // 9)]  # 10% of all records
     mixed: list[tuple[bytes | None, bytes]] = list(good)
     for raw, _ in bad:
         mixed.insert(rng.randrange(len(mixed) + 1), (None, raw))

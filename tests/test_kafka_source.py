@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError
+from malformed import MALFORMED  # tests/malformed.py
 from prometheus_client import CollectorRegistry
 
 from consumers.kafka_source import KafkaSource, SourceError
@@ -24,17 +25,6 @@ from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventBatch
 from ncf_stream.synth import SynthConfig, generate, write
-
-BAD_RECORDS: list[tuple[bytes, Reason]] = [
-    (b"not json at all", Reason.NOT_JSON),
-    (b'{"item": "5", "ts": 1}', Reason.MISSING_FIELD),
-    (b'{"user": [1], "item": "5"}', Reason.WRONG_TYPE),
-    (b'{"user": "1", "item": "5", "ts": NaN}', Reason.NON_FINITE),
-    (b'{"user": "' + b"u" * 300 + b'", "item": "5"}', Reason.OVERSIZE_ID),
-    (b"[1, 2]", Reason.NOT_OBJECT),
-    (b'{"user": "1", "item": "\xff"}', Reason.NOT_UTF8),
-    (b'{"user": "", "item": "5"}', Reason.EMPTY_ID),
-]
 
 
 def settings_for(bootstrap: str, topics: tuple[str, str], group: str = "g") -> Settings:
@@ -75,7 +65,7 @@ def good_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def bad_file(tmp_path: Path) -> Path:
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(b"\n".join(raw for raw, _ in BAD_RECORDS) + b"\n")
+    path.write_bytes(b"\n".join(raw for raw, _ in MALFORMED) + b"\n")
     return path
 
 
@@ -85,12 +75,12 @@ def test_good_events_out_in_order_bad_ones_dead_lettered(
     s = settings_for(kafka_bootstrap, topics)
     good = produce_file(good_file, s, show_progress=False)
     bad = produce_file(bad_file, s, raw=True, show_progress=False)
-    assert (good.sent, good.failed, bad.sent) == (3000, 0, len(BAD_RECORDS))
+    assert (good.sent, good.failed, bad.sent) == (3000, 0, len(MALFORMED))
 
     registry = CollectorRegistry()
     source = KafkaSource(s, metrics=IngestMetrics(registry))
     try:
-        batches = drain(source, 3000 + len(BAD_RECORDS))
+        batches = drain(source, 3000 + len(MALFORMED))
     finally:
         source.close()
 
@@ -104,16 +94,16 @@ def test_good_events_out_in_order_bad_ones_dead_lettered(
         for u, i, t in zip(b.events.users, b.events.items, b.events.ts, strict=True):
             got[u].append((i, float(t)))
     assert got == want
-    assert sum(b.rejected for b in batches) == len(BAD_RECORDS)
+    assert sum(b.rejected for b in batches) == len(MALFORMED)
 
     # Every bad record in the dead-letter topic: original bytes, reason in a header.
-    dead = read_topic(kafka_bootstrap, topics[1], len(BAD_RECORDS))
+    dead = read_topic(kafka_bootstrap, topics[1], len(MALFORMED))
     reasons = {r.value: dict(r.headers)["reason"].decode() for r in dead}
-    assert reasons == {raw: reason.value for raw, reason in BAD_RECORDS}
+    assert reasons == {raw: reason.value for raw, reason in MALFORMED}
     assert all(dict(r.headers)["source"].startswith(topics[0].encode()) for r in dead)
 
-    assert registry.get_sample_value("ncf_stream_events_consumed_total") == 3000 + len(BAD_RECORDS)
-    for _, reason in BAD_RECORDS:
+    assert registry.get_sample_value("ncf_stream_events_consumed_total") == 3000 + len(MALFORMED)
+    for _, reason in MALFORMED:
         assert registry.get_sample_value(
             "ncf_stream_events_rejected_total", {"reason": reason.value}) == 1
 
@@ -185,8 +175,8 @@ def test_a_failed_dead_letter_blocks_the_commit_and_a_replay_resends_it(
     produce_file(bad_file, s, raw=True, show_progress=False)
     source = KafkaSource(s, dlq_producer=FlakyProducer(bootstrap_servers=kafka_bootstrap))
     try:
-        batches = drain(source, len(BAD_RECORDS))
-        assert sum(b.rejected for b in batches) == len(BAD_RECORDS)
+        batches = drain(source, len(MALFORMED))
+        assert sum(b.rejected for b in batches) == len(MALFORMED)
         with pytest.raises(SourceError, match="injected"):
             source.flush()
         with pytest.raises(SourceError):
@@ -197,13 +187,13 @@ def test_a_failed_dead_letter_blocks_the_commit_and_a_replay_resends_it(
 
     replay = KafkaSource(s)  # from the state that was durable: the beginning
     try:
-        again = drain(replay, len(BAD_RECORDS))
+        again = drain(replay, len(MALFORMED))
         replay.flush()
     finally:
         replay.close()
-    assert sum(b.rejected for b in again) == len(BAD_RECORDS)
-    dead = read_topic(kafka_bootstrap, topics[1], 2 * len(BAD_RECORDS) - 1, timeout_s=10)
-    assert {r.value for r in dead} == {raw for raw, _ in BAD_RECORDS}  # none lost
+    assert sum(b.rejected for b in again) == len(MALFORMED)
+    dead = read_topic(kafka_bootstrap, topics[1], 2 * len(MALFORMED) - 1, timeout_s=10)
+    assert {r.value for r in dead} == {raw for raw, _ in MALFORMED}  # none lost
 
 
 def test_cli_produce_reports_bad_lines_and_summary(
