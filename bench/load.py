@@ -46,8 +46,9 @@ from ncf_stream.synth import SynthConfig, generate  # noqa: E402
 def daemon(bootstrap: str, topic: str) -> Iterator[tuple[int, int]]:
     http_port, grpc_port = free_port(), free_port()
     log = open(f"/tmp/ncf-load-{topic}.log", "w")  # noqa: SIM115 - closed below
+    checkpoints = tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-")
     env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
-           "NCF_STREAM_CHECKPOINT_DIR": tempfile.mkdtemp(prefix="ncf-load-ckpt-"),
+           "NCF_STREAM_CHECKPOINT_DIR": checkpoints.name,
            "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-load", "NCF_STREAM_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
@@ -60,7 +61,9 @@ def daemon(bootstrap: str, topic: str) -> Iterator[tuple[int, int]]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         log.close()
+        checkpoints.cleanup()  # each run left two state copies in /tmp
 
 
 def status(http_port: int) -> dict[str, float] | None:

@@ -72,13 +72,14 @@ def main() -> None:
         users, items, ts = users * 2, items * 2, ts + [t + span for t in ts]
     msgs = [(str(u).encode(), encode_event(str(u), str(i), t))
             for u, i, t in zip(users, items, ts, strict=True)]
-    with existing_or_local() as bootstrap:
+    with existing_or_local() as bootstrap, tempfile.TemporaryDirectory(
+            prefix="ncf-soak-") as checkpoints:
         topic = f"soak-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic, f"{topic}.dlq"])
         http_port = free_port()
         env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap,
                "NCF_STREAM_KAFKA_TOPIC": topic, "NCF_STREAM_DEVICE": "cpu",
-               "NCF_STREAM_CHECKPOINT_DIR": tempfile.mkdtemp(prefix="ncf-soak-"),
+               "NCF_STREAM_CHECKPOINT_DIR": checkpoints,
                "NCF_STREAM_EVAL_INTERVAL_S": "20"}
         proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
                                  str(http_port), "--grpc-port", str(free_port())], env=env,
