@@ -217,7 +217,8 @@ def main() -> None:
         "events": n, "items": args.items, "clients_per_protocol": args.clients,
         "target_qps_per_client": args.qps,
         "http": latency["http"], "grpc": latency["grpc"],
-        "after_ingest": {p: {k: idle[p][k] for k in ("p50_ms", "p99_ms", "p99_ci95_ms")} for p in idle},
+        "after_ingest": {p: {k: idle[p][k] for k in ("p50_ms", "p99_ms", "p99_ci95_ms")}
+                         for p in idle},
         "ingest_alone_per_s": round(rate_alone), "ingest_under_load_per_s": round(rate_loaded),
         "ingest_ratio_under_load": round(rate_loaded / rate_alone, 3),
     }))
