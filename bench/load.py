@@ -10,7 +10,10 @@ clients in other processes ask top-10 over HTTP and over gRPC, each paced to
 CPU from training in proportion). Reported per protocol: throughput, p50, p99,
 p999 (and a bootstrap 95% interval of the p99: at ~500 requests it is the
 5th worst); the same clients' p50 and p99 once the stream is consumed (replay
-training only); and ingest under load / ingest alone.
+training only); the share of requests over 10 ms under ingest as the clients
+saw it and inside the server's handlers (the daemon's own histogram): the
+difference is transport, dispatch and waiting to be run; and ingest under load
+/ ingest alone.
 
 ``--quick``: 300k events over 100k items; full: 1M events. The last line is
 one JSON object.
@@ -74,6 +77,43 @@ def status(http_port: int) -> dict[str, float] | None:
         return httpx.get(f"http://127.0.0.1:{http_port}/v1/status", timeout=5).json()
     except (httpx.TransportError, ValueError):
         return None
+
+
+ENDPOINTS = {"http": "/v1/recommend", "grpc": "Recommend"}
+SLOW_S = 0.010
+
+
+def server_counts(http_port: int) -> dict[str, tuple[float, float]]:
+    """(requests, requests over SLOW_S) per protocol, from the daemon's own latency histogram:
+    the time inside the handler, without transport, queueing on the server's loop or the
+    client."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "ncf_stream_request_duration_seconds":
+            continue
+        for protocol, endpoint in ENDPOINTS.items():
+            mine = [x for x in family.samples if x.labels.get("protocol") == protocol
+                    and x.labels.get("endpoint") == endpoint]
+            total = next(x.value for x in mine if x.name.endswith("_count"))
+            fast = next(x.value for x in mine if x.name.endswith("_bucket")
+                        and float(x.labels["le"]) == SLOW_S)
+            out[protocol] = (total, total - fast)
+    return out
+
+
+def slow_shares(client: dict[str, dict[str, object]], before: dict[str, tuple[float, float]],
+                after: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """Share of requests over SLOW_S as the client saw them and inside the server."""
+    out = {}
+    for protocol in ENDPOINTS:
+        n, slow = (a - b for a, b in zip(after[protocol], before[protocol], strict=True))
+        out[protocol] = {"client": client[protocol]["over_10ms"],
+                         "server": round(slow / n, 4) if n else 0.0}
+    return out
 
 
 def ingest_rate(http_port: int, total: int, on_ready: threading.Event | None = None) -> float:
@@ -152,7 +192,7 @@ def summarize(lat: np.ndarray, seconds: float) -> dict[str, object]:
     ms = lat * 1000
     return {"qps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "p99_ci95_ms": p99_interval(ms),
+            "p99_ci95_ms": p99_interval(ms), "over_10ms": round(float(np.mean(ms > 10)), 4),
             "p999_ms": round(float(np.percentile(ms, 99.9)), 2), "requests": len(lat)}
 
 
@@ -205,7 +245,9 @@ def main() -> None:
             watcher.start()
             ready.wait(300)
             seconds = max(5.0, 0.8 * n / rate_alone)
+            before = server_counts(http_port)
             latency = run_clients(http_port, grpc_port, users, seconds, args.clients, args.qps)
+            shares = slow_shares(latency, before, server_counts(http_port))
             watcher.join()
             # The same clients once the stream is consumed (replay training goes on):
             # what ingest adds to the latencies.
@@ -213,12 +255,15 @@ def main() -> None:
         rate_loaded = result["rate"]
     print(f"ingest under load: {rate_loaded:,.0f} events/s; {latency}", file=sys.stderr)
     print(f"after the stream is consumed: {idle}", file=sys.stderr)
+    print(f"share of requests over {SLOW_S * 1000:.0f} ms under ingest, at the client and "
+          f"inside the server's handler: {shares}", file=sys.stderr)
     print(json.dumps({
         "events": n, "items": args.items, "clients_per_protocol": args.clients,
         "target_qps_per_client": args.qps,
         "http": latency["http"], "grpc": latency["grpc"],
         "after_ingest": {p: {k: idle[p][k] for k in ("p50_ms", "p99_ms", "p99_ci95_ms")}
                          for p in idle},
+        "over_10ms_under_ingest": shares,
         "ingest_alone_per_s": round(rate_alone), "ingest_under_load_per_s": round(rate_loaded),
         "ingest_ratio_under_load": round(rate_loaded / rate_alone, 3),
     }))
