@@ -32,6 +32,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, start_http_server
 
 from consumers.kafka_source import KafkaSource
+from consumers.source_process import ProcessSource
 from ncf_stream import checkpoint
 from ncf_stream.api import Status
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
@@ -56,6 +57,7 @@ HISTORY_EVERY_S = 2.0
 SWITCH_INTERVAL_S = 2e-5
 # Requests run at normal priority and preempt training on a busy machine.
 TRAINER_NICE = 19
+SOURCE_NICE = 19  # ingest work, as the trainer: requests come first
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,8 +120,11 @@ class Daemon:
         self._drawn = (0, 0)
         self._last_query_count = 0
         self._stop = threading.Event()
-        self.source = source or KafkaSource(s, metrics=self.metrics.ingest,
-                                            positions=lambda: self.positions)
+        self.source = source or (
+            ProcessSource(s, metrics=self.metrics.ingest, positions=self.positions,
+                          nice=SOURCE_NICE)
+            if s.kafka_source_process else
+            KafkaSource(s, metrics=self.metrics.ingest, positions=lambda: self.positions))
         self._http_socket = _bind(s.http_host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
         self.history = History()

@@ -121,6 +121,7 @@ class KafkaSource:
             dlq_producer or KafkaProducer(**dead_letter_producer_config(settings)),
             settings.kafka_dlq_topic)
         self._dlq_log = DeadLetterLog(settings.kafka_dlq_topic)
+        self.last_rejections: list[str] = []  # the reasons of the last poll's dead letters
 
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:
         """Poll once; None when no record arrived within ``timeout_s``."""
@@ -150,6 +151,7 @@ class KafkaSource:
             max_record_bytes=self._settings.max_record_bytes,
             event_filter=self._filter,
         )
+        self.last_rejections = [rej.reason.value for rej in result.rejected]
         if result.rejected:
             self._dead_letter(records, result.rejected)
         if self._metrics is not None:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     # Passed to kafka-python as is: security_protocol, sasl_mechanism,
     # sasl_plain_username, ssl_cafile, ... (see kafka-python's KafkaConsumer).
     kafka_client_options: dict[str, Any] = Field(default_factory=dict)
+    # Run the consumer and the decoder in a process of their own (consumers.source_process):
+    # their pure-Python record parsing then never holds the GIL that requests need.
+    kafka_source_process: bool = True
 
     # Event contract
     max_record_bytes: int = Field(4096, ge=64)

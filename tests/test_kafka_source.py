@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from consumers.kafka_source import KafkaSource, SourceError
 from consumers.produce import produce_file
+from consumers.source_process import ProcessSource
 from ncf_stream.events import Reason
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import EventBatch
+from ncf_stream.source import EventBatch, EventSource, Partition
 from ncf_stream.synth import SynthConfig, generate, write
 
 
@@ -55,6 +56,22 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) 
     return out
 
 
+def in_process(s: Settings, metrics: IngestMetrics | None = None,
+               positions: dict[Partition, int] | None = None) -> EventSource:
+    return KafkaSource(s, metrics=metrics, positions=lambda: positions or {})
+
+
+def in_child(s: Settings, metrics: IngestMetrics | None = None,
+             positions: dict[Partition, int] | None = None) -> EventSource:
+    return ProcessSource(s, metrics=metrics, positions=positions)
+
+
+# The daemon runs the source in a process of its own by default; both must behave alike.
+@pytest.fixture(params=[in_process, in_child], ids=["in-process", "child-process"])
+def make_source(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
 @pytest.fixture
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.csv"
@@ -70,7 +87,8 @@ def bad_file(tmp_path: Path) -> Path:
 
 
 def test_good_events_out_in_order_bad_ones_dead_lettered(
-    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path, bad_file: Path
+    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path, bad_file: Path,
+    make_source: Any,
 ) -> None:
     s = settings_for(kafka_bootstrap, topics)
     good = produce_file(good_file, s, show_progress=False)
@@ -78,7 +96,7 @@ def test_good_events_out_in_order_bad_ones_dead_lettered(
     assert (good.sent, good.failed, bad.sent) == (3000, 0, len(MALFORMED))
 
     registry = CollectorRegistry()
-    source = KafkaSource(s, metrics=IngestMetrics(registry))
+    source = make_source(s, metrics=IngestMetrics(registry))
     try:
         batches = drain(source, 3000 + len(MALFORMED))
     finally:
@@ -109,11 +127,11 @@ def test_good_events_out_in_order_bad_ones_dead_lettered(
 
 
 def test_offsets_cover_every_record_and_commit_resumes(
-    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path
+    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path, make_source: Any
 ) -> None:
     s = settings_for(kafka_bootstrap, topics)
     produce_file(good_file, s, show_progress=False)
-    source = KafkaSource(s)
+    source = make_source(s)
     batches = drain(source, 3000)
     covered: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     for b in batches:
@@ -133,7 +151,7 @@ def test_offsets_cover_every_record_and_commit_resumes(
 
     # A new source positions itself where the engine's state says, not where the
     # group committed: from the state's offsets, every later record exactly once...
-    again = KafkaSource(s, positions=lambda: state)
+    again = make_source(s, positions=state)
     try:
         rest = drain(again, 3000 - sum(b.records for b in half))
     finally:
@@ -145,12 +163,42 @@ def test_offsets_cover_every_record_and_commit_resumes(
     assert firsts == {tp: state.get(tp, 0) for tp in firsts}
     assert sum(b.records for b in rest) == 3000 - sum(b.records for b in half)
     # ...and with no state (nothing restored), from the beginning despite the commits.
-    fresh = KafkaSource(s)
+    fresh = make_source(s)
     try:
         everything = drain(fresh, 3000)
     finally:
         fresh.close()
     assert sum(b.records for b in everything) == 3000
+
+
+def test_source_process_leaves_with_the_engine(
+    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path
+) -> None:
+    """The child stops on close, and on its own when the engine's end of the connection
+    goes away (a kill -9 of the daemon) instead of fetching for no one."""
+    s = settings_for(kafka_bootstrap, topics)
+    produce_file(good_file, s, show_progress=False)
+    closed = ProcessSource(s)
+    assert drain(closed, 3000)
+    closed.close()
+    assert closed._proc.returncode == 0
+
+    orphan = ProcessSource(s)
+    orphan.poll(5.0)
+    orphan._conn.close()  # what the kernel does to a killed daemon's sockets
+    assert orphan._proc.wait(20) == 0
+
+
+def test_source_process_raises_what_the_child_raised(
+    kafka_bootstrap: str, topics: tuple[str, str]
+) -> None:
+    source = ProcessSource(settings_for(kafka_bootstrap, topics))
+    try:
+        with pytest.raises(ValueError, match="unknown request"):
+            source._call("no-such-request")
+        assert source.poll(0.1) is None  # and it goes on serving
+    finally:
+        source.close()
 
 
 class FlakyProducer(KafkaProducer):

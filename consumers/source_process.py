@@ -1,0 +1,261 @@
+"""The Kafka source in a process of its own, one batch ahead of the engine.
+
+kafka-python unpacks every record in pure Python, and the events are decoded
+and validated record by record: under full ingest that was 65% of the time
+any thread of the daemon held the GIL (py-spy --gil; the trainer's steps were
+17%). Requests then waited for the GIL at each of their few dozen hand-offs,
+behind a thread at nice 19. Here a child process runs the
+:class:`~consumers.kafka_source.KafkaSource` (consumer, decoder, dead-letter
+writer) and hands the daemon decoded columnar batches over a socket pair; it
+fetches and decodes the next batch while the daemon trains on this one.
+
+Positions: the child seeks on every assignment to the positions it was started
+with plus every batch it has delivered since. The daemon applies every batch it
+receives, in order, so that is exactly the daemon's state; a batch in flight
+when the daemon dies is lost with the daemon's memory, and the restart begins
+from the checkpoint's offsets again.
+
+Metrics stay in the daemon's registry: the child reports records, skips,
+rejections by reason and the consumer lag with each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ncf_stream.metrics import IngestMetrics
+from ncf_stream.settings import Settings
+from ncf_stream.source import EventBatch, Partition
+
+log = logging.getLogger(__name__)
+
+AHEAD_POLL_S = 0.05  # how long the child waits for records while fetching ahead
+LAG_EVERY_S = 1.0
+REPLY_TIMEOUT_S = 120.0  # a flush waits up to 30 s for the dead-letter topic; commit too
+
+
+class SourceProcessError(RuntimeError):
+    """The source process died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One poll's answer from the child."""
+
+    batch: EventBatch | None
+    rejected: dict[str, int]  # dead-lettered records by reason
+    lag: int | None  # the consumer lag, when the child measured it since the last delivery
+
+
+class ProcessSource:
+    """An :class:`~ncf_stream.source.EventSource` whose Kafka client runs in a child process.
+
+    ``positions`` are where the engine's state is (its checkpoint's offsets);
+    the child seeks there on assignment, then past every batch it delivers.
+    """
+
+    def __init__(self, settings: Settings, *, metrics: IngestMetrics | None = None,
+                 positions: Mapping[Partition, int] | None = None, nice: int = 0) -> None:
+        self._metrics = metrics
+        self._lag = 0
+        parent, child = socket.socketpair()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "consumers.source_process", str(child.fileno())],
+            pass_fds=[child.fileno()], cwd=os.path.dirname(os.path.dirname(__file__)))
+        child.close()
+        self._conn = Connection(parent.detach())
+        self._closed = False
+        self._call("start", settings, dict(positions or {}), logging.getLogger().level, nice)
+
+    def _call(self, *request: Any) -> Any:
+        if self._closed:
+            raise SourceProcessError("the source is closed")
+        try:
+            self._conn.send(request)
+            deadline = time.monotonic() + REPLY_TIMEOUT_S
+            while not self._conn.poll(0.5):
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    code = self._proc.returncode
+                    raise SourceProcessError("the source process " + (
+                        "stopped answering" if code is None else f"exited with {code}"))
+            ok, value = self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise SourceProcessError(f"the source process is gone ({e})") from e
+        if not ok:
+            raise value  # the child's exception, re-raised on the engine's thread
+        return value
+
+    def poll(self, timeout_s: float | None = None) -> EventBatch | None:
+        delivery: Delivery = self._call("poll", timeout_s)
+        if delivery.lag is not None:
+            self._lag = delivery.lag
+            if self._metrics is not None:
+                self._metrics.consumer_lag.set(delivery.lag)
+        batch = delivery.batch
+        if batch is not None and self._metrics is not None:
+            self._metrics.consumed.inc(batch.records)
+            self._metrics.skipped.inc(batch.skipped)
+            for reason, n in delivery.rejected.items():
+                self._metrics.rejected.labels(reason=reason).inc(n)
+        return batch
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self._call("flush", timeout_s)
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        self._call("commit", dict(offsets))
+
+    def lag(self) -> int:
+        """The lag the child measured last (it measures once a second)."""
+        return self._lag
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._call("close")
+        finally:
+            self._closed = True
+            self._conn.close()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+class _Child:
+    """The child's side: a KafkaSource that fetches one batch ahead between requests."""
+
+    def __init__(self, conn: Connection, settings: Settings,
+                 positions: dict[Partition, int]) -> None:
+        from consumers.kafka_source import KafkaSource
+
+        self.conn = conn
+        self.positions = positions  # the engine's state once it has applied what we sent
+        self.source = KafkaSource(settings, positions=lambda: self.positions)
+        self.default_timeout = settings.kafka_poll_timeout_s
+        self.ahead: tuple[bool, Any] | None = None  # a fetched (ok, batch or error)
+        self.last_lag = 0.0
+
+    def fetch(self, timeout_s: float) -> tuple[bool, Any]:
+        """(True, (batch, rejections by reason)) or (False, the error)."""
+        try:
+            batch = self.source.poll(timeout_s)
+        except Exception as e:  # the engine decides; it sees the same error
+            return False, e
+        rejected = dict(Counter(self.source.last_rejections)) if batch is not None else {}
+        return True, (batch, rejected)
+
+    def deliver(self, timeout_s: float | None) -> tuple[bool, Any]:
+        ok, value = self.ahead if self.ahead is not None else self.fetch(
+            self.default_timeout if timeout_s is None else timeout_s)
+        self.ahead = None
+        if not ok:
+            return ok, value
+        batch, rejected = value
+        if batch is not None:
+            for tp, (_, hi) in batch.offsets.items():
+                self.positions[tp] = hi
+        lag = None
+        if time.monotonic() - self.last_lag >= LAG_EVERY_S:
+            self.last_lag = time.monotonic()
+            try:
+                lag = self.source.lag()
+            except Exception as e:  # a lag is a gauge, not worth failing for
+                log.debug("lag unavailable: %s", e)
+        return True, Delivery(batch, rejected, lag)
+
+    def serve(self) -> None:
+        while True:
+            # Fetch ahead while the engine works on what it has; a request waits at
+            # most one AHEAD_POLL_S for the fetch in progress.
+            if self.ahead is None and not self.conn.poll(0):
+                ok, value = self.ahead = self.fetch(AHEAD_POLL_S)
+                if ok and value[0] is None:
+                    self.ahead = None  # nothing arrived: nothing to hold
+                continue
+            try:
+                request = self.conn.recv()
+            except (EOFError, OSError):  # the engine is gone: so are we
+                self.source.close()
+                return
+            kind, args = request[0], request[1:]
+            try:
+                if kind == "poll":
+                    ok, value = self.deliver(*args)
+                    reply: tuple[bool, Any] = (ok, value)
+                elif kind == "flush":
+                    self.source.flush(*args)
+                    reply = (True, None)
+                elif kind == "commit":
+                    self.source.commit(*args)
+                    reply = (True, None)
+                elif kind == "close":
+                    self.source.close()
+                    self.conn.send((True, None))
+                    return
+                else:
+                    reply = (False, ValueError(f"unknown request {kind!r}"))
+            except Exception as e:  # sent to the engine, raised there
+                reply = (False, e)
+            try:
+                self.conn.send(_picklable(reply))
+            except OSError:  # the engine died while we worked
+                self.source.close()
+                return
+
+
+def _picklable(reply: tuple[bool, Any]) -> tuple[bool, Any]:
+    ok, value = reply
+    if ok:
+        return reply
+    try:
+        pickle.dumps(value)
+        return reply
+    except Exception:  # an exception that does not pickle travels as text
+        return False, SourceProcessError(f"{type(value).__name__}: {value}")
+
+
+def main(fd: int) -> None:
+    conn = Connection(fd)
+    try:
+        _, settings, positions, level, nice = conn.recv()
+    except EOFError:
+        return
+    if nice:
+        os.nice(nice)
+    # Ctrl-C reaches the whole process group: the engine decides when we stop (it closes
+    # the connection), so that a last checkpoint can still flush the dead letters here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=level or logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        child = _Child(conn, settings, positions)
+    except Exception as e:  # the engine raises it
+        conn.send(_picklable((False, e)))
+        return
+    conn.send((True, None))
+    child.serve()
+
+
+if __name__ == "__main__":
+    # Through the package, so what is pickled names consumers.source_process, not __main__.
+    from consumers import source_process
+
+    source_process.main(int(sys.argv[1]))
