@@ -260,8 +260,7 @@ class Daemon:
         events = batch.events
         self.online.observe(self.holder.get(), events.users, events.items)
         result = self.trainer.ingest(events)
-        for tp, (_, hi) in batch.offsets.items():
-            self.positions[tp] = hi
+        self.positions.update(batch.commit_offsets())
         c = self.counters
         c.consumed += batch.records
         c.rejected += batch.rejected

@@ -69,6 +69,14 @@ def dead_letter_producer_config(settings: Settings) -> dict[str, Any]:
             **settings.kafka_client_options}  # the user's client options still win
 
 
+def count_batch(metrics: IngestMetrics, batch: EventBatch) -> None:
+    """A polled batch in the ingest metrics: records, skips, dead letters by reason."""
+    metrics.consumed.inc(batch.records)
+    metrics.skipped.inc(batch.skipped)
+    for reason, n in batch.rejections.items():
+        metrics.rejected.labels(reason=reason).inc(n)
+
+
 class _PositionFromState(ConsumerRebalanceListener):
     """On every assignment, seek to where the engine's state says it is: the offsets its
     checkpoint plus the batches ingested since cover, or the beginning of a partition the
@@ -121,7 +129,6 @@ class KafkaSource:
             dlq_producer or KafkaProducer(**dead_letter_producer_config(settings)),
             settings.kafka_dlq_topic)
         self._dlq_log = DeadLetterLog(settings.kafka_dlq_topic)
-        self.last_rejections: list[str] = []  # the reasons of the last poll's dead letters
 
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:
         """Poll once; None when no record arrived within ``timeout_s``."""
@@ -151,15 +158,14 @@ class KafkaSource:
             max_record_bytes=self._settings.max_record_bytes,
             event_filter=self._filter,
         )
-        self.last_rejections = [rej.reason.value for rej in result.rejected]
         if result.rejected:
             self._dead_letter(records, result.rejected)
+        batch = EventBatch(result.events, offsets,
+                           dict(Counter(rej.reason.value for rej in result.rejected)),
+                           len(result.skipped))
         if self._metrics is not None:
-            self._metrics.consumed.inc(len(records))
-            self._metrics.skipped.inc(len(result.skipped))
-            for rej in result.rejected:
-                self._metrics.rejected.labels(reason=rej.reason.value).inc()
-        return EventBatch(result.events, offsets, len(result.rejected), len(result.skipped))
+            count_batch(self._metrics, batch)
+        return batch
 
     def _dead_letter(self, records: list[Any], rejected: list[Rejection]) -> None:
         """Hand the original bytes and the reason to the dead-letter writer."""

@@ -29,12 +29,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from consumers.kafka_source import SourceError, count_batch
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventBatch, Partition
@@ -46,7 +46,7 @@ LAG_EVERY_S = 1.0
 REPLY_TIMEOUT_S = 120.0  # a flush waits up to 30 s for the dead-letter topic; commit too
 
 
-class SourceProcessError(RuntimeError):
+class SourceProcessError(SourceError):
     """The source process died or stopped answering."""
 
 
@@ -55,7 +55,6 @@ class Delivery:
     """One poll's answer from the child."""
 
     batch: EventBatch | None
-    rejected: dict[str, int]  # dead-lettered records by reason
     lag: int | None  # the consumer lag, when the child measured it since the last delivery
 
 
@@ -103,13 +102,9 @@ class ProcessSource:
             self._lag = delivery.lag
             if self._metrics is not None:
                 self._metrics.consumer_lag.set(delivery.lag)
-        batch = delivery.batch
-        if batch is not None and self._metrics is not None:
-            self._metrics.consumed.inc(batch.records)
-            self._metrics.skipped.inc(batch.skipped)
-            for reason, n in delivery.rejected.items():
-                self._metrics.rejected.labels(reason=reason).inc(n)
-        return batch
+        if delivery.batch is not None and self._metrics is not None:
+            count_batch(self._metrics, delivery.batch)
+        return delivery.batch
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self._call("flush", timeout_s)
@@ -151,24 +146,20 @@ class _Child:
         self.last_lag = 0.0
 
     def fetch(self, timeout_s: float) -> tuple[bool, Any]:
-        """(True, (batch, rejections by reason)) or (False, the error)."""
+        """(True, the batch or None) or (False, the error)."""
         try:
-            batch = self.source.poll(timeout_s)
+            return True, self.source.poll(timeout_s)
         except Exception as e:  # the engine decides; it sees the same error
             return False, e
-        rejected = dict(Counter(self.source.last_rejections)) if batch is not None else {}
-        return True, (batch, rejected)
 
     def deliver(self, timeout_s: float | None) -> tuple[bool, Any]:
-        ok, value = self.ahead if self.ahead is not None else self.fetch(
+        ok, batch = self.ahead if self.ahead is not None else self.fetch(
             self.default_timeout if timeout_s is None else timeout_s)
         self.ahead = None
         if not ok:
-            return ok, value
-        batch, rejected = value
+            return ok, batch
         if batch is not None:
-            for tp, (_, hi) in batch.offsets.items():
-                self.positions[tp] = hi
+            self.positions.update(batch.commit_offsets())
         lag = None
         if time.monotonic() - self.last_lag >= LAG_EVERY_S:
             self.last_lag = time.monotonic()
@@ -176,15 +167,15 @@ class _Child:
                 lag = self.source.lag()
             except Exception as e:  # a lag is a gauge, not worth failing for
                 log.debug("lag unavailable: %s", e)
-        return True, Delivery(batch, rejected, lag)
+        return True, Delivery(batch, lag)
 
     def serve(self) -> None:
         while True:
             # Fetch ahead while the engine works on what it has; a request waits at
             # most one AHEAD_POLL_S for the fetch in progress.
             if self.ahead is None and not self.conn.poll(0):
-                ok, value = self.ahead = self.fetch(AHEAD_POLL_S)
-                if ok and value[0] is None:
+                self.ahead = self.fetch(AHEAD_POLL_S)
+                if self.ahead[0] and self.ahead[1] is None:
                     self.ahead = None  # nothing arrived: nothing to hold
                 continue
             try:

@@ -30,7 +30,7 @@ class IdMap:
         # the trainer thread holds the GIL through it (under ingest, a fifth of its GIL time)
         ids_list = ids.tolist() if isinstance(ids, np.ndarray) else ids
         out = np.array(list(map(self._rows.get, ids_list, itertools.repeat(-1, len(ids)))),
-                       dtype=np.int64).reshape(len(ids))
+                       dtype=np.int64)
         if add:
             missing = np.flatnonzero(out < 0)
             if len(missing):

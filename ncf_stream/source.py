@@ -27,8 +27,13 @@ class EventBatch:
     # (topic, partition) -> (first offset, next offset): every record in the
     # range was either an event here, dead-lettered, or skipped by the filter.
     offsets: dict[Partition, tuple[int, int]] = field(default_factory=dict)
-    rejected: int = 0  # records dead-lettered
+    rejections: dict[str, int] = field(default_factory=dict)  # dead-lettered, by reason
     skipped: int = 0  # valid records the event filter dropped
+
+    @property
+    def rejected(self) -> int:
+        """Records dead-lettered."""
+        return sum(self.rejections.values())
 
     @property
     def records(self) -> int:
