@@ -37,11 +37,11 @@ from ncf_stream.trainer import Trainer, TrainerConfig
 CANDIDATES = (100, 200, 400, 800)
 
 
-def build(items: int, train_s: float, seed: int = 0) -> tuple[Trainer, Publisher]:
+def build(items: int, train_s: float, device: str, seed: int = 0) -> tuple[Trainer, Publisher]:
     events = max(200_000, 3 * items)
     stream = generate(SynthConfig(users=max(5000, items // 10), items=items, events=events,
                                   seed=seed, topics=max(20, items // 2000)))
-    trainer = Trainer(TrainerConfig())
+    trainer = Trainer(TrainerConfig(), device=device)
     ev = stream.to_events()
     for lo in range(0, events, 262_144):
         trainer.ingest(ev.take(np.arange(lo, min(lo + 262_144, events))))
@@ -60,8 +60,8 @@ def latencies(fn, users: np.ndarray) -> np.ndarray:
     return np.array(out) * 1000
 
 
-def measure(items: int, train_s: float, n_users: int) -> dict[str, object]:
-    trainer, publisher = build(items, train_s)
+def measure(items: int, train_s: float, n_users: int, device: str) -> dict[str, object]:
+    trainer, publisher = build(items, train_s, device)
     start = time.perf_counter()
     publisher.publish(0)
     first_publish = time.perf_counter() - start
@@ -82,7 +82,7 @@ def measure(items: int, train_s: float, n_users: int) -> dict[str, object]:
     exact_ms = latencies(lambda u: exact_top_k(snap, u, 10), users[: max(10, n_users // 4)])
     publisher.close()
     return {
-        "items": items, "index": snap.index.kind, "recall_at_10": round(recall[400], 4),
+        "items": items, "device": device, "index": snap.index.kind, "recall_at_10": round(recall[400], 4),
         "recall_by_candidates": {str(c): round(r, 4) for c, r in recall.items()},
         "p50_ms": round(float(np.percentile(cand_ms, 50)), 3),
         "p99_ms": round(float(np.percentile(cand_ms, 99)), 3),
@@ -97,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", help="comma-separated catalogue sizes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model trains and scores (the index follows faiss)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes
@@ -104,7 +106,7 @@ def main() -> None:
     train_s, n_users = (2.0, 60) if args.quick else (20.0, 300)
     results = []
     for items in sizes:
-        r = measure(items, train_s, n_users)
+        r = measure(items, train_s, n_users, args.device)
         print(json.dumps(r), file=sys.stderr)
         results.append(r)
     chosen = next((c for c in CANDIDATES
