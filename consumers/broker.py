@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,15 +30,41 @@ class BrokerError(NcfStreamError):
     pass
 
 
-def free_port() -> int:
-    """A port free now and, with the next one, likely free for the broker's controller."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65535 and not port_open("127.0.0.1", port + 1):
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux), or the IANA range."""
+    try:
+        lo, hi = map(int, EPHEMERAL.read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A port that, with the next one (the controller's), is free now and outside the
+    ephemeral range: a port the kernel gave us would be handed to the next outgoing
+    connection as well (a broker once failed to start that way, "Address already in
+    use", when a client took it between our check and the broker's bind)."""
+    rng = rng or random.Random()
+    lo, hi = _ephemeral_range()
+    spans = [(a, b) for a, b in ((10_000, lo - 2), (hi + 1, 65_533)) if b > a]
+    for _ in range(200):
+        a, b = rng.choice(spans)
+        port = rng.randrange(a, b)
+        if _bindable(port) and _bindable(port + 1):
             return port
-    raise BrokerError("no free port pair found")
+    raise BrokerError("no free port pair found outside the ephemeral range")
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -49,3 +49,19 @@ def test_start_refuses_a_taken_port(tmp_path: Path) -> None:
         broker = LocalBroker(port=s.getsockname()[1], state_dir=tmp_path / "s")
         with pytest.raises(Exception, match="taken"):
             broker.start()
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_free_with_its_neighbour() -> None:
+    import random
+    import socket
+
+    from consumers.broker import _ephemeral_range, free_port
+
+    lo, hi = _ephemeral_range()
+    rng = random.Random(3)
+    ports = [free_port(rng) for _ in range(20)]
+    assert all(not lo <= p <= hi + 1 and 10_000 <= p < 65_534 for p in ports), (ports, lo, hi)
+    assert len(set(ports)) > 10  # spread out, so concurrent callers rarely collide
+    with socket.socket() as taken:  # a taken port is never handed out
+        taken.bind(("127.0.0.1", ports[0]))
+        assert ports[0] not in {free_port(random.Random(3)) for _ in range(3)}
