@@ -54,10 +54,7 @@ def daemon(bootstrap: str, topic: str) -> Iterator[tuple[int, int]]:
     checkpoints = tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-")
     env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
            "NCF_STREAM_CHECKPOINT_DIR": checkpoints.name,
-           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-load", "NCF_STREAM_DEVICE": "cpu",
-           # the consumer in a process of its own (README, "Source process"), unless told
-           "NCF_STREAM_KAFKA_SOURCE_PROCESS": os.environ.get("NCF_STREAM_KAFKA_SOURCE_PROCESS",
-                                                             "true")}
+           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-load", "NCF_STREAM_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log, text=True)

@@ -82,7 +82,8 @@ def measure(items: int, train_s: float, n_users: int, device: str) -> dict[str, 
     exact_ms = latencies(lambda u: exact_top_k(snap, u, 10), users[: max(10, n_users // 4)])
     publisher.close()
     return {
-        "items": items, "device": device, "index": snap.index.kind, "recall_at_10": round(recall[400], 4),
+        "items": items, "device": device, "index": snap.index.kind,
+        "recall_at_10": round(recall[400], 4),
         "recall_by_candidates": {str(c): round(r, 4) for c, r in recall.items()},
         "p50_ms": round(float(np.percentile(cand_ms, 50)), 3),
         "p99_ms": round(float(np.percentile(cand_ms, 99)), 3),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import socket
 import sys
 import threading
@@ -46,7 +45,7 @@ from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.source import EventBatch, EventSource, Partition
 from ncf_stream.status_page import History, Sample
-from ncf_stream.threads import reader_thread, tune_malloc
+from ncf_stream.threads import lower_priority, reader_thread, tune_malloc
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -367,16 +366,6 @@ class Daemon:
                 m.eval_ndcg.labels(k=str(k), kind=kind).set(r.ndcg[k])
         m.eval_seconds.observe(report.seconds)
         m.eval_users.set(report.users)
-
-
-def lower_priority(nice: int) -> None:
-    """Lower this thread's CPU priority (Linux schedules threads; elsewhere a no-op)."""
-    native_id = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, native_id, os.getpriority(os.PRIO_PROCESS, native_id)
-                       + nice)
-    except (AttributeError, OSError) as e:
-        log.info("could not lower the trainer's priority: %s", e)
 
 
 def _quiet_gc() -> None:

@@ -30,6 +30,13 @@ from ncf_stream.source import EventBatch, Partition
 log = logging.getLogger(__name__)
 
 
+# A subscribed consumer with no partition for this long leaves and rejoins its group.
+# kafka-python 3.0.12 once completed a join without applying its assignment (a short
+# poll timed out between SyncGroup and the assignment): the group stable, the consumer
+# holding nothing and fetching nothing, events consumed 0 for minutes.
+UNASSIGNED_REJOIN_S = 15.0
+
+
 class SourceError(NcfStreamError):
     """The source could not make progress (the dead-letter topic was unreachable, ...)."""
 
@@ -122,9 +129,12 @@ class KafkaSource:
         self._metrics = metrics
         self._filter = _event_filter(settings)
         self._consumer = consumer or KafkaConsumer(**consumer_config(settings))
+        self._listener: _PositionFromState | None = None
         if consumer is None:
-            listener = _PositionFromState(self._consumer, positions or dict)
-            self._consumer.subscribe([settings.kafka_topic], listener=listener)
+            self._listener = _PositionFromState(self._consumer, positions or dict)
+            self._consumer.subscribe([settings.kafka_topic], listener=self._listener)
+        self._unassigned_since: float | None = None
+        self.rejoins = 0
         self._dlq = DeadLetterWriter(
             dlq_producer or KafkaProducer(**dead_letter_producer_config(settings)),
             settings.kafka_dlq_topic)
@@ -138,6 +148,7 @@ class KafkaSource:
         )
         records = [r for part in by_partition.values() for r in part]
         if not records:
+            self._check_assignment()
             return None
         # A partition's records come in offset order.
         offsets = {(tp.topic, tp.partition): (part[0].offset, part[-1].offset + 1)
@@ -149,6 +160,29 @@ class KafkaSource:
             # these records again instead of silently skipping them.
             self._rewind(offsets)
             raise
+
+    def assigned(self) -> bool:
+        """Whether the consumer holds a partition now."""
+        return bool(self._consumer.assignment())
+
+    def _check_assignment(self) -> None:
+        """Leave and rejoin the group after UNASSIGNED_REJOIN_S without a partition."""
+        if self._listener is None:
+            return  # a consumer we were given: its owner manages its group
+        if self._consumer.assignment():
+            self._unassigned_since = None
+            return
+        now = time.monotonic()
+        if self._unassigned_since is None:
+            self._unassigned_since = now
+        elif now - self._unassigned_since >= UNASSIGNED_REJOIN_S:
+            log.warning("no partition of %s assigned for %.0f s: leaving and rejoining group %s",
+                        self._settings.kafka_topic, now - self._unassigned_since,
+                        self._settings.kafka_group_id)
+            self._consumer.unsubscribe()
+            self._consumer.subscribe([self._settings.kafka_topic], listener=self._listener)
+            self._unassigned_since = now
+            self.rejoins += 1
 
     def _decode(self, records: list[Any], offsets: dict[Partition, tuple[int, int]]) -> EventBatch:
         result = decode_batch(

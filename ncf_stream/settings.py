@@ -31,10 +31,8 @@ class Settings(BaseSettings):
     # sasl_plain_username, ssl_cafile, ... (see kafka-python's KafkaConsumer).
     kafka_client_options: dict[str, Any] = Field(default_factory=dict)
     # Run the consumer and the decoder in a process of their own (consumers.source_process):
-    # their pure-Python record parsing then never holds the GIL that requests need. Off by
-    # default until an intermittent stall is understood: in 2 of 3 full test runs one
-    # daemon started inside pytest never got its first batch (the child did not answer).
-    kafka_source_process: bool = False
+    # their pure-Python record parsing then never holds the GIL that requests need.
+    kafka_source_process: bool = True
 
     # Event contract
     max_record_bytes: int = Field(4096, ge=64)

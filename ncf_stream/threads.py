@@ -12,16 +12,32 @@ the thread count is per calling thread, so the trainer keeps its own.
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
+import threading
 from typing import Any
 
-import faiss
-import torch
+log = logging.getLogger(__name__)
 
 
 def reader_thread() -> None:
     """Make this thread's torch and FAISS kernels single-threaded."""
+    import faiss  # here: the source process uses this module and needs neither
+    import torch
+
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
+
+
+def lower_priority(nice: int) -> None:
+    """Lower this thread's CPU priority by ``nice`` (Linux schedules threads, and a thread
+    started later inherits it; elsewhere a no-op)."""
+    native_id = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, native_id,
+                       os.getpriority(os.PRIO_PROCESS, native_id) + nice)
+    except (AttributeError, OSError) as e:
+        log.info("could not lower a thread's priority: %s", e)
 
 
 def _glibc(name: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from kafka.errors import KafkaTimeoutError
 from malformed import MALFORMED  # tests/malformed.py
 from prometheus_client import CollectorRegistry
 
+from consumers import kafka_source
 from consumers.kafka_source import KafkaSource, SourceError
 from consumers.produce import produce_file
 from consumers.source_process import ProcessSource
@@ -197,6 +199,55 @@ def test_source_process_raises_what_the_child_raised(
         with pytest.raises(ValueError, match="unknown request"):
             source._call("no-such-request")
         assert source.poll(0.1) is None  # and it goes on serving
+    finally:
+        source.close()
+
+
+def test_a_consumer_left_without_partitions_rejoins_and_loses_nothing(
+    kafka_bootstrap: str, topics: tuple[str, str], good_file: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state kafka-python 3.0.12 was once left in (a join completed without applying
+    its assignment), injected: the source notices, rejoins, and reads on from the state's
+    positions, every record once."""
+    monkeypatch.setattr(kafka_source, "UNASSIGNED_REJOIN_S", 1.0)
+    s = settings_for(kafka_bootstrap, topics)
+    produce_file(good_file, s, show_progress=False)
+    positions: dict[Partition, int] = {}
+    source = KafkaSource(s, positions=lambda: positions)
+    try:
+        batches = drain(source, 1)
+        for b in batches:
+            positions.update(b.commit_offsets())
+        source._consumer._subscription.assign_from_subscribed([])  # the wedge
+        assert not source._consumer.assignment()
+        more = drain(source, 3000 - sum(b.records for b in batches), timeout_s=30)
+    finally:
+        source.close()
+    assert source.rejoins >= 1 and "leaving and rejoining group" in caplog.text
+    offsets: dict[Partition, list[int]] = defaultdict(list)
+    for b in batches + more:
+        for part, (lo, hi) in b.offsets.items():
+            offsets[part].extend(range(lo, hi))
+    assert sum(map(len, offsets.values())) == 3000
+    assert all(v == list(range(len(v))) for v in offsets.values())  # each once, in order
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice: Linux")
+def test_source_process_lowers_only_its_decoding_thread(
+    kafka_bootstrap: str, topics: tuple[str, str]
+) -> None:
+    """Decoding steps aside for requests; kafka-python's network and heartbeat threads
+    keep their priority (starved at nice 19, a consumer never joined its group)."""
+    source = ProcessSource(settings_for(kafka_bootstrap, topics), nice=7)
+    try:
+        source.poll(0.5)
+        pid = source._proc.pid
+        nice = {int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16])
+                for t in Path(f"/proc/{pid}/task").iterdir()}
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert nice.pop(pid) == base + 7  # the main thread: poll and decode
+        assert len(nice) >= 2 and set(nice.values()) == {base}, nice
     finally:
         source.close()
 
