@@ -45,7 +45,7 @@ from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.source import EventBatch, EventSource, Partition
 from ncf_stream.status_page import History, Sample
-from ncf_stream.threads import lower_priority, reader_thread, tune_malloc
+from ncf_stream.threads import background_thread, reader_thread, tune_malloc
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ LAG_EVERY_S = 1.0
 HISTORY_EVERY_S = 2.0
 SWITCH_INTERVAL_S = 2e-5
 # Requests run at normal priority and preempt training on a busy machine.
-TRAINER_NICE = 19
-SOURCE_NICE = 19  # ingest work, as the trainer: requests come first
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,7 +119,7 @@ class Daemon:
         self._stop = threading.Event()
         self.source = source or (
             ProcessSource(s, metrics=self.metrics.ingest, positions=self.positions,
-                          nice=SOURCE_NICE)
+                          background=s.background_policy)  # ingest work: requests first
             if s.kafka_source_process else
             KafkaSource(s, metrics=self.metrics.ingest, positions=lambda: self.positions))
         self._http_socket = _bind(s.http_host, s.http_port)
@@ -177,7 +175,8 @@ class Daemon:
         failure: list[BaseException] = []
 
         def train() -> None:
-            lower_priority(TRAINER_NICE)  # before its first kernel: the OpenMP team inherits
+            # Before its first kernel: the OpenMP team inherits the policy.
+            background_thread(self.settings.background_policy)
             try:
                 self._loop()
             except BaseException as e:  # re-raised on the calling thread

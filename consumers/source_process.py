@@ -39,7 +39,7 @@ from consumers.kafka_source import SourceError, count_batch
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventBatch, Partition
-from ncf_stream.threads import lower_priority
+from ncf_stream.threads import background_thread
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,13 @@ class ProcessSource:
 
     ``positions`` are where the engine's state is (its checkpoint's offsets);
     the child seeks there on assignment, then past every batch it delivers.
+    ``background``: the policy for the child's decoding thread
+    (:func:`ncf_stream.threads.background_thread`); None leaves it alone.
     """
 
     def __init__(self, settings: Settings, *, metrics: IngestMetrics | None = None,
-                 positions: Mapping[Partition, int] | None = None, nice: int = 0) -> None:
+                 positions: Mapping[Partition, int] | None = None,
+                 background: str | None = None) -> None:
         self._metrics = metrics
         self._lag = 0
         parent, child = socket.socketpair()
@@ -82,7 +85,8 @@ class ProcessSource:
         child.close()
         self._conn = Connection(parent.detach())
         self._closed = False
-        self._call("start", settings, dict(positions or {}), logging.getLogger().level, nice)
+        self._call("start", settings, dict(positions or {}), logging.getLogger().level,
+                   background)
 
     def _call(self, *request: Any) -> Any:
         if self._closed:
@@ -229,7 +233,7 @@ def _picklable(reply: tuple[bool, Any]) -> tuple[bool, Any]:
 def main(fd: int) -> None:
     conn = Connection(fd)
     try:
-        _, settings, positions, level, nice = conn.recv()
+        _, settings, positions, level, background = conn.recv()
     except EOFError:
         return
     # Ctrl-C reaches the whole process group: the engine decides when we stop (it closes
@@ -250,7 +254,8 @@ def main(fd: int) -> None:
     # network and heartbeat threads, started above, keep their priority, so the group
     # protocol is not starved on a busy machine (beside four CPU-bound processes: first
     # batch after 6.9 s this way, 13 s with the whole child at nice 19).
-    lower_priority(nice)
+    if background:
+        background_thread(background)
     conn.send((True, None))
     child.serve()
 

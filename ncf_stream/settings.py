@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # Run the consumer and the decoder in a process of their own (consumers.source_process):
     # their pure-Python record parsing then never holds the GIL that requests need.
     kafka_source_process: bool = True
+    # How the trainer and the source's decoder yield the CPU to requests: "idle" is
+    # SCHED_IDLE (Linux; they run only when nothing else wants a core), "nice" is nice 19.
+    background_policy: Literal["idle", "nice"] = "idle"
 
     # Event contract
     max_record_bytes: int = Field(4096, ge=64)

@@ -233,21 +233,24 @@ def test_a_consumer_left_without_partitions_rejoins_and_loses_nothing(
     assert all(v == list(range(len(v))) for v in offsets.values())  # each once, in order
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice: Linux")
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="per-thread policy: Linux")
+@pytest.mark.parametrize("policy", ["idle", "nice"])
 def test_source_process_lowers_only_its_decoding_thread(
-    kafka_bootstrap: str, topics: tuple[str, str]
+    kafka_bootstrap: str, topics: tuple[str, str], policy: str
 ) -> None:
-    """Decoding steps aside for requests; kafka-python's network and heartbeat threads
-    keep their priority (starved at nice 19, a consumer never joined its group)."""
-    source = ProcessSource(settings_for(kafka_bootstrap, topics), nice=7)
+    """Decoding yields the CPU to requests; kafka-python's network and heartbeat threads
+    keep their priority, so the group protocol is not starved on a busy machine."""
+    source = ProcessSource(settings_for(kafka_bootstrap, topics), background=policy)
     try:
         source.poll(0.5)
         pid = source._proc.pid
-        nice = {int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16])
-                for t in Path(f"/proc/{pid}/task").iterdir()}
+        tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
         base = os.getpriority(os.PRIO_PROCESS, 0)
-        assert nice.pop(pid) == base + 7  # the main thread: poll and decode
-        assert len(nice) >= 2 and set(nice.values()) == {base}, nice
+        state = {t: (os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in tids}
+        main = state.pop(pid)  # the main thread: poll and decode
+        assert main == ((os.SCHED_IDLE, base) if policy == "idle"
+                        else (os.SCHED_OTHER, base + 19))
+        assert len(state) >= 2 and set(state.values()) == {(os.SCHED_OTHER, base)}, state
     finally:
         source.close()
 
