@@ -40,7 +40,7 @@ from ncf_stream.evaluator import (
 )
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
-from ncf_stream.threads import reader_thread
+from ncf_stream.threads import background_thread, reader_thread
 from ncf_stream.trainer import Trainer, TrainerConfig
 
 USERS = ITEMS = 100_000
@@ -88,12 +88,15 @@ def main() -> None:
           f"users; full {full_s:.1f} s for {n_full} users", file=sys.stderr)
 
     seconds = 10.0 if args.quick else 30.0
+    # Both as in the daemon: training and evaluation are background work (SCHED_IDLE).
+    background_thread("idle")
     alone = train_rate(trainer, seconds)
     evaluator = Evaluator(holder, EvalConfig(max_users=10_000))
     done = threading.Event()
 
     def evaluate_repeatedly() -> None:
         reader_thread()  # as the daemon's evaluator thread does
+        background_thread("idle")
         with contextlib.suppress(Cancelled):
             while not done.is_set():
                 evaluator.evaluate(throttle=True)

@@ -97,7 +97,8 @@ class Daemon:
         self.evaluator = Evaluator(
             self.holder, EvalConfig(interval_s=s.eval_interval_s, max_users=s.eval_max_users,
                                     full=s.eval_full, full_max_pairs=s.eval_full_max_pairs,
-                                    duty=s.eval_duty, seed=s.seed),
+                                    duty=s.eval_duty, seed=s.seed,
+                                    background=s.background_policy),
             on_report=self._export_eval)
         self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
         self.counters = Counters()

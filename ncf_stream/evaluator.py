@@ -27,7 +27,7 @@ import torch
 from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
 from ncf_stream.recommend import DEFAULT_CANDIDATES, top_k
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
-from ncf_stream.threads import reader_thread, release_free_memory
+from ncf_stream.threads import background_thread, reader_thread, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class EvalConfig:
     # evaluation runs (bench/eval.py). Evaluations take longer in wall time instead.
     duty: float = 0.05
     history: int = 100
+    # The periodic thread's CPU policy (threads.background_thread): an evaluation is
+    # background work, and at normal priority its chunks took turns with requests.
+    background: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,8 @@ class Evaluator:
 
     def _run(self) -> None:
         reader_thread()
+        if self.config.background:
+            background_thread(self.config.background)
         while not self._stop.is_set():
             self._wake.wait(self.config.interval_s)
             self._wake.clear()

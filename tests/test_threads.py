@@ -41,3 +41,25 @@ def test_background_thread_yields_and_its_threads_inherit(policy: str) -> None:
     me = threading.get_native_id()  # the caller's own thread is left alone
     assert (os.sched_getscheduler(me), os.getpriority(os.PRIO_PROCESS, me)) == (
         os.SCHED_OTHER, base)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="per-thread policy: Linux")
+def test_the_periodic_evaluator_is_background_work() -> None:
+    import time
+
+    from ncf_stream.evaluator import EvalConfig, Evaluator
+    from ncf_stream.snapshot import SnapshotHolder
+
+    evaluator = Evaluator(SnapshotHolder(), EvalConfig(interval_s=3600, background="idle"))
+    evaluator.start()
+    try:
+        assert evaluator._thread is not None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            tid = evaluator._thread.native_id
+            if tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                break
+            time.sleep(0.01)
+        assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE
+    finally:
+        evaluator.stop()
