@@ -37,9 +37,10 @@ def background_thread(policy: str = "idle") -> str:
 
     ``idle``: SCHED_IDLE (Linux), so it runs only when no other thread wants a core
     and a waking request preempts it at once; ``nice``: nice 19, which still takes
-    turns with requests (bench/load.py --quick, 5 runs each: p99 HTTP 5.9-9.7 vs
-    9.7-12.4 ms, gRPC 7.7-10.5 vs 10.0-12.0 ms). Where SCHED_IDLE is missing or
-    refused, nice. Returns what it applied ("idle", "nice" or "none").
+    turns with requests (bench/load.py --quick, alternating, 3 runs each: p99 HTTP
+    8.0-9.8 vs 9.8-10.7 ms, gRPC 8.7-13.8 vs 10.0-13.0 ms, p50 1.5-2.0 vs 1.9-2.6
+    ms). Where SCHED_IDLE is missing or refused, nice. Returns what it applied
+    ("idle", "nice" or "none").
     """
     native_id = threading.get_native_id()
     if policy == "idle" and hasattr(os, "SCHED_IDLE"):
