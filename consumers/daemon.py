@@ -54,7 +54,6 @@ TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stal
 LAG_EVERY_S = 1.0
 HISTORY_EVERY_S = 2.0
 SWITCH_INTERVAL_S = 2e-5
-# Requests run at normal priority and preempt training on a busy machine.
 
 
 def resolve_device(name: str) -> torch.device:

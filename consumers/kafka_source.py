@@ -169,7 +169,7 @@ class KafkaSource:
         """Leave and rejoin the group after UNASSIGNED_REJOIN_S without a partition."""
         if self._listener is None:
             return  # a consumer we were given: its owner manages its group
-        if self._consumer.assignment():
+        if self.assigned():
             self._unassigned_since = None
             return
         now = time.monotonic()

@@ -39,7 +39,7 @@ from consumers.kafka_source import SourceError, count_batch
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventBatch, Partition
-from ncf_stream.threads import background_thread
+from ncf_stream.threads import BackgroundPolicy, background_thread
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ProcessSource:
 
     def __init__(self, settings: Settings, *, metrics: IngestMetrics | None = None,
                  positions: Mapping[Partition, int] | None = None,
-                 background: str | None = None) -> None:
+                 background: BackgroundPolicy | None = None) -> None:
         self._metrics = metrics
         self._lag = 0
         parent, child = socket.socketpair()
@@ -182,7 +182,7 @@ class _Child:
     def serve(self) -> None:
         while True:
             # Fetch ahead while the engine works on what it has; a request waits at
-            # most one AHEAD_POLL_S for the fetch in progress.
+            # most one AHEAD_POLL_S for the fetch in progress (JOIN_POLL_S at start-up).
             if self.ahead is None and not self.conn.poll(0):
                 self.ahead = self.fetch(AHEAD_POLL_S if self.source.assigned() else JOIN_POLL_S)
                 if self.ahead[0] and self.ahead[1] is None:

@@ -27,7 +27,12 @@ import torch
 from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
 from ncf_stream.recommend import DEFAULT_CANDIDATES, top_k
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
-from ncf_stream.threads import background_thread, reader_thread, release_free_memory
+from ncf_stream.threads import (
+    BackgroundPolicy,
+    background_thread,
+    reader_thread,
+    release_free_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ class EvalConfig:
     history: int = 100
     # The periodic thread's CPU policy (threads.background_thread): an evaluation is
     # background work, and at normal priority its chunks took turns with requests.
-    background: str | None = None
+    background: BackgroundPolicy | None = None
 
 
 @dataclass(frozen=True)

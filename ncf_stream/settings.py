@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ncf_stream.errors import ConfigError
+from ncf_stream.threads import BackgroundPolicy
 
 
 class Settings(BaseSettings):
@@ -35,7 +36,7 @@ class Settings(BaseSettings):
     kafka_source_process: bool = True
     # How the trainer and the source's decoder yield the CPU to requests: "idle" is
     # SCHED_IDLE (Linux; they run only when nothing else wants a core), "nice" is nice 19.
-    background_policy: Literal["idle", "nice"] = "idle"
+    background_policy: BackgroundPolicy = "idle"
 
     # Event contract
     max_record_bytes: int = Field(4096, ge=64)

@@ -15,7 +15,7 @@ import ctypes
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,10 @@ def reader_thread() -> None:
 
 
 BACKGROUND_NICE = 19
+BackgroundPolicy = Literal["idle", "nice"]
 
 
-def background_thread(policy: str = "idle") -> str:
+def background_thread(policy: BackgroundPolicy = "idle") -> str:
     """Make this thread, and the threads it starts later, yield the CPU to requests.
 
     ``idle``: SCHED_IDLE (Linux), so it runs only when no other thread wants a core
