@@ -119,7 +119,8 @@ class Daemon:
         self._stop = threading.Event()
         self.source = source or (
             ProcessSource(s, metrics=self.metrics.ingest, positions=self.positions,
-                          background=s.background_policy)  # ingest work: requests first
+                          background=s.background_policy,  # ingest work: requests first
+                          id_maps=(self.trainer.user_ids, self.trainer.item_ids))
             if s.kafka_source_process else
             KafkaSource(s, metrics=self.metrics.ingest, positions=lambda: self.positions))
         self._http_socket = _bind(s.http_host, s.http_port)
@@ -255,9 +256,9 @@ class Daemon:
                 self._gauges()
 
     def _ingest(self, batch: EventBatch) -> None:
-        events = batch.events
-        self.online.observe(self.holder.get(), events.users, events.items)
-        result = self.trainer.ingest(events)
+        users, items = self.trainer.rows(batch.events)
+        self.online.observe(self.holder.get(), users, items)  # before training on them
+        result = self.trainer.ingest_rows(users, items, batch.events.ts)
         self.positions.update(batch.commit_offsets())
         c = self.counters
         c.consumed += batch.records

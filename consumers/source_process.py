@@ -15,6 +15,15 @@ receives, in order, so that is exactly the daemon's state; a batch in flight
 when the daemon dies is lost with the daemon's memory, and the restart begins
 from the checkpoint's offsets again.
 
+Ids: given the engine's id maps, the child maps ids to rows as well
+(:class:`~ncf_stream.ids.RowMapper`, started from the maps' ids) and the batches
+carry rows plus only the ids the engine has not seen
+(:class:`~ncf_stream.ids.MappedEvents`). Under full ingest, hashing every id of
+every event and unpickling its string were a fifth of the time the daemon's
+threads held the GIL (py-spy --gil at 1M events), time each request could wait
+behind. The maps stay equal because the engine applies every batch, in order,
+as the positions above assume.
+
 Metrics stay in the daemon's registry: the child reports records, skips,
 rejections by reason and the consumer lag with each batch.
 """
@@ -31,11 +40,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
 from consumers.kafka_source import SourceError, count_batch
+from ncf_stream.events import Events
+from ncf_stream.ids import IdMap, RowMapper
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventBatch, Partition
@@ -71,11 +82,15 @@ class ProcessSource:
     the child seeks there on assignment, then past every batch it delivers.
     ``background``: the policy for the child's decoding thread
     (:func:`ncf_stream.threads.background_thread`); None leaves it alone.
+    ``id_maps``: the engine's (user, item) maps; the child then delivers
+    :class:`~ncf_stream.ids.MappedEvents` that continue them, and the engine must
+    apply every batch, in order (:meth:`ncf_stream.trainer.Trainer.rows`).
     """
 
     def __init__(self, settings: Settings, *, metrics: IngestMetrics | None = None,
                  positions: Mapping[Partition, int] | None = None,
-                 background: BackgroundPolicy | None = None) -> None:
+                 background: BackgroundPolicy | None = None,
+                 id_maps: tuple[IdMap, IdMap] | None = None) -> None:
         self._metrics = metrics
         self._lag = 0
         parent, child = socket.socketpair()
@@ -85,8 +100,9 @@ class ProcessSource:
         child.close()
         self._conn = Connection(parent.detach())
         self._closed = False
+        ids = None if id_maps is None else tuple(m.all_ids().tolist() for m in id_maps)
         self._call("start", settings, dict(positions or {}), logging.getLogger().level,
-                   background)
+                   background, ids)
 
     def _call(self, *request: Any) -> Any:
         if self._closed:
@@ -144,8 +160,8 @@ class ProcessSource:
 class _Child:
     """The child's side: a KafkaSource that fetches one batch ahead between requests."""
 
-    def __init__(self, conn: Connection, settings: Settings,
-                 positions: dict[Partition, int]) -> None:
+    def __init__(self, conn: Connection, settings: Settings, positions: dict[Partition, int],
+                 ids: tuple[list[str], list[str]] | None) -> None:
         from consumers.kafka_source import KafkaSource
 
         self.conn = conn
@@ -153,14 +169,20 @@ class _Child:
         self.source = KafkaSource(settings, positions=lambda: self.positions)
         self.default_timeout = settings.kafka_poll_timeout_s
         self.ahead: tuple[bool, Any] | None = None  # a fetched (ok, batch or error)
+        # Every fetched batch is delivered, in order: so mapping at fetch keeps the order.
+        self.mapper = None if ids is None else RowMapper(*ids)
         self.last_lag = 0.0
 
     def fetch(self, timeout_s: float) -> tuple[bool, Any]:
         """(True, the batch or None) or (False, the error)."""
         try:
-            return True, self.source.poll(timeout_s)
+            batch = self.source.poll(timeout_s)
         except Exception as e:  # the engine decides; it sees the same error
             return False, e
+        if batch is not None and self.mapper is not None:
+            assert isinstance(batch.events, Events)
+            batch = replace(batch, events=self.mapper.map(batch.events))
+        return True, batch
 
     def deliver(self, timeout_s: float | None) -> tuple[bool, Any]:
         ok, batch = self.ahead if self.ahead is not None else self.fetch(
@@ -233,7 +255,7 @@ def _picklable(reply: tuple[bool, Any]) -> tuple[bool, Any]:
 def main(fd: int) -> None:
     conn = Connection(fd)
     try:
-        _, settings, positions, level, background = conn.recv()
+        _, settings, positions, level, background, ids = conn.recv()
     except EOFError:
         return
     # Ctrl-C reaches the whole process group: the engine decides when we stop (it closes
@@ -246,7 +268,7 @@ def main(fd: int) -> None:
     if level > logging.DEBUG:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
-        child = _Child(conn, settings, positions)
+        child = _Child(conn, settings, positions, ids)
     except Exception as e:  # the engine raises it
         conn.send(_picklable((False, e)))
         return

@@ -236,31 +236,30 @@ class OnlineHitRate:
         self._rng = np.random.default_rng(self.seed)
         self._last = time.monotonic()
 
-    def observe(self, snap: Snapshot | None, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
-        """Probe a sample of a batch of (external) events against the served snapshot."""
-        if snap is None or len(user_ids) == 0:
+    def observe(self, snap: Snapshot | None, users: np.ndarray, items: np.ndarray) -> None:
+        """Probe a sample of a batch of events, as (user rows, item rows) of the live
+        maps, against the served snapshot."""
+        if snap is None or len(users) == 0:
             return
         now = time.monotonic()
         self._budget = min(self.max_per_second, self._budget + (now - self._last)
                            * self.max_per_second)
         self._last = now
-        picked = np.flatnonzero(self._rng.random(len(user_ids)) < self.fraction)
+        picked = np.flatnonzero(self._rng.random(len(users)) < self.fraction)
         for j in picked[: int(self._budget)].tolist():
             self._budget -= 1
-            self._probe(snap, str(user_ids[j]), str(item_ids[j]))
+            self._probe(snap, int(users[j]), int(items[j]))
 
-    def _probe(self, snap: Snapshot, user: str, item: str) -> None:
+    def _probe(self, snap: Snapshot, user: int, item: int) -> None:
         kmax = max(KS)
-        row = snap.user_row(user)
-        if row is None:  # served as cold start: the popular list
+        if user >= snap.n_users:  # new since the snapshot: served as cold start
             served = snap.popular[:kmax]
         else:
-            served, _ = top_k(snap, row, kmax, self.candidates)
-        target = snap.item_rows([item])[0]
+            served, _ = top_k(snap, user, kmax, self.candidates)
         self.probes += 1
-        if target < 0:
+        if item >= snap.n_items:
             return
-        position = np.flatnonzero(served == target)
+        position = np.flatnonzero(served == item)
         for k in KS:
             if len(position) and position[0] < k:
                 self.hits[k] += 1

@@ -2,15 +2,29 @@
 
 Rows are assigned in order of first appearance and never change, so a row is
 a stable index into embedding tables and per-user/per-item arrays.
+
+Two maps that start equal and see the same ids in the same order stay equal.
+:class:`RowMapper` uses that to map ids where events are decoded (the source
+process): the engine then receives rows, plus the few ids it has never seen,
+and extends its own maps with :meth:`IdMap.extend` instead of hashing every
+id of every event again.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ncf_stream.errors import NcfStreamError
+from ncf_stream.events import Events
+
+
+class IdMapMismatch(NcfStreamError):
+    """Rows mapped elsewhere do not continue this map: the two maps diverged."""
 
 
 class IdMap:
@@ -37,13 +51,33 @@ class IdMap:
                 self._add(ids, missing, out)
         return out
 
-    def _add(self, ids: Sequence[str] | np.ndarray, missing: np.ndarray, out: np.ndarray) -> None:
-        rows = self._rows
-        need = len(rows) + len(missing)
+    def extend(self, ids: Sequence[str], first_row: int) -> None:
+        """Add ``ids``, new to this map, as rows ``first_row``, ``first_row + 1``, ...
+
+        For ids another map assigned (:class:`RowMapper`): ``first_row`` must be this
+        map's size, and none of ``ids`` may be known; otherwise :class:`IdMapMismatch`,
+        and nothing is added.
+        """
+        n = len(self._rows)
+        if first_row != n:
+            raise IdMapMismatch(f"rows from {first_row} do not continue a map of {n} ids")
+        if not ids:
+            return
+        if len(set(ids)) != len(ids) or not self._rows.keys().isdisjoint(ids):
+            raise IdMapMismatch("new ids repeat or are already mapped")
+        self._reserve(n + len(ids))
+        self._rows.update(zip(ids, range(n, n + len(ids)), strict=True))
+        self._ids[n: n + len(ids)] = ids
+
+    def _reserve(self, need: int) -> None:
         if need > len(self._ids):
             grown = np.empty(max(need, 2 * len(self._ids)), dtype=object)
-            grown[: len(rows)] = self._ids[: len(rows)]
+            grown[: len(self)] = self._ids[: len(self)]
             self._ids = grown
+
+    def _add(self, ids: Sequence[str] | np.ndarray, missing: np.ndarray, out: np.ndarray) -> None:
+        rows = self._rows
+        self._reserve(len(rows) + len(missing))
         table = self._ids
         for j in missing.tolist():
             x = str(ids[j])
@@ -86,3 +120,47 @@ class IdMap:
         m.rows(np.asarray(ids, dtype=object))
         return m
 
+
+
+@dataclass(frozen=True)
+class MappedEvents:
+    """Events whose ids were already mapped to rows (by a :class:`RowMapper`).
+
+    ``new_users`` are the user ids first seen in this batch; they took rows
+    ``user_base``, ``user_base + 1``, ... in that order (items likewise). A map
+    that held ``user_base`` ids before the batch, extended with them, maps
+    ``users`` back to the batch's ids. Event types and weights are not carried:
+    the trainer does not use them.
+    """
+
+    users: np.ndarray  # (n,) int64 rows
+    items: np.ndarray  # (n,) int64 rows
+    ts: np.ndarray  # (n,) float64
+    user_base: int
+    new_users: list[str]
+    item_base: int
+    new_items: list[str]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+class RowMapper:
+    """Maps decoded events to rows with maps of its own, which continue the engine's.
+
+    Start it with the engine's ids (in row order); from then on every batch it maps
+    must be applied by the engine, in order (:meth:`IdMap.extend`), for the maps to
+    stay equal.
+    """
+
+    def __init__(self, user_ids: Sequence[str] = (), item_ids: Sequence[str] = ()) -> None:
+        self.users, self.items = IdMap(), IdMap()
+        self.users.extend(list(user_ids), 0)
+        self.items.extend(list(item_ids), 0)
+
+    def map(self, events: Events) -> MappedEvents:
+        user_base, item_base = len(self.users), len(self.items)
+        users, items = self.users.rows(events.users), self.items.rows(events.items)
+        return MappedEvents(users, items, events.ts,
+                            user_base, self.users.all_ids()[user_base:].tolist(),
+                            item_base, self.items.all_ids()[item_base:].tolist())

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from ncf_stream.events import Events
+from ncf_stream.ids import MappedEvents
 
 # (topic, partition) -> offset; a plain tuple keeps Kafka types out of the engine.
 Partition = tuple[str, int]
@@ -23,7 +24,7 @@ Partition = tuple[str, int]
 class EventBatch:
     """Valid events from one poll, and the offsets the poll covered."""
 
-    events: Events
+    events: Events | MappedEvents  # mapped: by a source that maps ids itself
     # (topic, partition) -> (first offset, next offset): every record in the
     # range was either an event here, dead-lettered, or skipped by the filter.
     offsets: dict[Partition, tuple[int, int]] = field(default_factory=dict)

@@ -1,6 +1,7 @@
 """The online trainer: events in, micro-batches of positives and sampled negatives out.
 
-``ingest`` maps external ids to rows (growing the model), appends to the
+``ingest`` maps external ids to rows (growing the model), or takes rows
+mapped upstream (:class:`~ncf_stream.ids.MappedEvents`), appends to the
 store, and queues the positives the store releases to training (the newest
 interaction of each user is held out). ``step`` trains one micro-batch:
 fresh positives first, up to ``fresh_share`` of the positive slots, the rest
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ncf_stream.events import Events
-from ncf_stream.ids import IdMap
+from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.model import NeuMF, NeuMFConfig
 from ncf_stream.optim import RowAdagrad, RowAdam
 from ncf_stream.sampler import NegativeSampler, SamplerConfig
@@ -87,10 +88,22 @@ class Trainer:
         """Fresh positives waiting to be trained."""
         return self._pending
 
-    def ingest(self, events: Events) -> AppendResult:
-        users = self.user_ids.rows(events.users)
-        items = self.item_ids.rows(events.items)
-        result = self.store.append(users, items, events.ts)
+    def ingest(self, events: Events | MappedEvents) -> AppendResult:
+        users, items = self.rows(events)
+        return self.ingest_rows(users, items, events.ts)
+
+    def rows(self, events: Events | MappedEvents) -> tuple[np.ndarray, np.ndarray]:
+        """The events' (user rows, item rows); their new ids get rows, and the model
+        grows to them at :meth:`ingest_rows`."""
+        if isinstance(events, MappedEvents):  # mapped upstream: take the new ids only
+            self.user_ids.extend(events.new_users, events.user_base)
+            self.item_ids.extend(events.new_items, events.item_base)
+            return events.users, events.items
+        return self.user_ids.rows(events.users), self.item_ids.rows(events.items)
+
+    def ingest_rows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> AppendResult:
+        """Append (user row, item row, time) events, rows from :meth:`rows`."""
+        result = self.store.append(users, items, ts)
         self.model.grow(len(self.user_ids), len(self.item_ids))
         if len(result.train_users):
             self._fresh.append((result.train_users, result.train_items))

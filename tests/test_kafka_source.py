@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError
@@ -23,7 +25,8 @@ from consumers import kafka_source
 from consumers.kafka_source import KafkaSource, SourceError
 from consumers.produce import produce_file
 from consumers.source_process import ProcessSource
-from ncf_stream.events import Reason
+from ncf_stream.events import Events, Reason
+from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventBatch, EventSource, Partition
@@ -68,8 +71,43 @@ def in_child(s: Settings, metrics: IngestMetrics | None = None,
     return ProcessSource(s, metrics=metrics, positions=positions)
 
 
-# The daemon runs the source in a process of its own by default; both must behave alike.
-@pytest.fixture(params=[in_process, in_child], ids=["in-process", "child-process"])
+class MappedBack:
+    """A child source that maps ids, seen through maps that its batches extend (as the
+    engine's are), with the rows turned back into ids. The maps start with ids of their
+    own, as restored ones would, so the child must continue them."""
+
+    def __init__(self, s: Settings, metrics: IngestMetrics | None = None,
+                 positions: dict[Partition, int] | None = None) -> None:
+        self.users, self.items = IdMap(), IdMap()
+        self.users.rows(["restored-user"])
+        self.items.rows(["restored-item-0", "restored-item-1"])
+        self.source = ProcessSource(s, metrics=metrics, positions=positions,
+                                    id_maps=(self.users, self.items))
+
+    def poll(self, timeout_s: float) -> EventBatch | None:
+        batch = self.source.poll(timeout_s)
+        if batch is None:
+            return None
+        m = batch.events
+        assert isinstance(m, MappedEvents)
+        self.users.extend(m.new_users, m.user_base)
+        self.items.extend(m.new_items, m.item_base)
+        n = len(m)
+        events = Events(self.users.ids(m.users), self.items.ids(m.items), m.ts,
+                        np.ones(n), np.full(n, "unknown", dtype=object))
+        return replace(batch, events=events)
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        self.source.commit(offsets)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+# The daemon runs the source in a process of its own by default, mapping ids there;
+# every way must deliver the same events.
+@pytest.fixture(params=[in_process, in_child, MappedBack],
+                ids=["in-process", "child-process", "child-maps-ids"])
 def make_source(request: pytest.FixtureRequest) -> Any:
     return request.param
 

@@ -201,11 +201,12 @@ def test_online_hit_rate_counts_served_hits(trained) -> None:
     _trainer, holder, _ = trained
     snap = holder.get()
     online = OnlineHitRate(fraction=1.0, max_per_second=1e9)
-    user = "0"
-    served, _ = top_k(snap, snap.user_row(user), 20, 400)
-    items = snap.item_ids.ids(served)
-    online.observe(snap, np.array([user] * 3), np.array([items[0], items[7], items[15]]))
+    row = snap.user_row("0")
+    served, _ = top_k(snap, row, 20, 400)
+    online.observe(snap, np.array([row] * 3), served[[0, 7, 15]])
     assert online.probes == 3
     assert online.hits == {5: 1, 10: 2, 20: 3}
-    online.observe(snap, np.array(["new-user"]), np.array([items[0]]))
-    assert online.probes == 4
+    # Rows new since the snapshot: the user is served the popular list; the item is a miss.
+    online.observe(snap, np.array([snap.n_users] * 2), np.array([snap.popular[0], snap.n_items]))
+    assert online.probes == 5
+    assert online.hits == {5: 2, 10: 3, 20: 4}

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ncf_stream.ids import IdMap
+from ncf_stream.events import Events
+from ncf_stream.ids import IdMap, IdMapMismatch, RowMapper
 from ncf_stream.keyset import KeySet
 from ncf_stream.store import InteractionStore
 
@@ -218,6 +219,54 @@ def test_ids_grow_look_up_and_round_trip(tmp_path: Path) -> None:
     assert loaded.rows(["ü", "x1999"], add=False).tolist() == [2, 2003]
     with pytest.raises(IndexError):
         ids.ids([len(ids)])
+
+
+id_batches = st.lists(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.sampled_from("pqrstu")),
+                               max_size=8), max_size=8)
+
+
+@given(id_batches, st.integers(0, 8))
+@settings(max_examples=100, deadline=None)
+def test_rows_mapped_upstream_are_the_rows_the_engine_would_assign(
+    batches: list[list[tuple[str, str]]], restored: int
+) -> None:
+    """The engine's maps (restored from the first batches), extended by what a RowMapper
+    started from them sends, equal maps that saw every id themselves, batch for batch."""
+    def events(batch: list[tuple[str, str]]) -> Events:
+        return Events.from_rows([(u, i, float(n), "t", 1.0) for n, (u, i) in enumerate(batch)])
+
+    reference = IdMap(), IdMap()
+    engine = IdMap(), IdMap()
+    for batch in batches[:restored]:
+        ev = events(batch)
+        for users, items in (reference, engine):
+            users.rows(ev.users)
+            items.rows(ev.items)
+    mapper = RowMapper(engine[0].all_ids().tolist(), engine[1].all_ids().tolist())
+    for batch in batches[restored:]:
+        ev = events(batch)
+        mapped = mapper.map(ev)
+        engine[0].extend(mapped.new_users, mapped.user_base)
+        engine[1].extend(mapped.new_items, mapped.item_base)
+        assert mapped.users.tolist() == reference[0].rows(ev.users).tolist()
+        assert mapped.items.tolist() == reference[1].rows(ev.items).tolist()
+        assert engine[0].ids(mapped.users).tolist() == ev.users.tolist()
+        assert mapped.ts.tolist() == ev.ts.tolist()
+    assert engine[0].all_ids().tolist() == reference[0].all_ids().tolist()
+    assert engine[1].all_ids().tolist() == reference[1].all_ids().tolist()
+
+
+def test_extend_refuses_rows_that_do_not_continue_the_map() -> None:
+    ids = IdMap()
+    ids.extend(["a", "b"], 0)
+    for new, first, why in ((["c"], 3, "do not continue"), (["c"], 1, "do not continue"),
+                            (["c", "a"], 2, "already mapped"), (["c", "c"], 2, "repeat")):
+        with pytest.raises(IdMapMismatch, match=why):
+            ids.extend(new, first)
+        assert ids.all_ids().tolist() == ["a", "b"] and "c" not in ids  # nothing added
+    ids.extend([], 2)
+    ids.extend([f"x{n}" for n in range(3000)], 2)  # grows past its first capacity
+    assert ids.rows(["b", "x2999"], add=False).tolist() == [1, 3001]
 
 
 @given(st.lists(st.integers(0, 10**6), min_size=300, max_size=3000, unique=True),
