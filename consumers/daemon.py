@@ -129,7 +129,10 @@ class Daemon:
         self._last_sample: Sample | None = None
         app = create_app(self.recommender, self.status, self.metrics.registry,
                          self.metrics.serving, self.evaluator, self.history)
-        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        # httptools' C parser and uvloop: 167 instead of 267 us of server CPU per request,
+        # all of it holding the GIL (h11 and asyncio's loop are pure Python; HTTP_STACK).
+        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                   http="httptools", loop="uvloop"))
         self._http_thread = threading.Thread(target=self._serve_http, name="ncf-http",
                                              daemon=True)
         self.grpc = GrpcServer(self.recommender, self.status, self.metrics.serving,
