@@ -57,10 +57,17 @@ def run_demo(settings: Settings, events: int = 1_000_000, rate: float = 2_000.0,
     with broker_for(settings) as s:
         create_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic])
         msgs = demo_messages(events, seed)
+        stop = threading.Event()
         producer = threading.Thread(target=publish, args=(msgs, s, s.kafka_topic, rate),
-                                    daemon=True, name="demo-producer")
+                                    kwargs={"stop": stop}, daemon=True, name="demo-producer")
         producer.start()
         print(f"demo: publishing {len(msgs):,} synthetic events to {s.kafka_topic} at "
               f"{rate:,.0f}/s (try: curl -s localhost:{s.http_port}/v1/recommend "
               f"-d '{{\"user\": \"1\", \"k\": 5}}')")
-        serve_until_signalled(Daemon(s))
+        try:
+            serve_until_signalled(Daemon(s))
+        finally:
+            # The producer flushes and closes while the broker is still up (it stops when
+            # this block ends); left to interpreter exit, its flush timed out on a gone broker.
+            stop.set()
+            producer.join(15)

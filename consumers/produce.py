@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -95,8 +96,10 @@ def publish(
     rate: float | None = None,
     progress: Progress | None = None,
     producer: KafkaProducer | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[int, int, float]:
-    """Send all messages, at most ``rate`` per second; returns (sent, failed, seconds)."""
+    """Send all messages, at most ``rate`` per second, or those before ``stop`` is set;
+    returns (sent, failed, seconds)."""
     own = producer is None
     producer = producer or KafkaProducer(**producer_config(settings))
     failed = 0
@@ -106,8 +109,12 @@ def publish(
         failed += 1
 
     start = time.monotonic()
+    n = 0
     try:
         for n, (key, value) in enumerate(messages, start=1):
+            if stop is not None and stop.is_set():
+                n -= 1
+                break
             producer.send(topic, value=value, key=key).add_errback(on_error)
             if rate and n % max(1, int(rate) // 100) == 0:
                 _pace(start, n, rate)
@@ -119,8 +126,8 @@ def publish(
             producer.close(timeout=10)
     seconds = time.monotonic() - start
     if progress is not None:
-        progress.close(len(messages))
-    return len(messages) - failed, failed, seconds
+        progress.close(n)
+    return n - failed, failed, seconds
 
 
 def _pace(start: float, sent: int, rate: float) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers import kafka_source
 from consumers.kafka_source import KafkaSource, SourceError
-from consumers.produce import produce_file
+from consumers.produce import produce_file, publish
 from consumers.source_process import ProcessSource
 from ncf_stream.events import Events, Reason
 from ncf_stream.ids import IdMap, MappedEvents
@@ -352,6 +353,20 @@ def test_cli_produce_reports_bad_lines_and_summary(
     records = read_topic(kafka_bootstrap, topics[0], 2)
     values = sorted((json.loads(r.value)["ts"], r.key) for r in records)
     assert values == [(100.0, b"2"), (300.0, b"1")]
+
+
+def test_publish_stops_when_told_and_sends_what_it_counts(
+    kafka_bootstrap: str, topics: tuple[str, str]
+) -> None:
+    """The demo's producer stops with the daemon, flushed, before its broker goes away."""
+    s = settings_for(kafka_bootstrap, topics)
+    messages = [(None, f"m{n}".encode()) for n in range(20_000)]
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    sent, failed, _ = publish(messages, s, topics[0], rate=4000, stop=stop)
+    assert failed == 0 and 0 < sent < len(messages)
+    records = read_topic(kafka_bootstrap, topics[0], sent + 1, timeout_s=4)
+    assert sorted(int(r.value[1:]) for r in records) == list(range(sent))  # the first, once
 
 
 def test_dead_letter_log_is_one_summary_per_interval(caplog: pytest.LogCaptureFixture) -> None:

@@ -89,8 +89,10 @@ start() {
       || { cat "$state/format.log" >&2; die "formatting storage failed"; }
   fi
   : > "$logfile"
-  # New session: a Ctrl-C in the caller's terminal must not take the broker down.
-  (trap '' HUP; java_exec "$cp" kafka.Kafka "$state/server.properties") </dev/null >>"$logfile" 2>&1 &
+  # A Ctrl-C or hang-up in the caller's terminal reaches its whole process group, the
+  # broker included: ignored here (the JVM keeps a signal ignored at start), so whoever
+  # started the broker stops it, after its own clients have said goodbye. `stop` uses TERM.
+  (trap '' HUP INT; java_exec "$cp" kafka.Kafka "$state/server.properties") </dev/null >>"$logfile" 2>&1 &
   echo $! > "$pidfile"
   wait_ready
   echo "kafka.sh: broker running (pid $(cat "$pidfile")) on 127.0.0.1:$port, state in $state"
