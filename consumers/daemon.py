@@ -129,8 +129,9 @@ class Daemon:
         self._last_sample: Sample | None = None
         app = create_app(self.recommender, self.status, self.metrics.registry,
                          self.metrics.serving, self.evaluator, self.history)
-        # httptools' C parser and uvloop: 167 instead of 267 us of server CPU per request,
-        # all of it holding the GIL (h11 and asyncio's loop are pure Python; HTTP_STACK).
+        # httptools' C parser and uvloop: 178 instead of 285 us of server CPU per request,
+        # all of it holding the GIL (h11 and asyncio's loop are pure Python;
+        # bench/http_stack.py).
         self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                    http="httptools", loop="uvloop"))
         self._http_thread = threading.Thread(target=self._serve_http, name="ncf-http",
