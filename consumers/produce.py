@@ -109,25 +109,25 @@ def publish(
         failed += 1
 
     start = time.monotonic()
-    n = 0
+    sent = 0
     try:
-        for n, (key, value) in enumerate(messages, start=1):
+        for key, value in messages:
             if stop is not None and stop.is_set():
-                n -= 1
                 break
             producer.send(topic, value=value, key=key).add_errback(on_error)
-            if rate and n % max(1, int(rate) // 100) == 0:
-                _pace(start, n, rate)
-            if progress is not None and n % 1000 == 0:
-                progress.update(n)
+            sent += 1
+            if rate and sent % max(1, int(rate) // 100) == 0:
+                _pace(start, sent, rate)
+            if progress is not None and sent % 1000 == 0:
+                progress.update(sent)
         producer.flush()
     finally:
         if own:
             producer.close(timeout=10)
     seconds = time.monotonic() - start
     if progress is not None:
-        progress.close(n)
-    return n - failed, failed, seconds
+        progress.close(sent)
+    return sent - failed, failed, seconds
 
 
 def _pace(start: float, sent: int, rate: float) -> None:
