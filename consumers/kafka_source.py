@@ -14,18 +14,18 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from ncf_stream.errors import NcfStreamError
 from ncf_stream.events import EventFilter, Rejection, decode_batch
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import EventBatch, Partition
+from ncf_stream.source import EventBatch, Partition, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,13 @@ log = logging.getLogger(__name__)
 UNASSIGNED_REJOIN_S = 15.0
 
 
-class SourceError(NcfStreamError):
-    """The source could not make progress (the dead-letter topic was unreachable, ...)."""
+@contextmanager
+def _kafka_errors(what: str) -> Iterator[None]:
+    """The engine knows no Kafka types: a client error reaches it as a SourceError."""
+    try:
+        yield
+    except KafkaError as e:
+        raise SourceError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -143,9 +148,10 @@ class KafkaSource:
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:
         """Poll once; None when no record arrived within ``timeout_s``."""
         timeout = self._settings.kafka_poll_timeout_s if timeout_s is None else timeout_s
-        by_partition = self._consumer.poll(
-            timeout_ms=int(timeout * 1000), max_records=self._settings.kafka_max_poll_records
-        )
+        with _kafka_errors(f"polling {self._settings.kafka_topic}"):
+            by_partition = self._consumer.poll(
+                timeout_ms=int(timeout * 1000), max_records=self._settings.kafka_max_poll_records
+            )
         records = [r for part in by_partition.values() for r in part]
         if not records:
             self._check_assignment()
@@ -220,17 +226,20 @@ class KafkaSource:
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         self.flush()  # never commit past a dead letter that is not written
-        self._consumer.commit({
-            TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()
-        })
+        with _kafka_errors("committing offsets"):
+            self._consumer.commit({
+                TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                for (t, p), o in offsets.items()
+            })
 
     def lag(self) -> int:
         """Records not yet consumed on the assigned partitions."""
         assigned = list(self._consumer.assignment())
         if not assigned:
             return 0
-        ends = self._consumer.end_offsets(assigned)
-        lag = sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in assigned)
+        with _kafka_errors("reading the end offsets"):
+            ends = self._consumer.end_offsets(assigned)
+            lag = sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in assigned)
         if self._metrics is not None:
             self._metrics.consumer_lag.set(lag)
         return lag

@@ -44,12 +44,12 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from consumers.kafka_source import SourceError, count_batch
+from consumers.kafka_source import count_batch
 from ncf_stream.events import Events
 from ncf_stream.ids import IdMap, RowMapper
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import EventBatch, Partition
+from ncf_stream.source import EventBatch, Partition, SourceError
 from ncf_stream.threads import BackgroundPolicy, background_thread
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ class ProcessSource:
         return value
 
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:
-        delivery: Delivery = self._call("poll", timeout_s)
+        # A deadline rather than a timeout: the child may be finishing a fetch ahead
+        # when the request arrives, and that wait counts (CLOCK_MONOTONIC is system-wide).
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delivery: Delivery = self._call("poll", deadline)
         if delivery.lag is not None:
             self._lag = delivery.lag
             if self._metrics is not None:
@@ -184,9 +187,9 @@ class _Child:
             batch = replace(batch, events=self.mapper.map(batch.events))
         return True, batch
 
-    def deliver(self, timeout_s: float | None) -> tuple[bool, Any]:
+    def deliver(self, deadline: float | None) -> tuple[bool, Any]:
         ok, batch = self.ahead if self.ahead is not None else self.fetch(
-            self.default_timeout if timeout_s is None else timeout_s)
+            self.default_timeout if deadline is None else max(0.0, deadline - time.monotonic()))
         self.ahead = None
         if not ok:
             return ok, batch

@@ -1,20 +1,27 @@
-"""The event source interface that drives the engine, and a file-backed source.
+"""The event source interface that drives the engine, and an in-memory source.
 
-The same trainer runs from Kafka in production (``consumers.kafka_source``)
-and from a file or an in-memory stream in benchmarks and tests (here). A batch
-says which offsets it covers, so the engine can commit only what is durable.
+The same engine loop (:mod:`ncf_stream.engine`) runs from Kafka in production
+(``consumers.kafka_source``) and from a file or an in-memory stream in
+benchmarks and tests (:class:`MemorySource`). A batch says which offsets it
+covers, so the engine can commit only what is durable. Every failure a source
+reports is a :class:`SourceError`, so the engine handles sources without
+knowing any client library's exception types.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from ncf_stream.errors import NcfStreamError
 from ncf_stream.events import Events
 from ncf_stream.ids import MappedEvents
+from ncf_stream.readers import read_events
 
 # (topic, partition) -> offset; a plain tuple keeps Kafka types out of the engine.
 Partition = tuple[str, int]
@@ -46,42 +53,100 @@ class EventBatch:
         return {tp: hi for tp, (_, hi) in self.offsets.items()}
 
 
+class SourceError(NcfStreamError):
+    """The source could not make progress (the broker, the dead-letter topic, its process).
+
+    Sources wrap their client's errors in it, so the engine needs no client types."""
+
+
 class EventSource(Protocol):
+    """What the engine consumes from. Each method raises :class:`SourceError` on failure."""
+
     def poll(self, timeout_s: float) -> EventBatch | None:
-        """The next batch, or None when nothing arrived within ``timeout_s``."""
+        """The next batch, or None when nothing arrived within ``timeout_s``.
+
+        Returns as soon as records arrive: the engine rests inside ``poll`` while
+        idle, so new events wake it at once."""
         ...
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         """Record that everything before these offsets is durably applied."""
         ...
 
+    def flush(self) -> None:
+        """Make every side effect of the batches so far durable (dead letters);
+        called before a checkpoint covers them."""
+        ...
+
+    def lag(self) -> int:
+        """Records available but not yet polled."""
+        ...
+
     def close(self) -> None: ...
 
 
 class MemorySource:
-    """Replays a fixed set of events in batches, as one partition of a pseudo-topic."""
+    """Events in batches, as one partition of a pseudo-topic; :meth:`push` appends more.
 
-    def __init__(self, events: Events, batch_size: int = 4096, topic: str = "memory") -> None:
-        self._events = events
+    Like a broker, ``poll`` waits up to its timeout for events and wakes as soon
+    as some are pushed, so the engine's idle behaviour here is the daemon's.
+    """
+
+    def __init__(self, events: Events | None = None, batch_size: int = 4096,
+                 topic: str = "memory", offset: int = 0) -> None:
+        """``offset``: that of the first event (a source resuming a checkpoint's position)."""
+        self._chunks: list[Events] = [] if events is None or len(events) == 0 else [events]
         self._batch_size = batch_size
         self._topic = topic
-        self._pos = 0
+        self._pos = offset  # offset of the next event to deliver
+        self._in_head = 0  # its index in the front chunk
+        self._size = offset + sum(len(c) for c in self._chunks)  # offset after the last
+        self._arrived = threading.Condition()
         self.committed: dict[Partition, int] = {}
 
+    @classmethod
+    def from_file(cls, path: str | Path, fmt: str | None = None,
+                  batch_size: int = 4096) -> MemorySource:
+        """A ratings or events file (:mod:`ncf_stream.readers`), replayed in file order."""
+        return cls(read_events(path, fmt).events, batch_size=batch_size)
+
+    def push(self, events: Events) -> None:
+        with self._arrived:
+            if len(events):
+                self._chunks.append(events)
+                self._size += len(events)
+            self._arrived.notify_all()
+
     def poll(self, timeout_s: float = 0.0) -> EventBatch | None:
+        with self._arrived:
+            if self._pos >= self._size and timeout_s > 0:
+                self._arrived.wait(timeout_s)
+            if self._pos >= self._size:
+                return None
+            batch = self._take()
         lo = self._pos
-        hi = min(lo + self._batch_size, len(self._events))
-        if lo >= hi:
-            return None
-        self._pos = hi
-        return EventBatch(self._events.take(np.arange(lo, hi)), {(self._topic, 0): (lo, hi)})
+        self._pos += len(batch)
+        return EventBatch(batch, {(self._topic, 0): (lo, self._pos)})
+
+    def _take(self) -> Events:
+        """Up to one batch from the front chunk (a batch never spans two pushes)."""
+        head, lo = self._chunks[0], self._in_head
+        hi = min(lo + self._batch_size, len(head))
+        if hi == len(head):
+            self._chunks.pop(0)
+            self._in_head = 0
+        else:
+            self._in_head = hi
+        return head if (lo, hi) == (0, len(head)) else head.take(np.arange(lo, hi))
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         self.committed.update(offsets)
 
+    def flush(self) -> None:
+        pass  # nothing is written anywhere
+
+    def lag(self) -> int:
+        return self._size - self._pos
+
     def close(self) -> None:
         pass
-
-    @property
-    def exhausted(self) -> bool:
-        return self._pos >= len(self._events)

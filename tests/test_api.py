@@ -40,8 +40,8 @@ def daemon() -> Iterator[Daemon]:
     thread = threading.Thread(target=d.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while d.status().snapshot_events < EVENTS:
-        assert time.monotonic() < deadline, d.status()
+    while d.engine.status().snapshot_events < EVENTS:
+        assert time.monotonic() < deadline, d.engine.status()
         time.sleep(0.05)
     yield d
     d.stop()
@@ -68,14 +68,14 @@ def stub(channel: grpc.Channel) -> pb_grpc.RecommenderStub:
 def test_http_and_grpc_agree_on_recommend_and_never_return_seen_items(
     daemon: Daemon, http: httpx.Client, stub: pb_grpc.RecommenderStub
 ) -> None:
-    store, ids = daemon.trainer.store, daemon.trainer.item_ids
+    store, ids = daemon.engine.trainer.store, daemon.engine.trainer.item_ids
     for user in ("0", "17", "123"):
         h = http.post("/v1/recommend", json={"user": user, "k": 10}).json()
         g = stub.Recommend(pb.RecommendRequest(user=user, k=10))
         assert [i["item"] for i in h["items"]] == [i.item for i in g.items]
         assert h["model_version"] == g.model_version and not h["cold_start"]
         assert [i["score"] for i in h["items"]] == pytest.approx([i.score for i in g.items])
-        row = daemon.trainer.user_ids.rows([user], add=False)[0]
+        row = daemon.engine.trainer.user_ids.rows([user], add=False)[0]
         seen = set(ids.ids(store.seen(int(row))).tolist())
         assert seen.isdisjoint(i["item"] for i in h["items"]) and len(h["items"]) == 10
 
@@ -117,7 +117,7 @@ def test_status_and_eval(daemon: Daemon, http: httpx.Client,
                          stub: pb_grpc.RecommenderStub) -> None:
     s = http.get("/v1/status").json()
     assert s["events_consumed"] == s["snapshot_events"] == EVENTS
-    assert s["users"] == len(daemon.trainer.user_ids) and s["interactions"] > 0
+    assert s["users"] == len(daemon.engine.trainer.user_ids) and s["interactions"] > 0
     g = stub.Status(pb.StatusRequest())
     assert g.events_consumed == EVENTS and g.users == s["users"]
     assert http.post("/v1/eval").status_code == 202

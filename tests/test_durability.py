@@ -156,7 +156,7 @@ def test_broker_outage_serves_from_the_last_snapshot_and_loses_nothing(tmp_path:
         wait_status(daemon.http_port, lambda st: st["snapshot_events"] >= n, timeout=120)
         daemon.stop()
         thread.join(30)
-        same_state(daemon.trainer, reference(path))
+        same_state(daemon.engine.trainer, reference(path))
     finally:
         broker.keep_state = False
         broker.stop()
@@ -194,7 +194,7 @@ def test_ten_percent_bad_records_all_dead_lettered_counters_exact(
         for reason in Reason:
             assert reg.get_sample_value("ncf_stream_events_rejected_total",
                                         {"reason": reason.value}) == want.get(reason.value, 0)
-        assert daemon.trainer.store.events == good_n
+        assert daemon.engine.trainer.store.events == good_n
     finally:
         daemon.stop()
         thread.join(15)

@@ -70,7 +70,7 @@ def test_everything_published_is_served(http: httpx.Client) -> None:
 
 def test_http_and_grpc_same_items_never_touched(served: Daemon, http: httpx.Client) -> None:
     stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{served.grpc.port}"))
-    trainer = served.trainer
+    trainer = served.engine.trainer
     for user in ("3", "42", "199"):
         h = http.post("/v1/recommend", json={"user": user, "k": 10}).json()
         g = stub.Recommend(pb.RecommendRequest(user=user, k=10))
@@ -82,7 +82,7 @@ def test_http_and_grpc_same_items_never_touched(served: Daemon, http: httpx.Clie
 
 
 def test_score_ranks_the_holdout_as_the_model_does(served: Daemon, http: httpx.Client) -> None:
-    snap = served.holder.get()
+    snap = served.engine.holder.get()
     assert snap is not None
     ho = snap.store.holdout
     rng = np.random.default_rng(0)

@@ -23,14 +23,14 @@ from malformed import MALFORMED  # tests/malformed.py
 from prometheus_client import CollectorRegistry
 
 from consumers import kafka_source
-from consumers.kafka_source import KafkaSource, SourceError
+from consumers.kafka_source import KafkaSource
 from consumers.produce import produce_file, publish
 from consumers.source_process import ProcessSource
 from ncf_stream.events import Events, Reason
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import EventBatch, EventSource, Partition
+from ncf_stream.source import EventBatch, EventSource, Partition, SourceError
 from ncf_stream.synth import SynthConfig, generate, write
 
 

@@ -1,0 +1,368 @@
+"""The engine: poll -> ingest -> train -> publish -> checkpoint -> commit, on one thread.
+
+The daemon (``consumers.daemon``), the benchmarks and the tests all run this
+loop; only the :class:`~ncf_stream.source.EventSource` differs (Kafka in
+production, :class:`~ncf_stream.source.MemorySource` elsewhere).
+
+Scheduling. Fresh positives are trained before anything else, in slices of
+``TRAIN_SLICE_S`` between non-blocking polls, so consumption never stalls.
+Once they are drained the stream is idle, and replay from the store takes
+``replay_duty`` of the wall time: the engine trains a slice, then rests inside
+``source.poll`` for the rest of the duty cycle, so records that arrive meanwhile
+wake it at once. The rest is whatever keeps the replay share at the duty, counted
+over the whole idle period: publishing, gauges and a source's poll latency use
+the rest budget instead of stretching it.
+
+Durability: the state (model, optimizer, store, ids) is checkpointed every
+``checkpoint_every_s`` and at :meth:`Engine.close`, with the offsets it
+includes; only then are those offsets committed to the source. On start the
+newest valid checkpoint is restored and the source starts from its offsets, so
+after a crash the events since the checkpoint are applied once more to the
+restored state: every event's effect on the store happens exactly once.
+
+What a snapshot includes: ``snapshot_events`` counts the consumed events whose
+positives were all trained when the snapshot was taken (the *trained
+watermark*). A snapshot published while fresh positives still wait (the
+publisher never lets one wait longer than twice its interval) covers fewer
+events than were consumed, so a reader that sees ``snapshot_events`` reach a
+count knows later snapshots add nothing for those events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from ncf_stream import checkpoint
+from ncf_stream.api import Status
+from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
+from ncf_stream.ids import IdMap
+from ncf_stream.metrics import Metrics
+from ncf_stream.model import NeuMFConfig
+from ncf_stream.recommend import Recommender
+from ncf_stream.retrieval import IndexConfig
+from ncf_stream.settings import Settings
+from ncf_stream.snapshot import Publisher, SnapshotHolder
+from ncf_stream.source import EventBatch, EventSource, Partition, SourceError
+from ncf_stream.status_page import History, Sample
+from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
+GAUGES_EVERY_S = 1.0  # lag, store size and the other gauges
+HISTORY_EVERY_S = 2.0  # one point of the status page's charts
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def trainer_config(s: Settings) -> TrainerConfig:
+    return TrainerConfig(
+        batch_size=s.batch_size, negatives=s.negatives, alpha=s.negative_alpha, lr=s.lr,
+        weight_decay=s.weight_decay, tower_lr=s.tower_lr, fresh_share=s.fresh_share,
+        replay=s.replay, min_history=s.min_history, seed=s.seed,
+        model=NeuMFConfig(factors=s.factors, mlp_layers=tuple(s.mlp_layers), dropout=s.dropout))
+
+
+@dataclass
+class Counters:
+    consumed: int = 0  # records read, rejected ones included
+    rejected: int = 0
+    trained: int = 0  # fresh positives trained
+    lag: int = 0
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a source starts: the state's next offset per partition (a live mapping
+    that the engine advances with every batch) and its id maps."""
+
+    positions: Mapping[Partition, int]
+    user_ids: IdMap
+    item_ids: IdMap
+
+
+class SourceFactory(Protocol):
+    def __call__(self, resume: Resume) -> EventSource: ...
+
+
+class TrainedWatermark:
+    """The consumed-event count up to which every released positive has been trained."""
+
+    def __init__(self, consumed: int) -> None:
+        self.value = consumed
+        self._queued = 0  # fresh positives released to training, ever
+        self._marks: deque[tuple[int, int]] = deque()  # (queued after a batch, consumed)
+
+    def ingested(self, queued: int, consumed: int) -> None:
+        self._queued += queued
+        self._marks.append((self._queued, consumed))
+
+    def trained(self, pending: int) -> int:
+        """Advance past every batch whose positives are trained; ``pending`` is what waits."""
+        done = self._queued - pending
+        while self._marks and self._marks[0][0] <= done:
+            self.value = self._marks.popleft()[1]
+        return self.value
+
+
+class Engine:
+    """The learning state, its loop, and what serving and monitoring read from it.
+
+    ``source`` is an :class:`EventSource`, or a factory that builds one from
+    where the restored state resumes (:class:`Resume`).
+    """
+
+    def __init__(self, settings: Settings, source: EventSource | SourceFactory,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = s = settings
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.device = resolve_device(s.device)
+        self.trainer = Trainer(trainer_config(s), self.device)
+        self.holder = SnapshotHolder()
+        self.publisher = Publisher(
+            self.trainer, self.holder,
+            IndexConfig(ivf_threshold=s.ivf_threshold, nprobe=s.nprobe),
+            every_s=s.publish_every_s, every_events=s.publish_every_events,
+            index_refresh_s=s.index_refresh_s)
+        self.recommender = Recommender(self.holder, s.candidates, s.max_k)
+        self.evaluator = Evaluator(
+            self.holder, EvalConfig(interval_s=s.eval_interval_s, max_users=s.eval_max_users,
+                                    full=s.eval_full, full_max_pairs=s.eval_full_max_pairs,
+                                    duty=s.eval_duty, seed=s.seed,
+                                    background=s.background_policy),
+            on_report=self._export_eval)
+        self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
+        self.counters = Counters()
+        # Next offset per partition that the state includes: the checkpoint's, then
+        # advanced by every ingested batch. The source starts here.
+        self.positions: dict[Partition, int] = {}
+        if s.checkpoint_dir:
+            restored = checkpoint.load_latest(s.checkpoint_dir, self.trainer)
+            if restored is not None:
+                self.positions = dict(restored.offsets)
+                self.counters = Counters(**{k: v for k, v in restored.counters.items()
+                                            if k in Counters.__dataclass_fields__})
+        self.watermark = TrainedWatermark(self.counters.consumed)
+        self.history = History()
+        self.on_publish: list[Callable[[int], None]] = []  # called with each new version
+        self._checkpointed = dict(self.positions)
+        self._last_checkpoint = time.monotonic()
+        self._last_gauges = 0.0
+        self._last_sample: Sample | None = None
+        self._last_query_count = 0
+        self._drawn = (0, 0)
+        self._unpublished_since: float | None = None
+        self._idle_since: float | None = None  # start of the current idle period
+        self._idle_replay_s = 0.0  # replay time within it
+        self.source: EventSource = source if not callable(source) else source(
+            Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids))
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None,
+            until: Callable[[], bool] | None = None) -> None:
+        """Run the loop on this thread until ``stop`` is set or ``until()`` holds."""
+        stop = stop or threading.Event()
+        while not stop.is_set() and not (until is not None and until()):
+            self.cycle(stop)
+
+    def cycle(self, stop: threading.Event | None = None) -> None:
+        """One turn: poll (resting there while idle), ingest, train a slice, then
+        whatever is due (publish, checkpoint, gauges)."""
+        batch = self.source.poll(self._rest())
+        if batch is not None:
+            self._ingest(batch)
+        self._train(stop)
+        self._maybe_publish()
+        now = time.monotonic()
+        if now - self._last_checkpoint >= self.settings.checkpoint_every_s:
+            self._last_checkpoint = now
+            self.checkpoint()
+        if now - self._last_gauges >= GAUGES_EVERY_S:
+            self._last_gauges = now
+            self._gauges()
+
+    def _rest(self) -> float:
+        """How long the next poll may wait: 0 with fresh work; while idle, what keeps
+        replay at ``replay_duty`` of the idle period's wall time."""
+        if self.trainer.pending:
+            return 0.0
+        if self._idle_since is None:  # idle, and nothing to replay
+            return self.settings.kafka_poll_timeout_s
+        elapsed = time.monotonic() - self._idle_since
+        return max(0.0, self._idle_replay_s / self.settings.replay_duty - elapsed)
+
+    def _train(self, stop: threading.Event | None) -> None:
+        """Train for up to one slice: fresh positives until drained, else replay."""
+        fresh, steps = self.trainer.pending > 0, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < TRAIN_SLICE_S and not (stop and stop.is_set()):
+            stats = self.trainer.step()
+            if stats is None:
+                break
+            steps += 1
+            self._count(stats)
+            if fresh and self.trainer.pending == 0:
+                break  # drained: back to the source before replaying
+        worked = time.perf_counter() - start
+        self.watermark.trained(self.trainer.pending)
+        if fresh or steps == 0:  # busy, or nothing to replay: not an idle replay period
+            self._idle_since = None
+        elif self._idle_since is None:  # the first replay slice of an idle period
+            self._idle_since, self._idle_replay_s = time.monotonic() - worked, worked
+        else:
+            self._idle_replay_s += worked
+
+    def _ingest(self, batch: EventBatch) -> None:
+        users, items = self.trainer.rows(batch.events)
+        self.online.observe(self.holder.get(), users, items)  # before training on them
+        result = self.trainer.ingest_rows(users, items, batch.events.ts)
+        self.positions.update(batch.commit_offsets())
+        c = self.counters
+        c.consumed += batch.records
+        c.rejected += batch.rejected
+        self.watermark.ingested(len(result.train_users), c.consumed)
+        self.metrics.engine.repeats.inc(result.repeats)
+        if self._unpublished_since is None:
+            self._unpublished_since = time.monotonic()
+
+    def _count(self, stats: StepStats) -> None:
+        m = self.metrics.engine
+        self.counters.trained += stats.fresh
+        m.trained.inc(stats.fresh)
+        m.replayed.inc(stats.replayed)
+        m.train_samples.inc(stats.samples)
+        m.train_steps.inc()
+        if self.trainer.steps % 20 == 0:
+            m.loss.set(float(stats.loss))  # a device sync, so not every step
+
+    def _maybe_publish(self) -> None:
+        events = self.watermark.value
+        overdue = self.publisher.since_last() > 2 * self.publisher.every_s
+        if not self.publisher.due(events) or (self.trainer.pending and not overdue):
+            return
+        stats = self.publisher.publish(events)
+        m = self.metrics.engine
+        m.publish_seconds.observe(stats.seconds)
+        m.snapshot_version.set(stats.version)
+        m.snapshot_events.set(events)
+        if self._unpublished_since is not None and events == self.counters.consumed:
+            m.freshness.observe(time.monotonic() - self._unpublished_since)
+            self._unpublished_since = None
+        snap = self.holder.get()
+        if snap is not None:
+            m.index_items.set(snap.index.size)
+        if stats.version == 1:
+            log.info("first snapshot published: ready")
+        for listener in self.on_publish:
+            listener(stats.version)
+
+    # ---- durability --------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint of the state and the offsets it covers; then commit them."""
+        if not self.settings.checkpoint_dir or self.positions == self._checkpointed:
+            return
+        start = time.perf_counter()
+        self.source.flush()  # dead letters first: the checkpoint must not cover an unwritten one
+        counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
+                    "trained": self.counters.trained}
+        path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
+                               counters, keep=self.settings.checkpoint_keep)
+        self._checkpointed = dict(self.positions)
+        self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
+        try:
+            self.source.commit(self.positions)
+        except SourceError as e:  # the checkpoint holds the truth; a commit is a courtesy
+            log.warning("could not commit offsets after %s: %s", path.name, e)
+
+    def close(self, final_checkpoint: bool = True) -> None:
+        """Stop the evaluator, checkpoint (a clean restart then replays nothing), and
+        close the publisher and the source."""
+        self.evaluator.stop()
+        try:
+            if final_checkpoint:
+                self.checkpoint()
+        finally:
+            self.publisher.close()
+            self.source.close()
+
+    # ---- what serving and monitoring read ------------------------------------------------------
+
+    def status(self) -> Status:
+        snap = self.holder.get()
+        c = self.counters
+        return Status(
+            events_consumed=c.consumed, events_rejected=c.rejected, events_trained=c.trained,
+            consumer_lag=c.lag, users=len(self.trainer.user_ids),
+            items=len(self.trainer.item_ids), interactions=len(self.trainer.store),
+            model_version=0 if snap is None else snap.version,
+            snapshot_events=0 if snap is None else snap.events,
+            snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3))
+
+    def _gauges(self) -> None:
+        m, store = self.metrics.engine, self.trainer.store
+        self.counters.lag = self.source.lag()
+        m.interactions.set(len(store))
+        m.users.set(len(self.trainer.user_ids))
+        m.items.set(len(self.trainer.item_ids))
+        m.holdouts.set(int((store.user_counts() >= store.min_history).sum()))
+        m.store_bytes.set(store.nbytes())
+        sampler = self.trainer.sampler
+        m.negatives.inc(sampler.drawn - self._drawn[0])
+        m.negatives_rejected.inc(sampler.rejected - self._drawn[1])
+        self._drawn = (sampler.drawn, sampler.rejected)
+        snap = self.holder.get()
+        if snap is not None:
+            m.snapshot_age.set(snap.age())
+        for k, v in self.online.rates().items():
+            m.online_hit_ratio.labels(k=str(k)).set(v)
+        m.online_probes.set(self.online.probes)
+        self._sample()
+
+    def _sample(self) -> None:
+        """One point of the status page's charts, every HISTORY_EVERY_S."""
+        now, last = time.time(), self._last_sample
+        if last is not None and now - last.t < HISTORY_EVERY_S:
+            return
+        status, window = self.status(), self.metrics.serving.window
+        p50, p99 = window.percentiles()
+        report = self.evaluator.latest
+        dt = now - last.t if last is not None else 0.0
+        consumed_before = last.events_consumed if last is not None else 0
+        sample = Sample(
+            t=now, events_consumed=status.events_consumed,
+            events_per_s=(status.events_consumed - consumed_before) / dt if dt else 0.0,
+            requests_per_s=(window.count - self._last_query_count) / dt if dt else 0.0,
+            latency_p50_ms=p50, latency_p99_ms=p99,
+            hr10_sampled=report.sampled.hr[10] if report else None,
+            hr10_full=report.full.hr[10] if report and report.full else None,
+            model_version=status.model_version, users=status.users, items=status.items,
+            interactions=status.interactions)
+        self._last_query_count = window.count
+        self._last_sample = sample
+        self.history.add(sample)
+
+    def _export_eval(self, report: EvalReport) -> None:
+        m = self.metrics.engine
+        for kind, r in (("sampled", report.sampled), ("full", report.full)):
+            if r is None:
+                continue
+            for k in r.hr:
+                m.eval_hit_ratio.labels(k=str(k), kind=kind).set(r.hr[k])
+                m.eval_ndcg.labels(k=str(k), kind=kind).set(r.ndcg[k])
+        m.eval_seconds.observe(report.seconds)
+        m.eval_users.set(report.users)

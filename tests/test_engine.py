@@ -1,0 +1,151 @@
+"""The engine loop on an in-memory source: what it publishes, when it rests, what it commits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ncf_stream.engine import Engine, Resume, TrainedWatermark
+from ncf_stream.events import Events
+from ncf_stream.settings import Settings
+from ncf_stream.source import EventBatch, MemorySource, Partition, SourceError
+from ncf_stream.synth import SynthConfig, generate
+
+SMALL = dict(device="cpu", factors=8, mlp_layers=[16, 8], batch_size=512, checkpoint_dir=None,
+             eval_interval_s=3600.0)
+
+
+def stream(n: int = 3000, seed: int = 0) -> Events:
+    return generate(SynthConfig(users=120, items=90, events=n, seed=seed, topics=4)).to_events()
+
+
+def test_trained_watermark_follows_the_oldest_untrained_batch() -> None:
+    w = TrainedWatermark(consumed=10)  # restored: 10 consumed before
+    w.ingested(queued=5, consumed=20)
+    w.ingested(queued=0, consumed=25)  # only hold-outs moved: nothing to train
+    w.ingested(queued=3, consumed=30)
+    assert w.trained(pending=8) == 10
+    assert w.trained(pending=4) == 10  # the first batch is not done yet
+    assert w.trained(pending=3) == 25  # first batch done; the second had nothing
+    assert w.trained(pending=0) == 30
+
+
+def test_a_snapshot_counts_only_events_whose_positives_are_trained() -> None:
+    """The race behind a flaky outage test: a publish that is overdue while fresh
+    positives still wait must not claim their events; else the next publish (once
+    they are trained) changes the model after snapshot_events said it was complete.
+    Slow steps are the injected barrier: the first publish happens mid-training."""
+    events = stream(4000)
+    s = Settings(**SMALL, replay=False, publish_every_s=0.01)
+    engine = Engine(s, MemorySource(events, batch_size=len(events)))
+    step = engine.trainer.step
+
+    def slow_step():  # one step per slice: every slice ends with positives pending
+        time.sleep(0.06)
+        return step()
+
+    engine.trainer.step = slow_step  # type: ignore[method-assign]
+    published: list[tuple[int, int, int]] = []  # (version, events, pending)
+    engine.on_publish.append(lambda v: published.append(
+        (v, engine.holder.get().events, engine.trainer.pending)))  # type: ignore[union-attr]
+    engine.run(until=lambda: engine.trainer.pending == 0 and engine.counters.consumed > 0
+               and engine.status().snapshot_events == len(events))
+    assert published[0][2] > 0  # the barrier worked: a snapshot while positives waited
+    assert all(ev < len(events) for _, ev, pending in published if pending)
+    settled = engine.status().model_version
+    for _ in range(20):  # idle turns with replay off: nothing left to publish
+        engine.cycle()
+    assert engine.status().model_version == settled
+
+
+def test_idle_engine_rests_in_poll_and_wakes_when_events_arrive() -> None:
+    """While idle the engine waits inside the source's poll (here a long rest: replay
+    takes 1% of the time), and a push wakes it at once, not after the rest."""
+    s = Settings(**SMALL, replay_duty=0.01, kafka_poll_timeout_s=30.0)
+    source = MemorySource(stream(2000), batch_size=500)
+    engine = Engine(s, source)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while engine.counters.consumed < 2000 or engine.trainer.pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # into the idle rest: one slice of replay, then ~5 s asleep
+        steps = engine.trainer.steps
+        time.sleep(0.5)
+        assert engine.trainer.steps - steps <= 2 * (1 + 1)  # resting, not replaying
+        pushed = time.monotonic()
+        source.push(stream(200, seed=1))
+        while engine.counters.consumed < 2200:
+            assert time.monotonic() - pushed < 2.0, "the push did not wake the engine"
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        source.push(stream(0))  # wake it for the stop
+        thread.join(10)
+
+
+def test_memory_source_batches_lag_and_wakes() -> None:
+    events = stream(10)
+    source = MemorySource(events, batch_size=4)
+    assert source.lag() == 10
+    sizes = []
+    while (b := source.poll(0.0)) is not None:
+        sizes.append(len(b.events))
+    assert sizes == [4, 4, 2] and source.lag() == 0
+    assert b is None
+    start = time.monotonic()
+    assert source.poll(0.05) is None and time.monotonic() - start >= 0.04
+    source.push(events)
+    batch = source.poll(10.0)
+    assert batch is not None and batch.offsets == {("memory", 0): (10, 14)}
+    assert list(batch.events.users) == list(events.users[:4])
+
+
+class FlakyCommits(MemorySource):
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        raise SourceError("broker away")
+
+
+def test_checkpoint_then_commit_and_resume_from_its_offsets(tmp_path: Path) -> None:
+    events = stream(3000)
+    s = Settings(**{**SMALL, "checkpoint_dir": str(tmp_path)})
+    first = MemorySource(events, batch_size=1000)
+    engine = Engine(s, first)
+    engine.run(until=lambda: engine.counters.consumed == 3000 and not engine.trainer.pending)
+    engine.close()
+    assert first.committed == {("memory", 0): 3000}  # committed after the checkpoint
+
+    seen: list[dict[Partition, int]] = []
+
+    def factory(resume: Resume) -> MemorySource:
+        seen.append(dict(resume.positions))
+        assert resume.user_ids is not None and len(resume.user_ids) > 0
+        return FlakyCommits(offset=resume.positions[("memory", 0)])
+
+    again = Engine(s, factory)
+    assert seen == [{("memory", 0): 3000}]
+    assert again.counters.consumed == 3000
+    assert np.array_equal(again.trainer.store.holdout().items,
+                          engine.trainer.store.holdout().items)
+    again.source.push(stream(100, seed=2))  # type: ignore[attr-defined]
+    again.run(until=lambda: again.counters.consumed == 3100)
+    again.close()  # the commit fails: logged, the checkpoint stands
+    assert again.positions == {("memory", 0): 3100}
+
+
+def test_a_failing_poll_stops_the_loop_with_the_source_error() -> None:
+    class Broken(MemorySource):
+        def poll(self, timeout_s: float = 0.0) -> EventBatch | None:
+            raise SourceError("gone")
+
+    engine = Engine(Settings(**SMALL), Broken())
+    with pytest.raises(SourceError, match="gone"):
+        engine.run()
