@@ -69,10 +69,10 @@ class Daemon:
     def _kafka_source(self, resume: Resume) -> EventSource:
         s = self.settings
         if s.kafka_source_process:
-            return ProcessSource(s, metrics=self.metrics.ingest, positions=resume.positions,
+            return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
                                  background=s.background_policy,  # ingest work: requests first
                                  id_maps=(resume.user_ids, resume.item_ids))
-        return KafkaSource(s, metrics=self.metrics.ingest, positions=lambda: resume.positions)
+        return KafkaSource(s, metrics=resume.metrics, positions=lambda: resume.positions)
 
     def _serve_http(self) -> None:
         reader_thread()  # handlers run on the event loop thread

@@ -45,7 +45,7 @@ from ncf_stream import checkpoint
 from ncf_stream.api import Status
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.ids import IdMap
-from ncf_stream.metrics import Metrics
+from ncf_stream.metrics import IngestMetrics, Metrics
 from ncf_stream.model import NeuMFConfig
 from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
@@ -87,11 +87,13 @@ class Counters:
 @dataclass(frozen=True)
 class Resume:
     """Where a source starts: the state's next offset per partition (a live mapping
-    that the engine advances with every batch) and its id maps."""
+    that the engine advances with every batch) and its id maps; and the metrics
+    it reports ingest to."""
 
     positions: Mapping[Partition, int]
     user_ids: IdMap
     item_ids: IdMap
+    metrics: IngestMetrics
 
 
 class SourceFactory(Protocol):
@@ -168,7 +170,8 @@ class Engine:
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # replay time within it
         self.source: EventSource = source if not callable(source) else source(
-            Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids))
+            Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids,
+                   self.metrics.ingest))
 
     # ---- the loop --------------------------------------------------------------------------
 
