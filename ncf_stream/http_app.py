@@ -274,6 +274,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", offset): say what it means
+            return error(422, "invalid_request", f"body is not JSON: "
+                         f"{first.get('ctx', {}).get('error', 'invalid')} at character "
+                         f"{first['loc'][-1]}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(422, "invalid_request", f"{where or 'body'}: {first.get('msg', 'invalid')}")
 

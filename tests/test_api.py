@@ -211,7 +211,8 @@ def test_json_bodies_are_read_whatever_the_content_type(http: httpx.Client,
                          headers=headers).json()["items"]) == 5
     # Still 4xx with a message for what is not JSON, or too large.
     r = http.post("/v1/recommend", content=b"user=1&k=5", headers=headers)
-    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert r.status_code == 422 and r.json() == {
+        "error": "invalid_request", "detail": "body is not JSON: Expecting value at character 0"}
     r = http.post("/v1/recommend", content=b"x" * (2 << 20), headers=headers)
     assert r.status_code == 413 and r.json()["error"] == "body_too_large"
 
