@@ -357,7 +357,7 @@ def create_app(
     json_routes = frozenset((method, route.path) for route in app.routes
                             if isinstance(route, APIRoute) and route.body_field is not None
                             and not isinstance(route.body_field.field_info, params.Form)
-                            for method in route.methods)
+                            for method in route.methods or ())
     app.add_middleware(JsonBodies, routes=json_routes)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(Timed, metrics=metrics)
