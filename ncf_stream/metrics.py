@@ -7,8 +7,6 @@ plots exists from the start (at 0), so a panel shows 0 rather than no data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ncf_stream.events import Reason
@@ -140,9 +138,6 @@ class ServingMetrics:
         self.requests.labels(protocol=protocol, endpoint=endpoint, code=code).inc()
         if endpoint in QUERY_ENDPOINTS:
             self.window.add(seconds)
-
-    def timer(self, protocol: str, endpoint: str) -> Callable[[str, float], None]:
-        return lambda code, seconds: self.observe(protocol, endpoint, code, seconds)
 
 
 class Metrics:

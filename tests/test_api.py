@@ -7,6 +7,9 @@ server to its own OpenAPI document (no 5xx, every response as declared).
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -188,6 +191,45 @@ def test_malformed_json_oversize_and_unknown_routes(http: httpx.Client) -> None:
     assert r.status_code == 413
     assert http.get("/nope").json()["error"] == "not_found"
     assert http.get("/v1/recommend").status_code == 405
+
+
+# How quick clients label a JSON body: curl -d (the demo's hint), none at all, a bare fetch.
+LOOSE_TYPES = [{"content-type": "application/x-www-form-urlencoded"}, {},
+               {"content-type": "text/plain;charset=UTF-8"}]
+
+
+@pytest.mark.parametrize("headers", LOOSE_TYPES)
+def test_json_bodies_are_read_whatever_the_content_type(http: httpx.Client,
+                                                        headers: dict[str, str]) -> None:
+    for path, body, key in (("/v1/recommend", b'{"user": "1", "k": 5}', "items"),
+                            ("/v1/recommend/batch", b'{"users": ["1", "x"], "k": 2}', "results"),
+                            ("/v1/score", b'{"user": "1", "items": ["1"]}', "scores")):
+        r = http.post(path, content=body, headers=headers)
+        assert r.request.headers.get("content-type") == headers.get("content-type")
+        assert r.status_code == 200 and r.json()[key], (path, r.text)
+    assert len(http.post("/v1/recommend", content=b'{"user": "1", "k": 5}',
+                         headers=headers).json()["items"]) == 5
+    # Still 4xx with a message for what is not JSON, or too large.
+    r = http.post("/v1/recommend", content=b"user=1&k=5", headers=headers)
+    assert r.status_code == 422 and r.json() == {
+        "error": "invalid_request", "detail": "body is not JSON: Expecting value at character 0"}
+    r = http.post("/v1/recommend", content=b"x" * (2 << 20), headers=headers)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
+    """The command consumers/demo.py prints, run by curl itself."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    run = subprocess.run([curl, "-s", "-v", "-w", "\\n%{http_code}",
+                          f"localhost:{daemon.http_port}/v1/recommend",
+                          "-d", '{"user": "1", "k": 5}'],
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert "content-type: application/x-www-form-urlencoded" in run.stderr.lower()
+    body, code = run.stdout.rsplit("\n", 1)
+    assert code == "200", body
+    assert len(json.loads(body)["items"]) == 5
 
 
 @pytest.mark.parametrize(("request_", "code"), [

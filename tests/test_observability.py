@@ -7,6 +7,7 @@ Real parts: a daemon fed through the real broker, a real Prometheus (Debian's
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -212,10 +213,39 @@ def test_status_page_renders_its_charts_in_chromium(live: Daemon, tmp_path: Path
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
          "--virtual-time-budget=10000", "--dump-dom", f"http://127.0.0.1:{live.http_port}/"],
-        capture_output=True, text=True, timeout=120, check=True).stdout
+        capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "TZ": "UTC"}).stdout
+    samples = httpx.get(f"http://127.0.0.1:{live.http_port}/v1/history").json()["samples"]
     assert 'data-ready="1"' in dom
-    for chart in ("ingest", "latency", "hr"):
-        match = re.search(rf'<svg id="{chart}"[^>]*data-points="(\d+)"', dom)
+    # Wall-clock seconds the page's time axes can span (UTC, as the browser was told).
+    span = range(int(samples[0]["t"]), int(samples[-1]["t"]) + 2)
+    times = {time.strftime("%H:%M:%S", time.gmtime(t)) for t in span}
+    for chart, unit in CHART_UNITS.items():
+        svg = re.search(rf'<svg id="{chart}".*?</svg>', dom, re.S)
+        assert svg, chart
+        match = re.search(r'data-points="(\d+)"', svg.group(0))
         assert match and int(match.group(1)) >= 2, chart
+        assert texts(svg.group(0), "unit") == [unit], chart
+        ticks = [tick_value(v) for v in texts(svg.group(0), "y-tick")]
+        assert len(ticks) >= 3 and ticks[0] == 0 and ticks == sorted(ticks), (chart, ticks)
+        if unit == "ratio":
+            assert ticks[-1] == 1, ticks
+        labels = texts(svg.group(0), "x-tick")
+        assert len(labels) >= 2 and set(labels) <= times, (chart, labels, sorted(times))
     assert re.search(r'<polyline points="[\d.]+,[\d.]+ [\d.]+,[\d.]+', dom)
     assert "events consumed" in dom and str(EVENTS) in dom
+
+
+# The status page's charts and the unit each one's value axis states.
+CHART_UNITS = {"ingest": "events/s", "queries": "requests/s", "latency": "ms", "hr": "ratio",
+               "sizes": "count"}
+
+
+def texts(svg: str, kind: str) -> list[str]:
+    return re.findall(rf'<text class="{kind}"[^>]*>([^<]*)</text>', svg)
+
+
+def tick_value(label: str) -> float:
+    """A value axis label: a number, maybe with k or M."""
+    scale = {"k": 1e3, "M": 1e6}.get(label[-1:], 1)
+    return float(label[:-1] if scale != 1 else label) * scale
