@@ -38,7 +38,6 @@ from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRat
 from ncf_stream.grpc_server import GrpcServer
 from ncf_stream.http_app import create_app
 from ncf_stream.metrics import Metrics
-from ncf_stream.model import NeuMFConfig
 from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings
@@ -62,14 +61,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def trainer_config(s: Settings) -> TrainerConfig:
-    return TrainerConfig(
-        batch_size=s.batch_size, negatives=s.negatives, alpha=s.negative_alpha, lr=s.lr,
-        weight_decay=s.weight_decay, tower_lr=s.tower_lr, fresh_share=s.fresh_share,
-        replay=s.replay, min_history=s.min_history, seed=s.seed,
-        model=NeuMFConfig(factors=s.factors, mlp_layers=tuple(s.mlp_layers), dropout=s.dropout))
-
-
 @dataclass
 class Counters:
     consumed: int = 0
@@ -85,19 +76,16 @@ class Daemon:
         self.settings = s = settings
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.device = resolve_device(s.device)
-        self.trainer = Trainer(trainer_config(s), self.device)
+        self.trainer = Trainer(TrainerConfig.from_settings(s), self.device)
         self.holder = SnapshotHolder()
         self.publisher = Publisher(
             self.trainer, self.holder,
-            IndexConfig(ivf_threshold=s.ivf_threshold, nprobe=s.nprobe),
+            IndexConfig.from_settings(s),
             every_s=s.publish_every_s, every_events=s.publish_every_events,
             index_refresh_s=s.index_refresh_s)
         self.recommender = Recommender(self.holder, s.candidates, s.max_k)
         self.evaluator = Evaluator(
-            self.holder, EvalConfig(interval_s=s.eval_interval_s, max_users=s.eval_max_users,
-                                    full=s.eval_full, full_max_pairs=s.eval_full_max_pairs,
-                                    duty=s.eval_duty, seed=s.seed,
-                                    background=s.background_policy),
+            self.holder, EvalConfig.from_settings(s),
             on_report=self._export_eval)
         self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
         self.counters = Counters()

@@ -12,10 +12,8 @@ import numpy as np
 import torch
 
 from ncf_stream.errors import BadInput, NcfStreamError
+from ncf_stream.settings import default
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
-
-DEFAULT_CANDIDATES = 800  # C: bench/retrieval.py (recall@10 0.97 at 10k items, 0.82 at 100k)
-MAX_K = 1000
 
 
 class NotReady(NcfStreamError):
@@ -43,8 +41,8 @@ class Scores:
 
 
 class Recommender:
-    def __init__(self, holder: SnapshotHolder, candidates: int = DEFAULT_CANDIDATES,
-                 max_k: int = MAX_K) -> None:
+    def __init__(self, holder: SnapshotHolder, candidates: int = default("candidates"),
+                 max_k: int = default("max_k")) -> None:
         self.holder = holder
         self.candidates = candidates
         self.max_k = max_k

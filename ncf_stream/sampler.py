@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncf_stream.keyset import mix64
+from ncf_stream.settings import check_config, setting
 from ncf_stream.store import InteractionStore, StoreView, pair_keys
 
 # A user who has touched more than this share of the catalogue is sampled from
@@ -36,9 +37,15 @@ REFRESH_SHARE = 0.01
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    k: int = 4  # negatives per positive: the paper's best ratio was 3 to 6
-    alpha: float = 0.0  # 0 = uniform; 0.75 = word2vec's popularity smoothing
-    seed: int = 0
+    """Training negatives; ``k`` is the setting ``negatives``, ``alpha`` ``negative_alpha``
+    (ncf_stream.settings: defaults, bounds and why)."""
+
+    k: int = setting("negatives")
+    alpha: float = setting("negative_alpha")
+    seed: int = setting("seed")
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 class NegativeSampler:
