@@ -42,7 +42,7 @@ from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import EventBatch, EventSource, Partition
+from ncf_stream.source import LAG_EVERY_S, EventBatch, EventSource, Partition
 from ncf_stream.status_page import History, Sample
 from ncf_stream.threads import background_thread, reader_thread, tune_malloc
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
@@ -50,7 +50,6 @@ from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 log = logging.getLogger(__name__)
 
 TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
-LAG_EVERY_S = 1.0
 HISTORY_EVERY_S = 2.0
 SWITCH_INTERVAL_S = 2e-5
 

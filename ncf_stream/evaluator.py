@@ -26,6 +26,7 @@ import torch
 
 from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
 from ncf_stream.recommend import top_k
+from ncf_stream.sampler import EVAL_NEGATIVES
 from ncf_stream.settings import Settings, check_config, config_values, setting
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.threads import (
@@ -45,7 +46,7 @@ class EvalConfig:
 
     interval_s: float = setting("eval_interval_s")
     max_users: int = setting("eval_max_users")
-    negatives: int = 99  # the paper's protocol
+    negatives: int = EVAL_NEGATIVES
     seed: int = setting("seed")
     full: bool = setting("eval_full")
     full_max_pairs: int = setting("eval_full_max_pairs")

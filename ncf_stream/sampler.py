@@ -33,6 +33,8 @@ DENSE_SHARE = 0.75
 MAX_ROUNDS = 24
 # Refresh the popularity table when the catalogue or the counts grew by this share.
 REFRESH_SHARE = 0.01
+# Evaluation negatives per hold-out: the paper's sampled protocol (He et al. 2017).
+EVAL_NEGATIVES = 99
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,8 @@ class PopularityTable:
 _ROUNDS = 4
 
 
-def eval_negatives(view: StoreView, rows: np.ndarray, n: int = 99, seed: int = 0) -> np.ndarray:
+def eval_negatives(view: StoreView, rows: np.ndarray, n: int = EVAL_NEGATIVES,
+                   seed: int = 0) -> np.ndarray:
     """(len(rows), n) negatives for hold-outs ``view.holdout`` rows; -1 pads when fewer exist."""
     ho = view.holdout
     users = ho.users[rows]

@@ -3,6 +3,7 @@ one declaration per setting that the configs mirror."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import typing
@@ -23,6 +24,8 @@ from ncf_stream.settings import Settings, config_values, default, shared_fields
 from ncf_stream.snapshot import Publisher
 from ncf_stream.store import InteractionStore
 from ncf_stream.trainer import TrainerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -187,3 +190,19 @@ def test_boundary_values_are_inside() -> None:
 def test_every_setting_says_why() -> None:
     missing = [n for n, info in Settings.model_fields.items() if not info.description]
     assert not missing
+
+
+def test_module_constants_are_defined_once() -> None:
+    """A constant two modules need is defined in one and imported by the other (KS, the
+    eval cut-offs, and LAG_EVERY_S were each written twice)."""
+    where: dict[str, list[str]] = {}
+    for path in sorted([*(ROOT / "ncf_stream").rglob("*.py"), *(ROOT / "consumers").glob("*.py")]):
+        if "proto" in path.parts:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id.isupper():
+                    where.setdefault(t.id, []).append(path.name)
+    assert {name: files for name, files in where.items() if len(files) > 1} == {}
