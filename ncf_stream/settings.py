@@ -12,6 +12,8 @@ description, why it has that default. Everything else reads the declaration:
   one, :func:`check_config` holds it to these bounds, and :func:`config_values`
   copies it from a ``Settings`` (each config's ``from_settings``);
 * plain defaults elsewhere are ``default("name")``;
+* ``ncf-stream config --markdown`` renders :func:`reference_markdown`, which is
+  ``docs/configuration.md`` (a test fails when that file differs from it).
 
 A config field a user has no reason to set stays declared in its dataclass alone.
 """
@@ -19,11 +21,14 @@ A config field a user has no reason to set stays declared in its dataclass alone
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
+import annotated_types as at
 from pydantic import Field, GetCoreSchemaHandler, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import core_schema
@@ -253,14 +258,36 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:
         """Build settings; ``flags`` with value None are treated as not given."""
+        return cls.load_with_sources(config_file, **flags)[0]
+
+    @classmethod
+    def load_with_sources(cls, config_file: str | Path | None = None,
+                          **flags: Any) -> tuple[Settings, dict[str, str]]:
+        """:meth:`load`, and where each value came from: ``default``, ``file PATH``,
+        ``env NCF_STREAM_X`` or ``flag``."""
         given = {k: v for k, v in flags.items() if v is not None}
         file_values = _read_toml(config_file, set(cls.model_fields)) if config_file else {}
         try:
             env_and_flags = cls(**given)
             merged = {**file_values, **env_and_flags.model_dump(exclude_unset=True)}
-            return cls(**merged)
+            settings = cls(**merged)
         except ValidationError as e:
             raise ConfigError(f"invalid settings: {e}") from None
+        sources = {}
+        for name in cls.model_fields:
+            if name in given:
+                sources[name] = "flag"
+            elif name in env_and_flags.model_fields_set:
+                sources[name] = f"env {env_name(name)}"
+            elif name in file_values:
+                sources[name] = f"file {config_file}"
+            else:
+                sources[name] = "default"
+        return settings, sources
+
+
+def env_name(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
 
 
 def _read_toml(path: str | Path, fields: set[str]) -> dict[str, Any]:
@@ -339,3 +366,92 @@ def config_values(cls: type[C], settings: Settings) -> dict[str, Any]:
     """The keyword arguments that set a config class's shared fields from ``settings``."""
     return {field_name: getattr(settings, name)
             for field_name, name in shared_fields(cls).items()}
+
+
+# ---- documentation, generated from the declarations ---------------------------------------------
+
+# The reference's sections: the setting each one starts with.
+SECTIONS: Mapping[str, str] = {
+    "kafka_bootstrap": "Kafka",
+    "max_record_bytes": "Event contract",
+    "device": "Model and training",
+    "publish_every_s": "Snapshots and retrieval",
+    "eval_interval_s": "Evaluation",
+    "checkpoint_dir": "Checkpoints",
+    "http_host": "Serving",
+}
+
+_BOUNDS: tuple[tuple[type, str, str], ...] = (
+    (at.Ge, "ge", ">="), (at.Gt, "gt", ">"), (at.Le, "le", "<="), (at.Lt, "lt", "<"))
+
+
+def bounds_text(name: str) -> str:
+    """Setting ``name``'s bounds in words, as declared: ``>= 16``, ``one of adagrad, adam``."""
+    info = _info(name)
+    parts = []
+    for meta in info.metadata:
+        for kind, attr, op in _BOUNDS:
+            if isinstance(meta, kind):
+                parts.append(f"{op} {toml_value(getattr(meta, attr))}")
+        if isinstance(meta, at.MinLen):
+            parts.append("not empty" if meta.min_length == 1 else f"length >= {meta.min_length}")
+        if isinstance(meta, Rule):
+            parts.append(meta.text)
+    if get_origin(info.annotation) is Literal:
+        parts.append("one of " + ", ".join(str(a) for a in get_args(info.annotation)))
+    return ", ".join(parts)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as TOML writes it (None, which TOML cannot write, as ``unset``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:_}" if abs(value) >= 10_000 and value % 1000 == 0 else str(value)
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value).replace("infinity", "inf")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown(flags: Mapping[str, str] | None = None) -> str:
+    """The settings reference (docs/configuration.md): one table row per declaration.
+    ``flags``: {setting: the command-line flag that sets it}."""
+    flags = flags or {}
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `ncf-stream config --markdown` from the declarations in",
+        "`ncf_stream/settings.py`; edit those, then regenerate this file "
+        "(`tests/test_settings.py` fails while it differs).",
+        "",
+        "Precedence: defaults < TOML file (`--config FILE`) < environment "
+        f"(`{ENV_PREFIX}<SETTING>`) < flags.",
+        "A TOML table groups settings by prefix: `[kafka] topic = \"...\"` is `kafka_topic`.",
+        "Lists and tables in the environment are JSON: "
+        f"`{env_name('mlp_layers')}='[64, 32, 16]'`.",
+        "`ncf-stream config [--config FILE]` prints each effective value and where it came from.",
+    ]
+    header = ["", "| setting | environment | flag | default | bounds | description |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        if name in SECTIONS:
+            lines += ["", f"## {SECTIONS[name]}", *header]
+        flag = f"`{flags[name]}`" if name in flags else ""
+        lines.append(
+            f"| `{name}` | `{env_name(name)}` | {flag} | `{_cell(toml_value(default(name)))}` "
+            f"| {_cell(bounds_text(name))} | {_cell(info.description or '')} |")
+    return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
-"""Settings precedence (defaults < TOML file < NCF_STREAM_* environment < flags), and the
-one declaration per setting that the configs mirror."""
+"""Settings precedence (defaults < TOML file < NCF_STREAM_* environment < flags), the one
+declaration per setting that the configs mirror, and `ncf-stream config`."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import os
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import annotated_types as at
 import pytest
 
+from consumers.cli import main
 from ncf_stream.errors import ConfigError
 from ncf_stream.evaluator import EvalConfig, OnlineHitRate
 from ncf_stream.events import DEFAULT_MAX_RECORD_BYTES
@@ -206,3 +209,59 @@ def test_module_constants_are_defined_once() -> None:
                 if isinstance(t, ast.Name) and t.id.isupper():
                     where.setdefault(t.id, []).append(path.name)
     assert {name: files for name, files in where.items() if len(files) > 1} == {}
+
+
+# ---- ncf-stream config -------------------------------------------------------------------------
+
+def test_reference_doc_is_generated(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/configuration.md is `ncf-stream config --markdown`, byte for byte."""
+    assert main(["config", "--markdown"]) == 0
+    generated = capsys.readouterr().out
+    doc = ROOT / "docs" / "configuration.md"
+    assert doc.read_text() == generated, (
+        "docs/configuration.md is stale: ncf-stream config --markdown > docs/configuration.md")
+    for name in Settings.model_fields:
+        assert f"| `{name}` | `NCF_STREAM_{name.upper()}` |" in generated
+
+
+@pytest.fixture
+def sources_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for var in list(os.environ):
+        if var.startswith("NCF_STREAM_"):
+            monkeypatch.delenv(var)
+    path = tmp_path / "ncf.toml"
+    path.write_text('batch_size = 1024\n[kafka]\ntopic = "file-topic"\ngroup_id = "file-group"\n'
+                    '[kafka.client_options]\nsasl_plain_password = "hunter2"\n')
+    monkeypatch.setenv("NCF_STREAM_KAFKA_GROUP_ID", "env-group")  # env over file
+    monkeypatch.setenv("NCF_STREAM_NEGATIVES", "6")
+    monkeypatch.setenv("NCF_STREAM_HTTP_PORT", "7000")  # the flag wins
+    return path
+
+
+def test_sources(sources_setup: Path) -> None:
+    s, sources = Settings.load_with_sources(sources_setup, http_port=9000, grpc_port=None)
+    assert (s.batch_size, sources["batch_size"]) == (1024, f"file {sources_setup}")
+    assert (s.kafka_topic, sources["kafka_topic"]) == ("file-topic", f"file {sources_setup}")
+    assert (s.kafka_group_id, sources["kafka_group_id"]) == (
+        "env-group", "env NCF_STREAM_KAFKA_GROUP_ID")
+    assert (s.negatives, sources["negatives"]) == (6, "env NCF_STREAM_NEGATIVES")
+    assert (s.http_port, sources["http_port"]) == (9000, "flag")
+    assert (s.grpc_port, sources["grpc_port"]) == (50051, "default")  # a None flag: not given
+    assert (s.lr, sources["lr"]) == (default("lr"), "default")
+
+
+def test_config_command_prints_values_and_sources(
+        sources_setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--config", str(sources_setup), "--http-port", "9000"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(" ", 1)[0]: line for line in out.splitlines() if " = " in line}
+    assert lines["http_port"].endswith("# flag --http-port")
+    assert lines["http_port"].startswith("http_port = 9000 ")
+    assert lines["kafka_group_id"].endswith("# env NCF_STREAM_KAFKA_GROUP_ID")
+    assert lines["kafka_topic"].endswith(f"# file {sources_setup}")
+    assert lines["lr"].endswith("# default")
+    assert "hunter2" not in out
+    printed = tomllib.loads(out)  # the listing is itself a config file
+    assert printed["negatives"] == 6 and printed["mlp_layers"] == [64, 32, 16]
+    assert set(printed) | {"event_types", "min_weight", "metrics_port"} == set(
+        Settings.model_fields)
