@@ -42,12 +42,11 @@ from load import daemon, get, status  # noqa: E402 - the same daemon harness as 
 
 from consumers.broker import create_topics, existing_or_local  # noqa: E402
 from consumers.produce import publish  # noqa: E402
-from ncf_stream.engine import trainer_config  # noqa: E402
 from ncf_stream.events import encode_event  # noqa: E402
 from ncf_stream.metrics import PREFIX  # noqa: E402
 from ncf_stream.settings import Settings  # noqa: E402
 from ncf_stream.synth import SynthConfig, generate  # noqa: E402
-from ncf_stream.trainer import Trainer  # noqa: E402
+from ncf_stream.trainer import Trainer, TrainerConfig  # noqa: E402
 
 MIN_FOR_P99 = 1000  # 10 requests above the p99
 
@@ -106,7 +105,7 @@ def idle_rate(http_port: int, users: np.ndarray, seconds: float,
 def trainer_rate(stream, settings: Settings, seconds: float) -> tuple[float, float]:
     """``Trainer.step`` alone on the same stream (all replay once ingested), as
     bench/train.py measures it; (samples/s, samples)."""
-    trainer = Trainer(trainer_config(settings))
+    trainer = Trainer(TrainerConfig.from_settings(settings))
     trainer.ingest(stream.to_events())
     while trainer.pending:
         trainer.step()

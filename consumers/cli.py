@@ -11,11 +11,25 @@ from kafka.errors import KafkaError
 
 from ncf_stream.errors import NcfStreamError
 from ncf_stream.readers import FORMATS
-from ncf_stream.settings import Settings
+from ncf_stream.settings import SECTIONS, Settings, default, reference_markdown, toml_value
+from ncf_stream.synth import SynthConfig
+
+# The settings that have a flag, and the flag. The parsers, the loaders and the
+# reference (docs/configuration.md) all read these; help texts come from Settings.
+COMMON_FLAGS = {"kafka_bootstrap": "--bootstrap"}
+SERVING_FLAGS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "device": "--device"}
+FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS}
+# Keys of kafka_client_options whose values `ncf-stream config` does not print.
+SECRET_WORDS = ("password", "secret", "token")
+
+
+def _load(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    given = {name: getattr(args, name) for name in FLAGS if hasattr(args, name)}
+    return Settings.load_with_sources(args.config, **given)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(args.config, kafka_bootstrap=args.bootstrap)
+    return _load(args)[0]
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -42,19 +56,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumers.demo import run_demo
 
-    run_demo(_serve_settings(args), events=args.events, rate=args.rate, seed=args.seed)
+    run_demo(_settings(args), events=args.events, rate=args.rate, seed=args.seed)
     return 0
-
-
-def _serve_settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(args.config, kafka_bootstrap=args.bootstrap, http_port=args.http_port,
-                         grpc_port=args.grpc_port, device=args.device)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from consumers.daemon import Daemon, serve_until_signalled
 
-    daemon = Daemon(_serve_settings(args))
+    daemon = Daemon(_settings(args))
     serve_until_signalled(daemon)
     return 0
 
@@ -73,12 +82,45 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(reference_markdown(FLAGS), end="")
+        return 0
+    settings, sources = _load(args)
+    print("# The effective settings, as TOML, each with where its value came from.")
+    for name in Settings.model_fields:
+        if name in SECTIONS:
+            print(f"\n# ---- {SECTIONS[name]}")
+        value = _hide_secrets(getattr(settings, name))
+        line = f"# {name} unset" if value is None else f"{name} = {toml_value(value)}"
+        source = f"flag {FLAGS[name]}" if sources[name] == "flag" else sources[name]
+        print(f"{line:<40}  # {source}")
+    return 0
+
+
+def _hide_secrets(value: object) -> object:
+    if not isinstance(value, dict):
+        return value
+    return {k: "(hidden)" if any(w in k.lower() for w in SECRET_WORDS) else v
+            for k, v in value.items()}
+
+
+def _setting_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    """One flag per setting: type, and help with the default, from its declaration."""
+    for name, flag in flags.items():
+        info = Settings.model_fields[name]
+        kind: type = int if info.annotation is int else float if info.annotation is float else str
+        summary = (info.description or name).split(". ")[0].rstrip(".")
+        parser.add_argument(flag, dest=name, type=kind,
+                            help=f"{summary} (default {toml_value(default(name))})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncf-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML settings file")
-    common.add_argument("--bootstrap", help="Kafka bootstrap servers (default 127.0.0.1:9092)")
+    _setting_flags(common, COMMON_FLAGS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("produce", parents=[common], help="publish a ratings file to Kafka")
@@ -94,18 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("synth", help="write a seeded synthetic stream with planted structure")
-    p.add_argument("--users", type=_positive_int, default=1000)
-    p.add_argument("--items", type=_positive_int, default=500)
-    p.add_argument("--events", type=_positive_int, default=20_000)
-    p.add_argument("--topics", type=_positive_int, default=20, help="planted item clusters")
-    p.add_argument("--seed", type=int, default=0)
+    synth = SynthConfig()
+    p.add_argument("--users", type=_positive_int, default=synth.users)
+    p.add_argument("--items", type=_positive_int, default=synth.items)
+    p.add_argument("--events", type=_positive_int, default=synth.events)
+    p.add_argument("--topics", type=_positive_int, default=synth.topics,
+                   help="planted item clusters")
+    p.add_argument("--seed", type=int, default=synth.seed)
     p.add_argument("--out", required=True, help="output file: .csv or .jsonl")
     p.set_defaults(func=cmd_synth)
 
     serving = argparse.ArgumentParser(add_help=False)
-    serving.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
-    serving.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
-    serving.add_argument("--device", help="auto (default), cpu or cuda")
+    _setting_flags(serving, SERVING_FLAGS)
 
     p = sub.add_parser("serve", parents=[common, serving],
                        help="run the daemon: consume, train, evaluate, serve HTTP and gRPC")
@@ -114,10 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common, serving],
                        help="the daemon on a local broker (started if none runs) with a "
                             "synthetic demo stream")
-    p.add_argument("--events", type=_positive_int, default=1_000_000)
-    p.add_argument("--rate", type=_positive_float, default=2_000.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--events", type=_positive_int, default=1_000_000,
+                   help="synthetic events to publish (default %(default)s)")
+    p.add_argument("--rate", type=_positive_float, default=2_000.0,
+                   help="events per second (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", parents=[common, serving],
+                       help="print the effective settings and where each came from "
+                            "(default, file, env, flag)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print instead the reference of every setting (docs/configuration.md)")
+    p.set_defaults(func=cmd_config)
     return parser
 
 

@@ -52,8 +52,8 @@ def demo_messages(events: int, seed: int) -> list[tuple[bytes | None, bytes]]:
     return msgs
 
 
-def run_demo(settings: Settings, events: int = 1_000_000, rate: float = 2_000.0,
-             seed: int = 0) -> None:
+def run_demo(settings: Settings, events: int, rate: float, seed: int) -> None:
+    """``events``, ``rate``, ``seed``: see ``ncf-stream demo --help`` (their defaults)."""
     with broker_for(settings) as s:
         create_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic])
         msgs = demo_messages(events, seed)

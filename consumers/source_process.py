@@ -49,7 +49,7 @@ from ncf_stream.events import Events
 from ncf_stream.ids import IdMap, RowMapper
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import EventBatch, Partition, SourceError
+from ncf_stream.source import LAG_EVERY_S, EventBatch, Partition, SourceError
 from ncf_stream.threads import BackgroundPolicy, background_thread
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ AHEAD_POLL_S = 0.05  # how long the child waits for records while fetching ahead
 # timed out mid-join once left the consumer without its assignment; see
 # kafka_source.UNASSIGNED_REJOIN_S). A request then waits up to this long, at start-up.
 JOIN_POLL_S = 1.0
-LAG_EVERY_S = 1.0
 REPLY_TIMEOUT_S = 120.0  # a flush waits up to 30 s for the dead-letter topic; commit too
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from ncf_stream.errors import BadInput
 from ncf_stream.events import MAX_ID_BYTES
 
+DEFAULT_K = 10  # items per answer when a request does not say
 MAX_BATCH_USERS = 1000
 MAX_SCORE_ITEMS = 10_000
 MAX_BODY_BYTES = 1 << 20

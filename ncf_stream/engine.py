@@ -46,19 +46,17 @@ from ncf_stream.api import Status
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.ids import IdMap
 from ncf_stream.metrics import IngestMetrics, Metrics
-from ncf_stream.model import NeuMFConfig
 from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import EventBatch, EventSource, Partition, SourceError
+from ncf_stream.source import LAG_EVERY_S, EventBatch, EventSource, Partition, SourceError
 from ncf_stream.status_page import History, Sample
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
 TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
-GAUGES_EVERY_S = 1.0  # lag, store size and the other gauges
 HISTORY_EVERY_S = 2.0  # one point of the status page's charts
 
 
@@ -66,14 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def trainer_config(s: Settings) -> TrainerConfig:
-    return TrainerConfig(
-        batch_size=s.batch_size, negatives=s.negatives, alpha=s.negative_alpha, lr=s.lr,
-        weight_decay=s.weight_decay, tower_lr=s.tower_lr, fresh_share=s.fresh_share,
-        replay=s.replay, min_history=s.min_history, seed=s.seed,
-        model=NeuMFConfig(factors=s.factors, mlp_layers=tuple(s.mlp_layers), dropout=s.dropout))
 
 
 @dataclass
@@ -132,20 +122,16 @@ class Engine:
         self.settings = s = settings
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.device = resolve_device(s.device)
-        self.trainer = Trainer(trainer_config(s), self.device)
+        self.trainer = Trainer(TrainerConfig.from_settings(s), self.device)
         self.holder = SnapshotHolder()
         self.publisher = Publisher(
             self.trainer, self.holder,
-            IndexConfig(ivf_threshold=s.ivf_threshold, nprobe=s.nprobe),
+            IndexConfig.from_settings(s),
             every_s=s.publish_every_s, every_events=s.publish_every_events,
             index_refresh_s=s.index_refresh_s)
         self.recommender = Recommender(self.holder, s.candidates, s.max_k)
         self.evaluator = Evaluator(
-            self.holder, EvalConfig(interval_s=s.eval_interval_s, max_users=s.eval_max_users,
-                                    full=s.eval_full, full_max_pairs=s.eval_full_max_pairs,
-                                    duty=s.eval_duty, seed=s.seed,
-                                    background=s.background_policy),
-            on_report=self._export_eval)
+            self.holder, EvalConfig.from_settings(s), on_report=self._export_eval)
         self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
         self.counters = Counters()
         # Next offset per partition that the state includes: the checkpoint's, then
@@ -194,7 +180,7 @@ class Engine:
         if now - self._last_checkpoint >= self.settings.checkpoint_every_s:
             self._last_checkpoint = now
             self.checkpoint()
-        if now - self._last_gauges >= GAUGES_EVERY_S:
+        if now - self._last_gauges >= LAG_EVERY_S:
             self._last_gauges = now
             self._gauges()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncf_stream.sampler import eval_negatives
+from ncf_stream.sampler import EVAL_NEGATIVES, eval_negatives
 from ncf_stream.store import StoreView
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -62,7 +62,7 @@ def metrics(ranks: np.ndarray, kind: str, ks: Sequence[int] = KS) -> Report:
     return Report(kind, n, hr, ndcg)
 
 
-def sampled_ranks(scorer: Scorer, view: StoreView, rows: np.ndarray, n_neg: int = 99,
+def sampled_ranks(scorer: Scorer, view: StoreView, rows: np.ndarray, n_neg: int = EVAL_NEGATIVES,
                   seed: int = 0, chunk: int = 2048,
                   pause: Callable[[], None] | None = None) -> np.ndarray:
     """Ranks of the hold-outs ``view.holdout[rows]`` among their evaluation negatives.

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from ncf_stream.evaluate import KS, Report, full_ranks, metrics, sampled_ranks
-from ncf_stream.recommend import DEFAULT_CANDIDATES, top_k
+from ncf_stream.recommend import top_k
+from ncf_stream.sampler import EVAL_NEGATIVES
+from ncf_stream.settings import Settings, check_config, config_values, setting
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.threads import (
     BackgroundPolicy,
@@ -39,23 +41,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    interval_s: float = 60.0
-    max_users: int = 10_000  # a seeded sample bounds the cost; 0 = every hold-out
-    negatives: int = 99  # the paper's protocol
-    seed: int = 0
-    full: bool = True  # also rank against the whole catalogue
-    # Exact full-catalogue ranking costs a forward pass per (user, item): ~4M pairs/s
-    # on 2 CPU cores. It runs on the first users of the same sample that fit this
-    # budget (100k items: 500 users), so an evaluation stays within seconds.
-    full_max_pairs: int = 50_000_000
-    # At most this share of wall time computing, the rest asleep. Training holds
-    # both cores of a small machine; 0.05 keeps it at >= 90% of its rate while an
-    # evaluation runs (bench/eval.py). Evaluations take longer in wall time instead.
-    duty: float = 0.05
-    history: int = 100
+    """The shared fields are the ``eval_*`` settings, and ``seed`` (ncf_stream.settings:
+    defaults, bounds and why)."""
+
+    interval_s: float = setting("eval_interval_s")
+    max_users: int = setting("eval_max_users")
+    negatives: int = EVAL_NEGATIVES
+    seed: int = setting("seed")
+    full: bool = setting("eval_full")
+    full_max_pairs: int = setting("eval_full_max_pairs")
+    duty: float = setting("eval_duty")
+    history: int = 100  # reports kept for GET /v1/eval
     # The periodic thread's CPU policy (threads.background_thread): an evaluation is
     # background work, and at normal priority its chunks took turns with requests.
+    # None leaves the thread as it is (the daemon passes background_policy).
     background: BackgroundPolicy | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> EvalConfig:
+        return cls(**config_values(cls, s), background=s.background_policy)
 
 
 @dataclass(frozen=True)
@@ -222,10 +229,10 @@ class Evaluator:
 class OnlineHitRate:
     """Prequential HR@K: was the item in the user's served top K before training on it?"""
 
-    fraction: float = 0.01
+    fraction: float = setting("online_fraction")
     max_per_second: float = 50.0  # each probe is a retrieval; cap their cost at full ingest
-    candidates: int = DEFAULT_CANDIDATES
-    seed: int = 0
+    candidates: int = setting("candidates")
+    seed: int = setting("seed")
     hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
     probes: int = 0
     _rng: np.random.Generator = field(init=False)
@@ -233,6 +240,7 @@ class OnlineHitRate:
     _last: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
+        check_config(self)
         self._rng = np.random.default_rng(self.seed)
         self._last = time.monotonic()
 

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ncf_stream.settings import default
+
 MAX_ID_BYTES = 256
 MAX_TYPE_BYTES = 64
-# A valid event is ~100 bytes; 4 KiB leaves room for extra fields while keeping
-# one hostile record from costing the decoder megabytes.
-DEFAULT_MAX_RECORD_BYTES = 4096
+DEFAULT_MAX_RECORD_BYTES: int = default("max_record_bytes")
 DEFAULT_TYPE = "interaction"
 
 

@@ -17,7 +17,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ncf_stream.api import MAX_BATCH_USERS, MAX_SCORE_ITEMS, StatusSource, check_id, check_k
+from ncf_stream.api import (
+    DEFAULT_K,
+    MAX_BATCH_USERS,
+    MAX_SCORE_ITEMS,
+    StatusSource,
+    check_id,
+    check_k,
+)
 from ncf_stream.errors import BadInput
 from ncf_stream.metrics import ServingMetrics
 from ncf_stream.proto import recommender_pb2 as pb
@@ -57,7 +64,7 @@ class Servicer(pb_grpc.RecommenderServicer):
             self.metrics.observe("grpc", endpoint, code.name, time.perf_counter() - start)
 
     def _k(self, request: Any) -> int:
-        return check_k(request.k if request.HasField("k") else 10, self.recommender.max_k)
+        return check_k(request.k if request.HasField("k") else DEFAULT_K, self.recommender.max_k)
 
     @staticmethod
     def _exclude(request: Any) -> bool:

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ncf_stream.api import (
+    DEFAULT_K,
     MAX_BATCH_USERS,
     MAX_BODY_BYTES,
     MAX_SCORE_ITEMS,
@@ -77,11 +78,11 @@ def request_models(max_k: int) -> tuple[Any, Any, Any]:
     recommend = create_model(
         "RecommendRequest", __base__=_Request,
         user=(Id, Field(description="user id; an unknown user gets popular items")),
-        k=(k, 10), exclude_seen=(exclude, True))
+        k=(k, DEFAULT_K), exclude_seen=(exclude, True))
     batch = create_model(
         "BatchRecommendRequest", __base__=_Request,
         users=(list[Id], Field(min_length=1, max_length=MAX_BATCH_USERS)),
-        k=(k, 10), exclude_seen=(exclude, True))
+        k=(k, DEFAULT_K), exclude_seen=(exclude, True))
     score = create_model(
         "ScoreRequest", __base__=_Request,
         user=(Id, ...), items=(list[Id], Field(min_length=1, max_length=MAX_SCORE_ITEMS)))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from ncf_stream.evaluate import KS
 from ncf_stream.events import Reason
 from ncf_stream.status_page import LatencyWindow
 
 PREFIX = "ncf_stream"
-KS = (5, 10, 20)
 KINDS = ("sampled", "full")
 # Request latencies: the serving target is p99 <= 10 ms, so resolve below it finely.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,

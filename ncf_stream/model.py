@@ -22,22 +22,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ncf_stream.errors import ConfigError
+from ncf_stream.settings import Settings, check_config, config_values, setting
+
 
 @dataclass(frozen=True)
 class NeuMFConfig:
-    # GMF predictive factors. The paper's best on MovieLens was 32 to 64. Measured on
-    # ml-latest-small after one pass + 60 s replay (sampled / full HR@10): 32 gave
-    # 0.767 / 0.095, 64 (MLP 128-64-32) 0.705 / 0.123. 32 is the one that beats the
-    # batch baselines on both protocols.
-    factors: int = 32
-    # MLP tower widths; the first is the concatenated [user ; item] embedding, so
-    # each MLP embedding has layers[0] / 2 columns. The paper's tower halves each
-    # layer and ends at the predictive factors / 2 for factors 32: 64-32-16.
-    mlp_layers: tuple[int, ...] = (64, 32, 16)
-    # Dropout in the MLP tower. 0.2 measured 0.730 / 0.067 against 0.767 / 0.095
-    # without (same run as above): the stream sees an example a handful of times,
-    # too few for dropout to pay. Kept as a knob.
-    dropout: float = 0.0
+    """``factors``, ``mlp_layers`` and ``dropout``: defaults, bounds and the measurements
+    behind them are the settings of the same names (ncf_stream.settings)."""
+
+    factors: int = setting("factors")
+    mlp_layers: tuple[int, ...] = setting("mlp_layers")
+    dropout: float = setting("dropout")
     # Gaussian init as the paper (sigma 0.01): small enough that early scores sit
     # near 0.5 and new rows start neutral.
     init_std: float = 0.01
@@ -45,8 +41,13 @@ class NeuMFConfig:
     initial_capacity: int = 1024
 
     def __post_init__(self) -> None:
-        if self.factors < 1 or not self.mlp_layers or self.mlp_layers[0] % 2:
-            raise ValueError("factors >= 1, and mlp_layers[0] must be even (user ; item halves)")
+        check_config(self)
+        if not self.init_std > 0 or self.initial_capacity < 1:
+            raise ConfigError("NeuMFConfig: init_std must be > 0 and initial_capacity >= 1")
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> NeuMFConfig:
+        return cls(**config_values(cls, s))
 
     @property
     def mlp_dim(self) -> int:

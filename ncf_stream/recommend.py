@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ncf_stream.api import DEFAULT_K
 from ncf_stream.errors import BadInput, NcfStreamError
+from ncf_stream.settings import default
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
-
-DEFAULT_CANDIDATES = 800  # C: bench/retrieval.py (recall@10 0.97 at 10k items, 0.82 at 100k)
-MAX_K = 1000
 
 
 class NotReady(NcfStreamError):
@@ -43,8 +42,8 @@ class Scores:
 
 
 class Recommender:
-    def __init__(self, holder: SnapshotHolder, candidates: int = DEFAULT_CANDIDATES,
-                 max_k: int = MAX_K) -> None:
+    def __init__(self, holder: SnapshotHolder, candidates: int = default("candidates"),
+                 max_k: int = default("max_k")) -> None:
         self.holder = holder
         self.candidates = candidates
         self.max_k = max_k
@@ -55,12 +54,12 @@ class Recommender:
             raise NotReady("no model snapshot is published yet")
         return snap
 
-    def recommend(self, user: str, k: int = 10, exclude_seen: bool = True) -> Recommendation:
+    def recommend(self, user: str, k: int = DEFAULT_K, exclude_seen: bool = True) -> Recommendation:
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
         return self.recommend_many([user], k, exclude_seen)[0]
 
-    def recommend_many(self, users: list[str], k: int = 10,
+    def recommend_many(self, users: list[str], k: int = DEFAULT_K,
                        exclude_seen: bool = True) -> list[Recommendation]:
         """Top k for each user, all from the same snapshot."""
         if not 1 <= k <= self.max_k:

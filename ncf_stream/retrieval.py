@@ -20,18 +20,30 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from ncf_stream.errors import ConfigError
+from ncf_stream.settings import Settings, check_config, config_values, setting
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    # Flat (exact) search costs O(items) per query: ~3 ms at 1M items x 32 dims on
-    # one core, so flat serves up to this many items; IVF takes over above it.
-    ivf_threshold: int = 200_000
-    # IVF lists ~ 4 sqrt(n) (FAISS's guideline); probes trade recall for time.
-    nlist: int | None = None
-    nprobe: int = 32
+    """``ivf_threshold`` and ``nprobe`` are the settings of the same names
+    (ncf_stream.settings: defaults, bounds and why)."""
+
+    ivf_threshold: int = setting("ivf_threshold")
+    nlist: int | None = None  # IVF lists; None: ~ 4 sqrt(n) (FAISS's guideline)
+    nprobe: int = setting("nprobe")
     use_gpu: bool = True  # when CUDA and faiss-gpu are present
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"IndexConfig.nlist = {self.nlist}: must be >= 1 or None")
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> IndexConfig:
+        return cls(**config_values(cls, s))
 
 
 def gpu_available() -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncf_stream.keyset import mix64
+from ncf_stream.settings import check_config, setting
 from ncf_stream.store import InteractionStore, StoreView, pair_keys
 
 # A user who has touched more than this share of the catalogue is sampled from
@@ -32,13 +33,21 @@ DENSE_SHARE = 0.75
 MAX_ROUNDS = 24
 # Refresh the popularity table when the catalogue or the counts grew by this share.
 REFRESH_SHARE = 0.01
+# Evaluation negatives per hold-out: the paper's sampled protocol (He et al. 2017).
+EVAL_NEGATIVES = 99
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    k: int = 4  # negatives per positive: the paper's best ratio was 3 to 6
-    alpha: float = 0.0  # 0 = uniform; 0.75 = word2vec's popularity smoothing
-    seed: int = 0
+    """Training negatives; ``k`` is the setting ``negatives``, ``alpha`` ``negative_alpha``
+    (ncf_stream.settings: defaults, bounds and why)."""
+
+    k: int = setting("negatives")
+    alpha: float = setting("negative_alpha")
+    seed: int = setting("seed")
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 class NegativeSampler:
@@ -158,7 +167,8 @@ class PopularityTable:
 _ROUNDS = 4
 
 
-def eval_negatives(view: StoreView, rows: np.ndarray, n: int = 99, seed: int = 0) -> np.ndarray:
+def eval_negatives(view: StoreView, rows: np.ndarray, n: int = EVAL_NEGATIVES,
+                   seed: int = 0) -> np.ndarray:
     """(len(rows), n) negatives for hold-outs ``view.holdout`` rows; -1 pads when fewer exist."""
     ho = view.holdout
     users = ho.users[rows]

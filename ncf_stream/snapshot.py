@@ -29,6 +29,7 @@ import torch
 from ncf_stream.ids import IdMap
 from ncf_stream.model import NeuMF
 from ncf_stream.retrieval import CandidateIndex, IndexConfig
+from ncf_stream.settings import default
 from ncf_stream.store import StoreView
 from ncf_stream.trainer import Trainer
 
@@ -101,8 +102,10 @@ class PublishStats:
 
 class Publisher:
     def __init__(self, trainer: Trainer, holder: SnapshotHolder,
-                 index_config: IndexConfig | None = None, every_s: float = 2.0,
-                 every_events: int = 50_000, index_refresh_s: float = 30.0) -> None:
+                 index_config: IndexConfig | None = None,
+                 every_s: float = default("publish_every_s"),
+                 every_events: int = default("publish_every_events"),
+                 index_refresh_s: float = default("index_refresh_s")) -> None:
         self.trainer, self.holder = trainer, holder
         self.index_config = index_config or IndexConfig()
         self.every_s, self.every_events = every_s, every_events

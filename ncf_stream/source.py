@@ -26,6 +26,10 @@ from ncf_stream.readers import read_events
 # (topic, partition) -> offset; a plain tuple keeps Kafka types out of the engine.
 Partition = tuple[str, int]
 
+# How often the consumer lag is measured (a broker round trip), by the source
+# process and by the daemon's gauges alike.
+LAG_EVERY_S = 1.0
+
 
 @dataclass(frozen=True)
 class EventBatch:

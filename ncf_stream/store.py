@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ncf_stream.keyset import KeySet, KeyView
+from ncf_stream.settings import check, default
 
 ITEM_BITS = 32
 ITEM_MASK = (1 << ITEM_BITS) - 1
@@ -107,9 +108,8 @@ class _Growable:
 
 
 class InteractionStore:
-    def __init__(self, min_history: int = 2) -> None:
-        if min_history < 1:
-            raise ValueError("min_history must be >= 1")
+    def __init__(self, min_history: int = default("min_history")) -> None:
+        check("min_history", min_history, "InteractionStore.min_history")
         self.min_history = min_history
         self._pairs = KeySet()  # payload: ts as int32 seconds since _t0
         self._users = _Growable(

@@ -29,23 +29,34 @@ from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.model import NeuMF, NeuMFConfig
 from ncf_stream.optim import RowAdagrad, RowAdam
 from ncf_stream.sampler import NegativeSampler, SamplerConfig
+from ncf_stream.settings import Settings, check_config, config_values, setting
 from ncf_stream.store import AppendResult, InteractionStore
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    batch_size: int = 8192  # samples (positives + negatives) per step
-    negatives: int = 4  # per positive; the paper found 3 to 6 best
-    alpha: float = 0.0  # negative sampling: 0 uniform, 0.75 smoothed popularity
-    optimizer: str = "adagrad"  # embedding rows: "adagrad" (RowAdagrad) or "adam" (lazy Adam)
-    lr: float = 0.02  # step size for embedding rows (bench/quality.py sweep: 0.02 > 0.03 > 0.05)
-    weight_decay: float = 0.0  # lazy L2 on touched rows
-    tower_lr: float = 1e-3  # Adam on the MLP tower and output layer
-    fresh_share: float = 0.5  # at most this share of a step's positives are fresh; replay fills
-    replay: bool = True
-    min_history: int = 2  # users with fewer interactions have no hold-out
-    seed: int = 0
+    """Defaults, bounds and the reasons for them: the settings of the same names
+    (ncf_stream.settings; ``alpha`` is ``negative_alpha``)."""
+
+    batch_size: int = setting("batch_size")
+    negatives: int = setting("negatives")
+    alpha: float = setting("negative_alpha")
+    optimizer: str = setting("optimizer")
+    lr: float = setting("lr")
+    weight_decay: float = setting("weight_decay")
+    tower_lr: float = setting("tower_lr")
+    fresh_share: float = setting("fresh_share")
+    replay: bool = setting("replay")
+    min_history: int = setting("min_history")
+    seed: int = setting("seed")
     model: NeuMFConfig = field(default_factory=NeuMFConfig)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> TrainerConfig:
+        return cls(**config_values(cls, s), model=NeuMFConfig.from_settings(s))
 
     @property
     def positives_per_step(self) -> int:
@@ -70,8 +81,6 @@ class Trainer:
         self.sampler = NegativeSampler(
             self.store, SamplerConfig(k=cfg.negatives, alpha=cfg.alpha, seed=cfg.seed))
         self.model = NeuMF(cfg.model, self.device, seed=cfg.seed)
-        if cfg.optimizer not in ("adagrad", "adam"):
-            raise ValueError(f"optimizer must be 'adagrad' or 'adam', not {cfg.optimizer!r}")
         rows_opt = RowAdagrad if cfg.optimizer == "adagrad" else RowAdam
         self.opt_users = rows_opt(self.model.users, cfg.lr, weight_decay=cfg.weight_decay)
         self.opt_items = rows_opt(self.model.items, cfg.lr, weight_decay=cfg.weight_decay)
