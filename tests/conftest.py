@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -13,6 +14,18 @@ from consumers.broker import create_topics, existing_or_local
 # Daemons in tests do not checkpoint unless a test gives them a directory of their
 # own: a shared one would let one test's daemon restore another's state.
 os.environ["NCF_STREAM_CHECKPOINT_DIR"] = ""
+
+
+def require_program(*names: str, why: str = ".ci/run installs it") -> str:
+    """The path of the first of ``names`` on PATH. Missing: a skip on a developer's
+    machine, a failure under CI=true, where a skipped real part would pass unseen."""
+    for name in names:
+        if (path := shutil.which(name)) is not None:
+            return path
+    message = f"{names[0]} is not installed ({why})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

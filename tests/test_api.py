@@ -8,7 +8,6 @@ server to its own OpenAPI document (no 5xx, every response as declared).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ import grpc
 import httpx
 import pytest
 import schemathesis
+from conftest import require_program  # tests/conftest.py
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given
@@ -219,9 +219,7 @@ def test_json_bodies_are_read_whatever_the_content_type(http: httpx.Client,
 
 def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
     """The command consumers/demo.py prints, run by curl itself."""
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    curl = require_program("curl")
     run = subprocess.run([curl, "-s", "-v", "-w", "\\n%{http_code}",
                           f"localhost:{daemon.http_port}/v1/recommend",
                           "-d", '{"user": "1", "k": 5}'],

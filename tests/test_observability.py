@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ import grpc
 import httpx
 import pytest
 import yaml
+from conftest import require_program  # tests/conftest.py
 from prometheus_client import CollectorRegistry
 
 from consumers.broker import create_topics, free_port
@@ -155,9 +155,7 @@ def test_metrics_report_what_happened(live: Daemon) -> None:
 def test_prometheus_scrapes_and_every_dashboard_query_returns_data(
     live: Daemon, tmp_path: Path
 ) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("Debian's prometheus is not installed (.ci/run installs it)")
+    binary = require_program("prometheus")
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
@@ -191,15 +189,9 @@ def test_prometheus_scrapes_and_every_dashboard_query_returns_data(
         proc.wait(10)
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.slow
 def test_status_page_renders_its_charts_in_chromium(live: Daemon, tmp_path: Path) -> None:
-    browser = chromium()
-    if browser is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    browser = require_program("chromium", "chromium-browser")
     with httpx.Client(base_url=f"http://127.0.0.1:{live.http_port}") as c:
         deadline = time.monotonic() + 30
         # Charts need two samples with an evaluation behind them (one every 2 s).
