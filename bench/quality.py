@@ -2,11 +2,14 @@
 
     python bench/quality.py DATA [--quick] [--replay-seconds S] [--format F]
 
-Replays a ratings file in time order through the engine (the in-memory source,
-no Kafka): each poll is ingested, then trained until every fresh positive has
-been seen once (mixed with replay), then replay alone runs for up to
-``--replay-seconds`` (60). The split is the store's own rolling hold-out at the
-end: each user's newest interaction (users with >= 2), never trained on.
+Replays a ratings file in time order through the engine loop the daemon runs
+(:class:`ncf_stream.engine.Engine`, default settings, an in-memory source
+instead of Kafka): polls of ``--poll`` events are ingested and trained as they
+come, then the stream is idle and the engine replays at ``replay_duty`` until
+``--replay-samples`` training samples (positives and negatives) have been
+replayed in the idle phase; wall time is reported beside the budget. The split
+is the store's own rolling hold-out at the end: each user's newest interaction
+(users with >= 2), never trained on.
 
 On the same split, in the same run: popularity, EASE (Steck 2019, closed
 form, best of a small lambda grid on this split), implicit's ALS (best of a
@@ -38,8 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ncf_stream.engine import Engine
 from ncf_stream.evaluate import Scorer, evaluate
 from ncf_stream.readers import read_events
+from ncf_stream.settings import Settings
 from ncf_stream.source import MemorySource
 from ncf_stream.store import StoreView
 from ncf_stream.trainer import Trainer, TrainerConfig
@@ -53,20 +58,19 @@ def summarize(scorer: Scorer, view: StoreView) -> Result:
             "full_hr10": r["full"].hr[10], "full_ndcg10": r["full"].ndcg[10]}
 
 
-def stream(trainer: Trainer, events, poll: int, replay_s: float) -> dict[str, float]:
-    source = MemorySource(events, batch_size=poll)
+def stream(events, poll: int, replay_samples: int) -> tuple[Engine, dict[str, float]]:
+    """The daemon's loop over the file: consume and train, then idle replay for a budget."""
+    settings = Settings(device="cpu", checkpoint_dir=None)
+    engine = Engine(settings, MemorySource(events, batch_size=poll))
+    trainer = engine.trainer
     start = time.perf_counter()
-    while (batch := source.poll()) is not None:
-        trainer.ingest(batch.events)
-        while trainer.pending:
-            trainer.step()
-    pass_s = time.perf_counter() - start
-    samples_pass = trainer.samples_trained
+    engine.run(until=lambda: engine.counters.consumed == len(events) and not trainer.pending)
+    pass_s, samples_pass = time.perf_counter() - start, trainer.samples_trained
     start = time.perf_counter()
-    while time.perf_counter() - start < replay_s:
-        trainer.step()
-    return {"pass_seconds": pass_s, "replay_seconds": time.perf_counter() - start,
-            "samples_in_pass": samples_pass, "samples_total": trainer.samples_trained}
+    engine.run(until=lambda: trainer.samples_trained - samples_pass >= replay_samples)
+    engine.close()
+    return engine, {"pass_seconds": pass_s, "replay_seconds": time.perf_counter() - start,
+                    "samples_in_pass": samples_pass, "samples_total": trainer.samples_trained}
 
 
 def train_matrix(trainer: Trainer) -> sp.csr_matrix:
@@ -140,20 +144,21 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--format")
     parser.add_argument("--quick", action="store_true",
-                        help="10 s of replay, one setting per baseline")
-    parser.add_argument("--replay-seconds", type=float)
+                        help="3M samples of idle replay, one setting per baseline")
+    parser.add_argument("--replay-samples", type=int,
+                        help="training samples replayed once the stream is idle "
+                             "(default 20M, --quick 3M)")
     parser.add_argument("--poll", type=int, default=1000, help="events per poll of the stream")
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    replay_s = args.replay_seconds if args.replay_seconds is not None else (
-        10.0 if args.quick else 60.0)
+    replay_samples = args.replay_samples or (3_000_000 if args.quick else 20_000_000)
 
     events = read_events(args.data, args.format).events
-    cfg = TrainerConfig()
-    print(f"{len(events):,} events; streaming with {cfg}", file=sys.stderr)
-    trainer = Trainer(cfg)
-    timing = stream(trainer, events, args.poll, replay_s)
+    engine, timing = stream(events, args.poll, replay_samples)
+    trainer = engine.trainer
+    cfg = trainer.cfg
+    print(f"{len(events):,} events; streamed with {cfg}", file=sys.stderr)
     view = trainer.store.view()
     print(f"pass {timing['pass_seconds']:.1f} s, replay {timing['replay_seconds']:.1f} s; "
           f"{len(view.holdout.users)} hold-outs, {view.n_items} items", file=sys.stderr)
@@ -199,6 +204,7 @@ def main() -> None:
                       for k, r in baselines.items()},
         "strongest_baseline": strongest,
         "stream_beats_every_baseline": beats,
+        "replay_samples": replay_samples,
         "replay_seconds": round(timing["replay_seconds"], 1),
         "pass_seconds": round(timing["pass_seconds"], 1),
         "samples_total": timing["samples_total"],
