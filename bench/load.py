@@ -189,7 +189,8 @@ def slow_shares(client: dict[str, dict[str, Any]], before: dict[str, tuple[float
 
 def ingest_rate(http_port: int, total: int, on_ready: threading.Event | None = None) -> float:
     """Events/s from the first consumed event to the last; sets ``on_ready`` when serving."""
-    first_t = first_n = None
+    first_t: float | None = None
+    first_n = 0.0
     deadline = time.monotonic() + 600
     while True:
         s = status(http_port)
@@ -387,8 +388,9 @@ def main() -> None:
     n = args.events or (300_000 if args.quick else 1_000_000)
     users = max(1000, n // 10)
     stream = generate(SynthConfig(users=users, items=args.items, events=n, seed=0, topics=50))
-    msgs = [(str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
-            zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
+    msgs: list[tuple[bytes | None, bytes]] = [
+        (str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
+        zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
     workdir = tempfile.TemporaryDirectory(prefix="ncf-load-users-")
     users_file = str(Path(workdir.name) / "published.npy")
     np.save(users_file, np.unique(stream.users))  # the users requests go to, unknown aside
