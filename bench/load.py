@@ -4,9 +4,11 @@
                          [--unknown-share S]
 
 A real daemon (``ncf-stream serve``, a subprocess) consumes a synthetic stream
-from the real broker as fast as it can, twice, from two topics holding the
-same events: once alone (the ingest baseline) and once while clients in other
-processes ask top-10 over HTTP and over gRPC, one connection each.
+from the real broker as fast as it can, twice: the events are published once,
+to a topic of one partition, and read from the beginning by two daemons in
+consumer groups of their own, one after the other: once alone (the ingest
+baseline) and once while clients in other processes ask top-10 over HTTP and
+over gRPC, one connection each.
 
 Open loop, corrected for coordinated omission (as wrk2 / HdrHistogram): a
 client works through a fixed schedule, request i due ``i / --qps`` seconds
@@ -20,13 +22,18 @@ gap between the two is time spent queued behind slow answers. ``--qps 0``: no
 schedule, one request after the other as fast as answers come (which on 2
 cores takes CPU from training in proportion); there latency = service time.
 
-Users: a request goes to a user whose events were published (uniform over the
-distinct published users), or with probability ``--unknown-share`` (default
-0.05) to a user never published (a cold start by construction). A published
-user the daemon has not consumed yet, or that is not in the served snapshot
-yet, is answered as a cold start too (popular items, no model), so the share
-of cold-start answers actually observed is reported per protocol: it is the
-share of requests that never touched the model.
+Users: a request goes to a user the served model knows at that moment
+(uniform over them), or with probability ``--unknown-share`` (default 0.05) to
+a user never published (a cold start by construction). One partition keeps the
+consumed events a prefix of the published order, so the daemon's
+``snapshot_events`` (the consumed events its served snapshot includes) names
+the users it knows: those whose first event lies within that many. Each client
+polls ``/v1/status`` five times a second and picks among the users first seen
+before that point (a snapshot is never replaced by an older one, so the value
+read may lag the served one, never lead it). Under ingest the early users of the
+stream are therefore asked about more often than the late ones. The share of
+cold-start answers actually observed is reported per protocol, among all
+requests and among those for known users (0 unless the rule above fails).
 
 Percentiles are reported only where the number of requests carries them: at
 least 10 requests above the quantile, i.e. n >= 1000 for a p99 and n >= 10000
@@ -48,7 +55,11 @@ JSON keys (the last stdout line):
   share of requests sent to never-published users. ``cold_start_share``: share
   of answers flagged ``cold_start`` (HTTP's JSON field, gRPC's
   ``RecommendResponse.cold_start``). ``cold_start_share_of_known``: the same
-  among requests for published users (not yet in the served model).
+  among requests for users the served snapshot included when they were sent.
+  ``sent_during_ingest_share``: share of requests sent while the daemon had yet
+  to consume the whole stream (by the clients' last status poll, 0.2 s old at
+  most); the rest of the window ran after ingest (with few events the clients'
+  5 s outlast it).
 * ``after_ingest``: the same clients once the stream is consumed (replay
   training only), long enough for 1000 requests per protocol at the target
   rate (5-10 s): ``p50_ms``, ``p99_ms``, ``p99_ci95_ms``, ``max_ms``,
@@ -100,13 +111,14 @@ from ncf_stream.synth import SynthConfig, generate  # noqa: E402
 
 
 @contextlib.contextmanager
-def daemon(bootstrap: str, topic: str) -> Iterator[tuple[int, int]]:
+def daemon(bootstrap: str, topic: str, name: str) -> Iterator[tuple[int, int]]:
+    """A daemon reading ``topic`` from the beginning in a consumer group of its own."""
     http_port, grpc_port = free_port(), free_port()
-    log = open(f"/tmp/ncf-load-{topic}.log", "w")  # noqa: SIM115 - closed below
+    log = open(f"/tmp/ncf-load-{topic}-{name}.log", "w")  # noqa: SIM115 - closed below
     checkpoints = tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-")
     env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
            "NCF_STREAM_CHECKPOINT_DIR": checkpoints.name,
-           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-load", "NCF_STREAM_DEVICE": "cpu"}
+           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-{name}", "NCF_STREAM_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -234,14 +246,70 @@ def due_times(qps: float, seconds: float) -> np.ndarray:
     return np.arange(math.ceil(round(seconds * qps, 6))) / qps
 
 
-def client_main(protocol: str, port: int, users_file: str, seconds: float, qps: float,
-                unknown_share: float, seed: int) -> None:
+def first_seen(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct users of a stream in the order of their first event, and the index
+    of that event in the stream."""
+    distinct, first = np.unique(users, return_index=True)
+    order = np.argsort(first, kind="stable")
+    return distinct[order], first[order]
+
+
+def covered_users(first: np.ndarray, covered: int) -> int:
+    """How many users (in ``first_seen`` order) the first ``covered`` events of the
+    stream name: those whose first event's index is below ``covered``."""
+    return int(np.searchsorted(first, covered, side="left"))
+
+
+def pick_known(rng: np.random.Generator, users: np.ndarray, first: np.ndarray,
+               covered: int) -> Any:
+    """A user drawn uniformly from those the first ``covered`` events name (``users`` and
+    ``first`` as ``first_seen`` returns them)."""
+    known = covered_users(first, covered)
+    if known == 0:
+        raise ValueError(f"the first {covered} events name no user")
+    return users[rng.integers(known)]
+
+
+class Covered:
+    """The daemon's ``snapshot_events``, polled on a thread of its own every
+    ``every_s`` with the standard library: the prefix of the published events that the
+    served snapshot includes. Only ever raised, so a late read errs on the safe side.
+    ``consumed``: its ``events_consumed`` at the same poll."""
+
+    def __init__(self, http_port: int, every_s: float = 0.2, wait_s: float = 60.0) -> None:
+        self.http_port, self.every_s, self.value, self.consumed = http_port, every_s, 0, 0
+        deadline = time.monotonic() + wait_s
+        while not self._poll():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon served no snapshot of any event")
+            time.sleep(every_s)
+        threading.Thread(target=self._run, name="covered", daemon=True).start()
+
+    def _poll(self) -> int:
+        s = status(self.http_port)
+        if s is not None:
+            self.value = max(self.value, int(s["snapshot_events"]))
+            self.consumed = max(self.consumed, int(s["events_consumed"]))
+        return self.value
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.every_s)
+            self._poll()
+
+
+def client_main(protocol: str, port: int, status_port: int, users_file: str, seconds: float,
+                qps: float, unknown_share: float, seed: int) -> None:
     """One connection, one request at a time, on the open-loop schedule of ``due_times``
-    (``qps`` 0: back to back for ``seconds``). Prints, per request, the scheduled, send
-    and completion times (s after the start), whether the user was never published and
-    whether the answer was a cold start."""
+    (``qps`` 0: back to back for ``seconds``), each to a user the served snapshot knows
+    (``Covered``, ``pick_known``) or, at ``unknown_share``, to one never published.
+    Prints, per request, the scheduled, send and completion times (s after the start),
+    whether the user was never published, whether the answer was a cold start and
+    whether the daemon had yet to consume the whole stream when it was sent (as of the
+    last poll)."""
     rng = np.random.default_rng(seed)
-    known = np.load(users_file)
+    published = np.load(users_file)
+    users, first, events = published["users"], published["first"], int(published["events"])
     call: Callable[[str], bool]
     if protocol == "http":
         # The standard library's client on one keep-alive connection: httpx spent 1-1.5 ms
@@ -272,7 +340,9 @@ def client_main(protocol: str, port: int, users_file: str, seconds: float, qps: 
                                        timeout=10).cold_start)
 
     schedule = due_times(qps, seconds).tolist() if qps else []
-    out: dict[str, list[float]] = {"due": [], "sent": [], "done": [], "unknown": [], "cold": []}
+    out: dict[str, list[float]] = {"due": [], "sent": [], "done": [], "unknown": [], "cold": [],
+                                   "ingesting": []}
+    covered = Covered(status_port)
     begin = time.perf_counter()
     i = 0
     while (i < len(schedule)) if qps else (time.perf_counter() < begin + seconds):
@@ -281,7 +351,9 @@ def client_main(protocol: str, port: int, users_file: str, seconds: float, qps: 
             if ahead > 0:
                 time.sleep(ahead)
         unknown = bool(rng.random() < unknown_share)
-        user = f"unknown-{seed}-{i}" if unknown else str(known[rng.integers(len(known))])
+        user = (f"unknown-{seed}-{i}" if unknown else
+                str(pick_known(rng, users, first, covered.value)))
+        ingesting = covered.consumed < events
         sent = time.perf_counter() - begin
         cold = call(user)
         done = time.perf_counter() - begin
@@ -290,6 +362,7 @@ def client_main(protocol: str, port: int, users_file: str, seconds: float, qps: 
         out["done"].append(done)
         out["unknown"].append(float(unknown))
         out["cold"].append(float(cold))
+        out["ingesting"].append(float(ingesting))
         i += 1
     print(json.dumps(out))
 
@@ -302,7 +375,8 @@ def run_clients(http_port: int, grpc_port: int, users_file: str, seconds: float,
             seed = (1 if protocol == "http" else 2) + 1000 * c
             procs.append((protocol, subprocess.Popen(
                 [sys.executable, __file__, "--client", protocol, "--port", str(port),
-                 "--users-file", users_file, "--seconds", str(seconds), "--qps", str(qps),
+                 "--status-port", str(http_port), "--users-file", users_file,
+                 "--seconds", str(seconds), "--qps", str(qps),
                  "--unknown-share", str(unknown_share), "--seed", str(seed)],
                 stdout=subprocess.PIPE, text=True)))
     runs: dict[str, list[dict[str, list[float]]]] = {"http": [], "grpc": []}
@@ -333,6 +407,7 @@ def summarize(runs: list[dict[str, list[float]]]) -> dict[str, Any]:
         "unknown_share": share(unknown),
         "cold_start_share": share(cold),
         "cold_start_share_of_known": share(cold[known]),
+        "sent_during_ingest_share": share(cat["ingesting"] > 0),
     }
 
 
@@ -377,13 +452,14 @@ def main() -> None:
                         help="share of requests for users never published (cold starts)")
     parser.add_argument("--client", choices=["http", "grpc"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--status-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--users-file", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        client_main(args.client, args.port, args.users_file, args.seconds, args.qps,
-                    args.unknown_share, args.seed)
+        client_main(args.client, args.port, args.status_port, args.users_file, args.seconds,
+                    args.qps, args.unknown_share, args.seed)
         return
     n = args.events or (300_000 if args.quick else 1_000_000)
     users = max(1000, n // 10)
@@ -392,23 +468,28 @@ def main() -> None:
         (str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
         zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
     workdir = tempfile.TemporaryDirectory(prefix="ncf-load-users-")
-    users_file = str(Path(workdir.name) / "published.npy")
-    np.save(users_file, np.unique(stream.users))  # the users requests go to, unknown aside
+    users_file = str(Path(workdir.name) / "published.npz")
+    by_first, first = first_seen(stream.users)  # the users requests go to, unknown aside
+    np.savez(users_file, users=by_first, first=first, events=n)
     rate = args.qps * args.clients
     idle_seconds = min(10.0, max(5.0, IDLE_REQUESTS / rate)) if rate else 5.0
     with workdir, existing_or_local() as bootstrap:
-        alone, loaded = (f"load-{uuid.uuid4().hex[:8]}-{x}" for x in ("alone", "loaded"))
-        create_topics(bootstrap, [alone, loaded, f"{alone}.dlq", f"{loaded}.dlq"])
+        # One partition: the order the daemons consume in is the order published, which
+        # is what tells the clients which users the served snapshot knows.
+        topic = f"load-{uuid.uuid4().hex[:8]}"
+        create_topics(bootstrap, [topic, f"{topic}.dlq"], partitions=1)
         settings = Settings(kafka_bootstrap=bootstrap)
-        for topic in (alone, loaded):
-            publish(msgs, settings, topic)
-        print(f"published {n:,} events ({args.items:,} items) to two topics", file=sys.stderr)
+        sent, failed, _ = publish(msgs, settings, topic)
+        if failed or sent != n:
+            raise RuntimeError(f"published {sent} of {n} events ({failed} failed)")
+        del msgs
+        print(f"published {n:,} events ({args.items:,} items) to {topic}", file=sys.stderr)
 
-        with daemon(bootstrap, alone) as (http_port, _):
+        with daemon(bootstrap, topic, "alone") as (http_port, _):
             rate_alone = ingest_rate(http_port, n)
         print(f"ingest alone: {rate_alone:,.0f} events/s", file=sys.stderr)
 
-        with daemon(bootstrap, loaded) as (http_port, grpc_port):
+        with daemon(bootstrap, topic, "loaded") as (http_port, grpc_port):
             ready = threading.Event()
             result: dict[str, float] = {}
             watcher = threading.Thread(
