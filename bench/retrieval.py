@@ -6,7 +6,8 @@ For each catalogue size: a synthetic stream is ingested and the model trained
 briefly; a snapshot is published (timed: weights copy + index build); then for
 a sample of users, in one run:
 
-* recall@10 of the candidate path (top C by GMF inner product, rescored by the
+* recall@10 of the candidate path (top C by the retrieval inner product: GMF exact,
+  MLP to first order; rescored by the
   full NeuMF) against the exact top 10 of the full NeuMF over the catalogue,
   for several C;
 * p50 and p99 latency per query of both paths (one query at a time, as a

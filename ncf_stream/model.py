@@ -9,9 +9,11 @@ only. Each side keeps its GMF and MLP embeddings side by side in one table
 (``[gmf | mlp]`` columns), so a step gathers and updates one table per side.
 The dense part (MLP tower and output layer) is an ordinary ``nn.Module``.
 
-Because the GMF half is h_G . (p * q) = (h_G * p) . q, an exact inner product,
-:meth:`NeuMF.gmf_item_vectors` and :meth:`NeuMF.gmf_user_queries` feed a
-maximum-inner-product index; the MLP half is rescored by :meth:`NeuMF.score`.
+Retrieval: :meth:`NeuMF.retrieval_items` and :meth:`NeuMF.retrieval_queries`
+give vectors whose inner product approximates the whole logit (the GMF half
+exactly, since h_G . (p * q) = (h_G * p) . q; the MLP half to first order), so
+a maximum-inner-product index finds candidates, which the full network then
+rescores (:mod:`ncf_stream.recommend`).
 """
 
 from __future__ import annotations
@@ -206,10 +208,6 @@ class NeuMF(nn.Module):
             out[lo: lo + step] = tower.out_mlp(hidden).squeeze(-1)
         return out + gmf
 
-    def gmf_item_vectors(self) -> torch.Tensor:
-        """(n_items, factors): q_i^G, the item side of the GMF inner product."""
-        return self.items.weight[: self.n_items, : self.cfg.factors]
-
     def retrieval_items(self, chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
         """Item vectors for maximum-inner-product retrieval, and the user reference a_ref.
 
@@ -242,8 +240,3 @@ class NeuMF(nn.Module):
             a = self.tower.first_user(rows[:, f:]) - a_ref
             ones = torch.ones(len(rows), 1, device=rows.device)
             return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)
-
-    def gmf_user_queries(self, users: torch.Tensor) -> torch.Tensor:
-        """(B, factors): h_G * p_u^G, so that query . q_i is the GMF half of the logit."""
-        h_gmf = self.tower.out_gmf.weight[0]
-        return self.users.weight[users, : self.cfg.factors] * h_gmf

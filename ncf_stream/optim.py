@@ -3,8 +3,9 @@
 The embedding tables dominate a step's cost. ``torch.optim.SparseAdam`` goes
 through sparse COO gradients, coalescing and several passes over them; here a
 step gets the gradient of each *unique* touched row directly (the trainer
-gathers unique rows, so duplicates are summed by autograd's index backward)
-and applies Adagrad to those rows with a handful of gather/scatter kernels.
+gathers each unique row once and sums the gradients of its repeats with one
+``index_add_``, :meth:`ncf_stream.trainer.Trainer.train_batch`) and applies
+Adagrad to those rows with a handful of gather/scatter kernels.
 
 Adagrad suits online embedding learning: a row's step size shrinks with the
 gradient it has already seen, so frequent users and items settle while rare

@@ -1,9 +1,12 @@
-"""Candidate retrieval: a FAISS inner-product index over the GMF item vectors.
+"""Candidate retrieval: a FAISS inner-product index over NeuMF's retrieval vectors.
 
-NeuMF's GMF half is h_G . (p_u * q_i) = (h_G * p_u) . q_i, so a maximum inner
-product search with the query h_G * p_u over the vectors q_i ranks items by
-the GMF half exactly. The MLP half is not decomposable; the recommender
-rescores the top C candidates with the full network.
+The index holds :meth:`ncf_stream.model.NeuMF.retrieval_items`: per item, its
+GMF vector, the gradient of the MLP tower at the mean user and the tower's
+value there, so that the inner product with a user's query
+(:meth:`~ncf_stream.model.NeuMF.retrieval_queries`) approximates the whole
+logit: the GMF half exactly, the MLP half to first order. The recommender
+rescores the top C candidates with the full network; how close that gets to
+the exact ranking is measured (bench/retrieval.py, ``candidate_recall``).
 
 One class, choices inside it (CONVENTIONS.md, item 1): a flat index below
 ``ivf_threshold`` items (exact, and cheap to rebuild: a copy), an IVF index

@@ -51,18 +51,6 @@ def test_capacity_doubles_instead_of_growing_per_row() -> None:
     assert capacities == {2, 4, 8, 16, 32, 64, 128, 256, 512}
 
 
-def test_gmf_decomposition_is_exact() -> None:
-    """h_G . (p * q) computed as (h_G * p) . q: the identity FAISS retrieval relies on."""
-    model = NeuMF(NeuMFConfig(factors=8, mlp_layers=(8, 4)))
-    model.grow(5, 7)
-    users = torch.arange(5)
-    gmf_part = model.gmf_user_queries(users) @ model.gmf_item_vectors().T  # (5, 7)
-    p = model.users.weight[:5, :8]
-    q = model.items.weight[:7, :8]
-    direct = model.tower.out_gmf(p[:, None, :] * q[None, :, :]).squeeze(-1)
-    torch.testing.assert_close(gmf_part, direct.detach())
-
-
 def test_retrieval_vectors_give_the_logit_exactly_at_the_reference_user() -> None:
     """[GMF exact ; MLP to first order]: a user at the expansion point gets the exact
     logit from one inner product, and others get close to it."""

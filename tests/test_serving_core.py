@@ -138,7 +138,7 @@ def test_readers_never_see_a_torn_snapshot() -> None:
 
 def test_flat_and_ivf_indexes_find_the_true_top(trained) -> None:
     _, holder, _ = trained
-    vectors = holder.get().model.gmf_item_vectors().numpy()
+    vectors = holder.get().model.retrieval_items()[0].numpy()
     q = np.random.default_rng(0).normal(size=(20, vectors.shape[1])).astype(np.float32)
     truth = np.argsort(-(q @ vectors.T), axis=1)[:, :10]
     flat = CandidateIndex(vectors, IndexConfig(ivf_threshold=10**9))
