@@ -330,12 +330,13 @@ class Engine:
         status, window = self.status(), self.metrics.serving.window
         p50, p99 = window.percentiles()
         report = self.evaluator.latest
-        dt = now - last.t if last is not None else 0.0
-        consumed_before = last.events_consumed if last is not None else 0
+        dt = now - last.t if last is not None else None
         sample = Sample(
             t=now, events_consumed=status.events_consumed,
-            events_per_s=(status.events_consumed - consumed_before) / dt if dt else 0.0,
-            requests_per_s=(window.count - self._last_query_count) / dt if dt else 0.0,
+            events_per_s=None if last is None or not dt
+            else (status.events_consumed - last.events_consumed) / dt,
+            requests_per_s=None if last is None or not dt
+            else (window.count - self._last_query_count) / dt,
             latency_p50_ms=p50, latency_p99_ms=p99,
             hr10_sampled=report.sampled.hr[10] if report else None,
             hr10_full=report.full.hr[10] if report and report.full else None,

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 class Sample:
     t: float  # wall clock, seconds
     events_consumed: int
-    events_per_s: float
-    requests_per_s: float
+    events_per_s: float | None  # None for the first sample: a rate needs two
+    requests_per_s: float | None
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     hr10_sampled: float | None
