@@ -8,9 +8,9 @@ synthetic stream from a real broker. Once every event is consumed and trained
 replays from the store at ``replay_duty`` of its time. For ``--seconds`` its
 training rate is read from its own ``/metrics`` (``train_samples_total``) while
 one HTTP client queries it at ``--qps`` on an open-loop schedule (latency from
-each request's scheduled send time). Then, in the same run with the daemon
-gone, ``Trainer.step`` on the same stream and settings measures what the
-trainer alone does (``bench/train.py``'s ``trainer`` figure).
+each request's scheduled send time). In the same run, before the broker and the
+daemon start, ``Trainer.step`` on the same stream and settings measures what
+the trainer alone does (``bench/train.py``'s ``trainer`` figure).
 
 Target (issue 17): ``idle_ratio >= 0.9 * replay_duty``.
 
@@ -32,7 +32,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,17 +132,18 @@ def main() -> None:
             zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
     users = np.unique(stream.users)
     settings = Settings()  # the daemon's defaults: what `ncf-stream serve` runs with
+    # The trainer alone first, on a quiet machine: after the daemon, its broker's
+    # shutdown still took CPU (81k vs 392k samples/s measured that way).
+    bench, bench_samples = trainer_rate(stream, settings, min(seconds, 8.0))
+    print(f"trainer alone: {bench:,.0f} samples/s", file=sys.stderr)
     with existing_or_local() as bootstrap:
         topic = f"idle-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic, f"{topic}.dlq"])
         publish(msgs, Settings(kafka_bootstrap=bootstrap), topic)
-        with daemon(bootstrap, topic) as (http_port, _):
+        with daemon(bootstrap, topic, "idle") as (http_port, _):
             wait_trained(http_port, n)
             idle, idle_samples, latencies = idle_rate(http_port, users, seconds, args.qps)
     print(f"idle: {idle:,.0f} samples/s over {seconds:.0f} s", file=sys.stderr)
-    torch.set_num_threads(torch.get_num_threads())
-    bench, bench_samples = trainer_rate(stream, settings, min(seconds, 8.0))
-    print(f"trainer alone: {bench:,.0f} samples/s", file=sys.stderr)
     ms = np.array(latencies) * 1000
     print(json.dumps({
         "events": n, "idle_window_s": seconds, "qps": args.qps,

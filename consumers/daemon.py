@@ -25,7 +25,7 @@ from ncf_stream.grpc_server import GrpcServer
 from ncf_stream.http_app import create_app
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventSource
-from ncf_stream.threads import background_thread, reader_thread, tune_malloc
+from ncf_stream.threads import background_thread, reader_thread, trainer_thread, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Daemon:
         def train() -> None:
             # Before its first kernel: the OpenMP team inherits the policy.
             background_thread(self.settings.background_policy)
+            trainer_thread()  # readers started first set theirs to 1
             try:
                 self.engine.run(self._stop)
             except BaseException as e:  # re-raised on the calling thread

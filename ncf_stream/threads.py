@@ -5,8 +5,15 @@ its own OpenMP team, and GNU OpenMP, once it counts more OpenMP threads than
 cores, stops spinning between parallel regions for everyone: the trainer's
 steps then run ~45% slower for the rest of the process (bench/eval.py found
 it; measured 206 vs 113 steps/s). A request or an evaluation is too small to
-gain from a team anyway, so reader threads call :func:`reader_thread` first;
-the thread count is per calling thread, so the trainer keeps its own.
+gain from a team anyway, so reader threads call :func:`reader_thread` first,
+and the training thread :func:`trainer_thread`.
+
+A thread's torch thread count is its own once set, but torch fixes it on the
+thread's first use from the last value *any* thread set: a reader's
+``set_num_threads(1)`` made every later thread, the trainer's included,
+single-threaded (the daemon trained at half speed), and a reader initialised
+later took the trainer's count back. So both roles initialise their own count
+before they set it.
 """
 
 from __future__ import annotations
@@ -20,13 +27,27 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 
+def _own_torch_threads(n: int) -> None:
+    import torch
+
+    torch.get_num_threads()  # this thread's first use: torch initialises its count now
+    torch.set_num_threads(n)
+
+
 def reader_thread() -> None:
     """Make this thread's torch and FAISS kernels single-threaded."""
     import faiss  # here: the source process uses this module and needs neither
-    import torch
 
-    torch.set_num_threads(1)
+    _own_torch_threads(1)
     faiss.omp_set_num_threads(1)
+
+
+def trainer_thread() -> int:
+    """Give this thread's torch kernels one OpenMP thread per usable core; returns it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    _own_torch_threads(cores)
+    return cores
 
 
 BACKGROUND_NICE = 19

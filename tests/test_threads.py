@@ -63,3 +63,42 @@ def test_the_periodic_evaluator_is_background_work() -> None:
         assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE
     finally:
         evaluator.stop()
+
+
+ROLES = """
+import threading
+from ncf_stream.threads import reader_thread, trainer_thread
+import torch
+counts, steps = {}, [threading.Event() for _ in range(3)]
+
+def role(name, setup, ready, go_on):
+    setup()
+    ready.set()
+    go_on.wait()  # all three set up: now each reads its own count
+    counts[name] = torch.get_num_threads()
+
+done = threading.Event()
+a = threading.Thread(target=role, args=("reader_before", reader_thread, steps[0], done))
+t = threading.Thread(target=role, args=("trainer", trainer_thread, steps[1], done))
+b = threading.Thread(target=role, args=("reader_after", reader_thread, steps[2], done))
+for thread, ready in ((a, steps[0]), (t, steps[1]), (b, steps[2])):
+    thread.start()
+    ready.wait()
+done.set()
+for thread in (a, t, b):
+    thread.join()
+print(counts["reader_before"], counts["trainer"], counts["reader_after"])
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell apart")
+def test_the_trainer_keeps_its_cores_whatever_readers_set_before_or_after() -> None:
+    """torch gives a thread, on its first use, the count any thread set last: a reader
+    started before the trainer once made it single-threaded (half speed)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", ROLES], capture_output=True, text=True,
+                         check=True, timeout=120)
+    cores = len(os.sched_getaffinity(0))
+    assert run.stdout.split() == ["1", str(cores), "1"]
