@@ -8,9 +8,10 @@ synthetic stream from a real broker. Once every event is consumed and trained
 replays from the store at ``replay_duty`` of its time. For ``--seconds`` its
 training rate is read from its own ``/metrics`` (``train_samples_total``) while
 one HTTP client queries it at ``--qps`` on an open-loop schedule (latency from
-each request's scheduled send time). In the same run, before the broker and the
-daemon start, ``Trainer.step`` on the same stream and settings measures what
-the trainer alone does (``bench/train.py``'s ``trainer`` figure).
+each request's scheduled send time). In the same run, with the broker idle,
+``Trainer.step`` on the same stream and settings measures what
+the trainer alone does (``bench/train.py``'s ``trainer`` figure), just before
+and just after the daemon runs; their mean is the reference.
 
 Target (issue 17): ``idle_ratio >= 0.9 * replay_duty``.
 
@@ -45,6 +46,7 @@ from ncf_stream.events import encode_event  # noqa: E402
 from ncf_stream.metrics import PREFIX  # noqa: E402
 from ncf_stream.settings import Settings  # noqa: E402
 from ncf_stream.synth import SynthConfig, generate  # noqa: E402
+from ncf_stream.threads import trainer_thread  # noqa: E402
 from ncf_stream.trainer import Trainer, TrainerConfig  # noqa: E402
 
 MIN_FOR_P99 = 1000  # 10 requests above the p99
@@ -103,7 +105,9 @@ def idle_rate(http_port: int, users: np.ndarray, seconds: float,
 
 def trainer_rate(stream, settings: Settings, seconds: float) -> tuple[float, float]:
     """``Trainer.step`` alone on the same stream (all replay once ingested), as
-    bench/train.py measures it; (samples/s, samples)."""
+    bench/train.py measures it, with the daemon trainer's thread count;
+    (samples/s, samples)."""
+    trainer_thread(settings.trainer_threads)
     trainer = Trainer(TrainerConfig.from_settings(settings))
     trainer.ingest(stream.to_events())
     while trainer.pending:
@@ -131,23 +135,27 @@ def main() -> None:
     msgs = [(str(u).encode(), encode_event(str(u), str(i), t)) for u, i, t in
             zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)]
     users = np.unique(stream.users)
-    settings = Settings()  # the daemon's defaults: what `ncf-stream serve` runs with
-    # The trainer alone first, on a quiet machine: after the daemon, its broker's
-    # shutdown still took CPU (81k vs 392k samples/s measured that way).
-    bench, bench_samples = trainer_rate(stream, settings, min(seconds, 8.0))
-    print(f"trainer alone: {bench:,.0f} samples/s", file=sys.stderr)
+    settings = Settings()  # the daemon's defaults (and NCF_STREAM_* as the daemon sees them)
+    alone_s = min(seconds, 6.0)
     with existing_or_local() as bootstrap:
         topic = f"idle-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic, f"{topic}.dlq"])
         publish(msgs, Settings(kafka_bootstrap=bootstrap), topic)
+        # The trainer alone just before and just after the daemon, with the broker up and
+        # idle in both: this machine's speed drifts by 2x within minutes.
+        before = trainer_rate(stream, settings, alone_s)
         with daemon(bootstrap, topic, "idle") as (http_port, _):
             wait_trained(http_port, n)
             idle, idle_samples, latencies = idle_rate(http_port, users, seconds, args.qps)
-    print(f"idle: {idle:,.0f} samples/s over {seconds:.0f} s", file=sys.stderr)
+        after = trainer_rate(stream, settings, alone_s)
+    bench, bench_samples = (before[0] + after[0]) / 2, before[1] + after[1]
+    print(f"trainer alone: {before[0]:,.0f} before, {after[0]:,.0f} after; daemon idle: "
+          f"{idle:,.0f} samples/s over {seconds:.0f} s", file=sys.stderr)
     ms = np.array(latencies) * 1000
     print(json.dumps({
         "events": n, "idle_window_s": seconds, "qps": args.qps,
         "idle_samples_per_s": round(idle), "bench_samples_per_s": round(bench),
+        "bench_before_after": [round(before[0]), round(after[0])],
         "idle_ratio": round(idle / bench, 3), "replay_duty": settings.replay_duty,
         "target_met": bool(idle / bench >= 0.9 * settings.replay_duty),
         "idle_samples": int(idle_samples), "bench_samples": int(bench_samples),

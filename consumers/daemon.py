@@ -98,7 +98,7 @@ class Daemon:
         def train() -> None:
             # Before its first kernel: the OpenMP team inherits the policy.
             background_thread(self.settings.background_policy)
-            trainer_thread()  # readers started first set theirs to 1
+            trainer_thread(self.settings.trainer_threads)  # readers started first set 1
             try:
                 self.engine.run(self._stop)
             except BaseException as e:  # re-raised on the calling thread

@@ -168,8 +168,13 @@ class Settings(BaseSettings):
                        "and the online hit rate's probes.")
     replay_duty: float = Field(
         0.5, gt=0, le=1,
-        description="Share of the trainer's time spent replaying while the stream is idle; the "
-                    "rest is left to the servers on a small machine.")
+        description="Share of wall time spent replaying while the stream is idle (the engine "
+                    "rests inside the source's poll for the rest, so new events wake it); the "
+                    "rest is left to the servers and other processes on a small machine.")
+    trainer_threads: int | None = Field(
+        None, ge=1,
+        description="torch threads of the training thread; none: one per usable core. Readers "
+                    "(requests, evaluation) compute single-threaded either way.")
 
     # ---- Snapshots and retrieval ---------------------------------------------------------------
     publish_every_s: float = Field(

@@ -42,12 +42,14 @@ def reader_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def trainer_thread() -> int:
-    """Give this thread's torch kernels one OpenMP thread per usable core; returns it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    _own_torch_threads(cores)
-    return cores
+def trainer_thread(threads: int | None = None) -> int:
+    """Give this thread's torch kernels ``threads`` OpenMP threads (None: one per usable
+    core); returns the count."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    _own_torch_threads(threads)
+    return threads
 
 
 BACKGROUND_NICE = 19
