@@ -355,3 +355,5 @@ class Engine:
                 m.eval_ndcg.labels(k=str(k), kind=kind).set(r.ndcg[k])
         m.eval_seconds.observe(report.seconds)
         m.eval_users.set(report.users)
+        if report.candidate_recall is not None:
+            m.candidate_recall.set(report.candidate_recall)
