@@ -339,6 +339,9 @@ class Engine:
             latency_p50_ms=p50, latency_p99_ms=p99,
             hr10_sampled=report.sampled.hr[10] if report else None,
             hr10_full=report.full.hr[10] if report and report.full else None,
+            eval_users=report.users if report else None,
+            eval_users_full=report.users_full if report and report.full else None,
+            candidate_recall=report.candidate_recall if report else None,
             model_version=status.model_version, users=status.users, items=status.items,
             interactions=status.interactions)
         self._last_query_count = window.count

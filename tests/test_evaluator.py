@@ -206,7 +206,7 @@ def test_non_finite_scores_never_count(snap: Snapshot) -> None:
 
 # ---- where the figures go ----------------------------------------------------------------------
 
-def test_engine_exports_the_report_to_prometheus_and_json() -> None:
+def test_engine_exports_the_report_to_prometheus_the_history_and_json() -> None:
     events = generate(SynthConfig(users=120, items=90, events=3000, seed=0, topics=4)).to_events()
     s = Settings(device="cpu", factors=8, mlp_layers=[16, 8], batch_size=512,
                  checkpoint_dir=None, eval_interval_s=3600.0, replay=False)
@@ -216,6 +216,12 @@ def test_engine_exports_the_report_to_prometheus_and_json() -> None:
     assert report is not None and report.candidate_recall is not None
     gauge = engine.metrics.registry.get_sample_value("ncf_stream_candidate_recall")
     assert gauge == report.candidate_recall > 0
+    engine._last_sample = None  # a chart point now, not HISTORY_EVERY_S after the last
+    engine._sample()
+    sample = engine.history.last()
+    assert sample is not None
+    assert (sample.eval_users, sample.eval_users_full, sample.candidate_recall) == (
+        report.users, report.users_full, report.candidate_recall)
     as_json = report.as_dict()
     assert as_json["quick"] is True and as_json["users"] == report.users
     assert as_json["candidate_recall"] == round(report.candidate_recall, 5)
