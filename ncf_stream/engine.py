@@ -340,6 +340,9 @@ class Engine:
             latency_p50_ms=p50, latency_p99_ms=p99,
             hr10_sampled=report.sampled.hr[10] if report else None,
             hr10_full=report.full.hr[10] if report and report.full else None,
+            eval_users=report.users if report else None,
+            eval_users_full=report.users_full if report and report.full else None,
+            candidate_recall=report.candidate_recall if report else None,
             model_version=status.model_version, users=status.users, items=status.items,
             interactions=status.interactions)
         self._last_query_count = window.count
@@ -356,3 +359,5 @@ class Engine:
                 m.eval_ndcg.labels(k=str(k), kind=kind).set(r.ndcg[k])
         m.eval_seconds.observe(report.seconds)
         m.eval_users.set(report.users)
+        if report.candidate_recall is not None:
+            m.candidate_recall.set(report.candidate_recall)

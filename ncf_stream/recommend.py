@@ -112,6 +112,15 @@ def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
 
     With ``candidates`` >= the catalogue this is the exact ranking.
     """
+    cand, probs = candidate_scores(snap, user_row, k, candidates, exclude_seen)
+    order = np.argsort(-probs, kind="stable")[:k]
+    return cand[order], probs[order]
+
+
+def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
+                     exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`top_k` ranks: the retrieved item rows (sorted, seen ones dropped)
+    and their probabilities under the full NeuMF."""
     seen = seen_items(snap, user_row) if exclude_seen else np.empty(0, dtype=np.int64)
     # Ask for room to drop the seen ones, so k survive whenever k unseen items exist.
     want = min(snap.n_items, max(candidates, k) + len(seen))
@@ -124,9 +133,7 @@ def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
         cand = cand[~np.isin(cand, seen, assume_unique=True)]
     if len(cand) == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    probs = score_rows(snap, user_row, cand)
-    order = np.argsort(-probs, kind="stable")[:k]
-    return cand[order], probs[order]
+    return cand, score_rows(snap, user_row, cand)
 
 
 def exact_top_k(snap: Snapshot, user_row: int, k: int,

@@ -29,6 +29,11 @@ class Sample:
     users: int
     items: int
     interactions: int
+    # The evaluation behind hr10_*: hold-outs ranked by each protocol (the first,
+    # quick one ranks few), and its candidate recall@10.
+    eval_users: int | None
+    eval_users_full: int | None
+    candidate_recall: float | None
 
 
 class History:
@@ -123,6 +128,9 @@ const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 720
 const SVG = "http://www.w3.org/2000/svg";
 
 function fmt(v, d) { return v === null || v === undefined ? "-" : Number(v).toFixed(d); }
+function withN(v, n) {  // a figure from an evaluation, and how many users it ranked
+  return v === null || v === undefined ? "-" : Number(v).toFixed(3) + " (n=" + n + ")";
+}
 function el(parent, tag, attrs, text) {
   const e = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
@@ -213,7 +221,9 @@ async function refresh() {
     ["consumer lag", status.consumer_lag], ["users", status.users], ["items", status.items],
     ["interactions", status.interactions], ["model version", status.model_version],
     ["snapshot age (s)", fmt(status.snapshot_age_seconds, 1)],
-    ["HR@10 sampled", fmt(last.hr10_sampled, 3)], ["HR@10 full", fmt(last.hr10_full, 3)],
+    ["HR@10 sampled", withN(last.hr10_sampled, last.eval_users)],
+    ["HR@10 full", withN(last.hr10_full, last.eval_users_full)],
+    ["candidate recall@10", fmt(last.candidate_recall, 3)],
     ["p99 latency (ms)", fmt(last.latency_p99_ms, 2)]];
   document.getElementById("figures").innerHTML = figures.map(([k, v]) =>
     `<div class="figure">${k}<b>${v}</b></div>`).join("");

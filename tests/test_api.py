@@ -125,10 +125,14 @@ def test_status_and_eval(daemon: Daemon, http: httpx.Client,
     assert g.events_consumed == EVENTS and g.users == s["users"]
     assert http.post("/v1/eval").status_code == 202
     deadline = time.monotonic() + 30
-    while (latest := http.get("/v1/eval").json()["latest"]) is None:
+    # The quick first evaluation may come first (on an early snapshot); then the one asked for.
+    while (latest := http.get("/v1/eval").json()["latest"]) is None or latest["quick"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert 0 <= latest["sampled"]["hr10"] <= 1 and latest["users"] == 50
+    assert 0 <= latest["candidate_recall"] <= 1 and latest["recall_users"] == 50
+    first = http.get("/v1/eval").json()["history"][0]
+    assert first["quick"] and 1 <= first["users"] <= 50  # min(200, hold-outs, eval_max_users)
 
 
 def test_health_readiness_metrics(http: httpx.Client, channel: grpc.Channel) -> None:
