@@ -171,6 +171,10 @@ class _Child:
         self.source = KafkaSource(settings, positions=lambda: self.positions)
         self.default_timeout = settings.kafka_poll_timeout_s
         self.ahead: tuple[bool, Any] | None = None  # a fetched (ok, batch or error)
+        # Fetch ahead only while records flow. On an idle stream the engine rests inside
+        # its poll, and a fetch ahead in progress (up to AHEAD_POLL_S) delayed every one
+        # of those polls: the rest overran and idle replay fell to a quarter of its duty.
+        self.flowing = True
         # Every fetched batch is delivered, in order: so mapping at fetch keeps the order.
         self.mapper = None if ids is None else RowMapper(*ids)
         self.last_lag = 0.0
@@ -192,6 +196,7 @@ class _Child:
         self.ahead = None
         if not ok:
             return ok, batch
+        self.flowing = batch is not None
         if batch is not None:
             self.positions.update(batch.commit_offsets())
         lag = None
@@ -207,10 +212,13 @@ class _Child:
         while True:
             # Fetch ahead while the engine works on what it has; a request waits at
             # most one AHEAD_POLL_S for the fetch in progress (JOIN_POLL_S at start-up).
-            if self.ahead is None and not self.conn.poll(0):
-                self.ahead = self.fetch(AHEAD_POLL_S if self.source.assigned() else JOIN_POLL_S)
+            assigned = self.source.assigned()
+            if (self.ahead is None and (self.flowing or not assigned)
+                    and not self.conn.poll(0)):
+                self.ahead = self.fetch(AHEAD_POLL_S if assigned else JOIN_POLL_S)
                 if self.ahead[0] and self.ahead[1] is None:
                     self.ahead = None  # nothing arrived: nothing to hold
+                    self.flowing = False
                 continue
             try:
                 request = self.conn.recv()

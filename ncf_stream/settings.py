@@ -173,8 +173,9 @@ class Settings(BaseSettings):
                     "rest is left to the servers and other processes on a small machine.")
     trainer_threads: int | None = Field(
         None, ge=1,
-        description="torch threads of the training thread; none: one per usable core. Readers "
-                    "(requests, evaluation) compute single-threaded either way.")
+        description="torch threads of the training thread; none: one per usable core but one, "
+                    "left to requests (a request preempting one thread of the SCHED_IDLE team "
+                    "stalls all of it). Readers (requests, evaluation) compute single-threaded.")
 
     # ---- Snapshots and retrieval ---------------------------------------------------------------
     publish_every_s: float = Field(

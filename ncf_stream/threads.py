@@ -44,10 +44,16 @@ def reader_thread() -> None:
 
 def trainer_thread(threads: int | None = None) -> int:
     """Give this thread's torch kernels ``threads`` OpenMP threads (None: one per usable
-    core); returns the count."""
+    core but one, left to requests); returns the count.
+
+    Why not every core: at SCHED_IDLE, a request that preempts one thread of the team
+    stalls the whole team at its next barrier. On 2 cores under 100 qps the daemon
+    replayed no faster with 2 threads than with 1 (bench/idle.py: 297k vs 306k
+    samples/s), while 2 threads alone are 1.5x faster."""
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
+        threads = max(1, cores - 1)
     _own_torch_threads(threads)
     return threads
 
