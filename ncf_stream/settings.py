@@ -167,10 +167,11 @@ class Settings(BaseSettings):
         0, description="Seeds initialisation, negative sampling, replay, the evaluation samples "
                        "and the online hit rate's probes.")
     replay_duty: float = Field(
-        0.5, gt=0, le=1,
-        description="Share of wall time spent replaying while the stream is idle (the engine "
-                    "rests inside the source's poll for the rest, so new events wake it); the "
-                    "rest is left to the servers and other processes on a small machine.")
+        0.4, gt=0, le=1,
+        description="Share of wall time the trainer spends replaying (its own CPU) while the "
+                    "stream is idle; it rests inside the source's poll for the rest, so new "
+                    "events wake it. Replay costs query latency: at 100 qps on 2 cores the idle "
+                    "p99 was 7.4-8.0 ms at 0.3, 7.6 at 0.4 and 9.8-14.5 at 0.5 (bench/idle.py).")
     trainer_threads: int | None = Field(
         None, ge=1,
         description="torch threads of the training thread; none: one per usable core but one, "
