@@ -10,10 +10,46 @@ from collections.abc import Iterator
 import pytest
 
 from consumers.broker import create_topics, existing_or_local
+from ncf_stream.events import Events
+from ncf_stream.model import NeuMFConfig
+from ncf_stream.snapshot import Publisher, SnapshotHolder
+from ncf_stream.source import MemorySource
+from ncf_stream.synth import SynthConfig, generate
+from ncf_stream.trainer import Trainer, TrainerConfig
+
+SMALL = TrainerConfig(batch_size=2048, model=NeuMFConfig(factors=8, mlp_layers=(16, 8, 4)))
 
 # Daemons in tests do not checkpoint unless a test gives them a directory of their
 # own: a shared one would let one test's daemon restore another's state.
 os.environ["NCF_STREAM_CHECKPOINT_DIR"] = ""
+
+
+def train_stream(trainer: Trainer, events: Events, poll: int, replay_steps: int) -> Trainer:
+    """Each poll of ``poll`` events trained until drained, then ``replay_steps`` steps.
+
+    Deterministic, unlike the engine's loop (whose slices are timed), for tests that
+    need a trained model rather than the loop itself."""
+    source = MemorySource(events, batch_size=poll)
+    while (batch := source.poll()) is not None:
+        trainer.ingest(batch.events)
+        while trainer.pending:
+            trainer.step()
+    for _ in range(replay_steps):
+        trainer.step()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained() -> Iterator[tuple[Trainer, SnapshotHolder, Publisher]]:
+    """A small model trained on a planted stream (12k events), its snapshot published."""
+    stream = generate(SynthConfig(users=300, items=250, events=12_000, seed=2, topics=6))
+    trainer = Trainer(SMALL)
+    holder = SnapshotHolder()
+    publisher = Publisher(trainer, holder)
+    train_stream(trainer, stream.to_events(), poll=3000, replay_steps=30)
+    publisher.publish(12_000)
+    yield trainer, holder, publisher
+    publisher.close()
 
 
 def require_program(*names: str, why: str = ".ci/run installs it") -> str:

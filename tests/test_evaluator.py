@@ -12,36 +12,20 @@ import pytest
 
 from ncf_stream.engine import Engine
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, candidate_recall
-from ncf_stream.model import NeuMFConfig
 from ncf_stream.recommend import exact_top_k, top_k
 from ncf_stream.retrieval import CandidateIndex
 from ncf_stream.settings import Settings
-from ncf_stream.snapshot import Publisher, Snapshot, SnapshotHolder
+from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.source import MemorySource
 from ncf_stream.store import HoldOut
 from ncf_stream.synth import SynthConfig, generate
-from ncf_stream.trainer import Trainer, TrainerConfig
 
-SMALL = TrainerConfig(batch_size=2048, model=NeuMFConfig(factors=8, mlp_layers=(16, 8, 4)))
 GUARD_S = 30.0  # a failure guard, not a target: each wait below ends in well under a second
 
 
 @pytest.fixture(scope="module")
-def snap() -> Snapshot:
-    stream = generate(SynthConfig(users=300, items=250, events=12_000, seed=2, topics=6))
-    trainer = Trainer(SMALL)
-    holder = SnapshotHolder()
-    publisher = Publisher(trainer, holder)
-    source = MemorySource(stream.to_events(), batch_size=3000)
-    while (batch := source.poll()) is not None:
-        trainer.ingest(batch.events)
-        while trainer.pending:
-            trainer.step()
-    for _ in range(30):
-        trainer.step()
-    publisher.publish(12_000)
-    publisher.close()
-    s = holder.get()
+def snap(trained) -> Snapshot:  # the trained fixture: tests/conftest.py
+    s = trained[1].get()
     assert s is not None and len(s.store.holdout.users) > 200  # more than the quick sample
     return s
 

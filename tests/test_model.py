@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_stream  # tests/conftest.py
 
 from ncf_stream.evaluate import evaluate
 from ncf_stream.events import Events
 from ncf_stream.model import NeuMF, NeuMFConfig
-from ncf_stream.source import MemorySource
 from ncf_stream.synth import SynthConfig, generate
 from ncf_stream.trainer import Trainer, TrainerConfig, unique_inverse
 
@@ -162,13 +162,7 @@ def test_planted_stream_is_learned(device: str) -> None:
     """Far above popularity on both protocols: fails if learning breaks."""
     stream = generate(SynthConfig(users=600, items=400, events=30_000, seed=4, topics=12))
     trainer = Trainer(TrainerConfig(batch_size=4096, lr=0.05), device=device)
-    source = MemorySource(stream.to_events(), batch_size=2048)
-    while (batch := source.poll()) is not None:
-        trainer.ingest(batch.events)
-        while trainer.pending:
-            trainer.step()
-    for _ in range(300):
-        trainer.step()
+    train_stream(trainer, stream.to_events(), poll=2048, replay_steps=300)
     view = trainer.store.view()
     model = evaluate(trainer.scorer(), view)
     counts = trainer.store.item_counts().astype(np.float32)

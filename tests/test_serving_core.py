@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL  # tests/conftest.py; the `trained` fixture is there too
 
 import ncf_stream.retrieval as retrieval
 from ncf_stream.evaluate import evaluate
@@ -18,32 +19,11 @@ from ncf_stream.evaluator import (
     catalogue_scorer,
     snapshot_scorer,
 )
-from ncf_stream.model import NeuMFConfig
 from ncf_stream.recommend import NotReady, Recommender, UnknownUser, exact_top_k, top_k
 from ncf_stream.retrieval import CandidateIndex, IndexConfig
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import MemorySource
 from ncf_stream.synth import SynthConfig, generate
-from ncf_stream.trainer import Trainer, TrainerConfig
-
-SMALL = TrainerConfig(batch_size=2048, model=NeuMFConfig(factors=8, mlp_layers=(16, 8, 4)))
-
-
-@pytest.fixture(scope="module")
-def trained() -> tuple[Trainer, SnapshotHolder, Publisher]:
-    stream = generate(SynthConfig(users=300, items=250, events=12_000, seed=2, topics=6))
-    trainer = Trainer(SMALL)
-    holder = SnapshotHolder()
-    publisher = Publisher(trainer, holder)
-    source = MemorySource(stream.to_events(), batch_size=3000)
-    while (batch := source.poll()) is not None:
-        trainer.ingest(batch.events)
-        while trainer.pending:
-            trainer.step()
-    for _ in range(30):
-        trainer.step()
-    publisher.publish(12_000)
-    return trainer, holder, publisher
+from ncf_stream.trainer import Trainer
 
 
 def test_candidate_path_equals_exact_when_c_covers_the_catalogue(trained) -> None:
