@@ -154,7 +154,7 @@ class Engine:
         self._drawn = (0, 0)
         self._unpublished_since: float | None = None
         self._idle_since: float | None = None  # start of the current idle period
-        self._idle_replay_s = 0.0  # replay time within it
+        self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
         self.source: EventSource = source if not callable(source) else source(
             Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids,
                    self.metrics.ingest))
