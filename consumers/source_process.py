@@ -30,6 +30,7 @@ rejections by reason and the consumer lag with each batch.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
@@ -94,7 +95,8 @@ class ProcessSource:
         self._lag = 0
         parent, child = socket.socketpair()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "consumers.source_process", str(child.fileno())],
+            [sys.executable, "-m", "consumers.source_process", str(child.fileno()),
+             str(os.getpid())],
             pass_fds=[child.fileno()], cwd=os.path.dirname(os.path.dirname(__file__)))
         child.close()
         self._conn = Connection(parent.detach())
@@ -262,7 +264,30 @@ def _picklable(reply: tuple[bool, Any]) -> tuple[bool, Any]:
         return False, SourceProcessError(f"{type(value).__name__}: {value}")
 
 
-def main(fd: int) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with(parent: int) -> bool:
+    """SIGKILL this process when ``parent`` dies (Linux; False elsewhere).
+
+    Closing the connection only reaches a child that reads it: one spinning inside
+    the Kafka client on an undecodable batch outlived a kill -9 of its daemon at 100%
+    CPU, adopted by init. The kernel signals when the thread that started us ends, so
+    the engine must create its source on a thread that lives as long as the daemon
+    (the main thread does)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def main(fd: int, parent: int) -> None:
+    die_with(parent)
     conn = Connection(fd)
     try:
         _, settings, positions, level, background, ids = conn.recv()
@@ -296,4 +321,4 @@ if __name__ == "__main__":
     # Through the package, so what is pickled names consumers.source_process, not __main__.
     from consumers import source_process
 
-    source_process.main(int(sys.argv[1]))
+    source_process.main(int(sys.argv[1]), int(sys.argv[2]))

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -228,6 +229,43 @@ def test_source_process_leaves_with_the_engine(
     orphan.poll(5.0)
     orphan._conn.close()  # what the kernel does to a killed daemon's sockets
     assert orphan._proc.wait(20) == 0
+
+
+ORPHANED = """
+import sys, time
+from consumers.source_process import ProcessSource
+from ncf_stream.settings import Settings
+source = ProcessSource(Settings(kafka_bootstrap=sys.argv[1], kafka_topic=sys.argv[2],
+                                kafka_dlq_topic=sys.argv[3], kafka_group_id=sys.argv[2] + "-o"))
+print(source._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl: Linux")
+def test_source_process_dies_with_a_killed_daemon_even_when_it_reads_nothing(
+    kafka_bootstrap: str, topics: tuple[str, str]
+) -> None:
+    """kill -9 of the daemon while its child does not read the connection (stopped
+    here; spinning in the client in the wild): the kernel kills the child too."""
+    daemon = subprocess.Popen([sys.executable, "-c", ORPHANED, kafka_bootstrap, *topics],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    assert daemon.stdout is not None
+    child = int(daemon.stdout.readline())
+    os.kill(child, signal.SIGSTOP)  # deaf to its connection, as a spinning child is
+    daemon.kill()
+    daemon.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+        assert time.monotonic() < deadline, "the source process outlived its daemon"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_source_process_raises_what_the_child_raised(
