@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from consumers.kafka_source import KafkaSource
 from consumers.source_process import ProcessSource
-from ncf_stream.engine import Engine, Resume
+from ncf_stream.engine import Engine, Resume, SourceFactory
 from ncf_stream.grpc_server import GrpcServer
 from ncf_stream.http_app import create_app
 from ncf_stream.settings import Settings
@@ -37,9 +37,12 @@ SWITCH_INTERVAL_S = 2e-5
 
 
 class Daemon:
-    """A source (Kafka unless given), an :class:`Engine`, and the servers over it."""
+    """A source (Kafka unless given), an :class:`Engine`, and the servers over it.
 
-    def __init__(self, settings: Settings, source: EventSource | None = None,
+    The Kafka source is given to the engine as a factory, so the engine rebuilds it
+    when it fails while the servers answer from the last snapshot."""
+
+    def __init__(self, settings: Settings, source: EventSource | SourceFactory | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         tune_malloc()  # before the big allocations: see threads.tune_malloc
         self.settings = s = settings
@@ -104,6 +107,9 @@ class Daemon:
             except BaseException as e:  # re-raised on the calling thread
                 failure.append(e)
                 self._stop.set()
+            finally:
+                # On this thread: a source rebuilt here dies with it (source_process.die_with).
+                self.engine.close(final_checkpoint=not failure)
 
         trainer = threading.Thread(target=train, name="ncf-trainer")
         trainer.start()
@@ -113,10 +119,7 @@ class Daemon:
         finally:
             self._stop.set()
             trainer.join()
-            try:
-                self.engine.close(final_checkpoint=not failure)
-            finally:
-                self._shutdown_servers()
+            self._shutdown_servers()
         if failure:
             raise failure[0]
 

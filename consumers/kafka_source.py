@@ -133,7 +133,8 @@ class KafkaSource:
         self._settings = settings
         self._metrics = metrics
         self._filter = _event_filter(settings)
-        self._consumer = consumer or KafkaConsumer(**consumer_config(settings))
+        with _kafka_errors(f"connecting to {settings.kafka_bootstrap}"):
+            self._consumer = consumer or KafkaConsumer(**consumer_config(settings))
         self._listener: _PositionFromState | None = None
         if consumer is None:
             self._listener = _PositionFromState(self._consumer, positions or dict)

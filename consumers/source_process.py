@@ -272,9 +272,9 @@ def die_with(parent: int) -> bool:
 
     Closing the connection only reaches a child that reads it: one spinning inside
     the Kafka client on an undecodable batch outlived a kill -9 of its daemon at 100%
-    CPU, adopted by init. The kernel signals when the thread that started us ends, so
-    the engine must create its source on a thread that lives as long as the daemon
-    (the main thread does)."""
+    CPU, adopted by init. The kernel signals when the *thread* that started us ends:
+    the daemon's first source is started on its main thread, a rebuilt one on the
+    trainer's, which closes it before it ends."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:

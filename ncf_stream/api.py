@@ -32,6 +32,8 @@ class Status:
     model_version: int = 0
     snapshot_events: int = 0  # consumed events the served snapshot includes
     snapshot_age_seconds: float = 0.0
+    ingest: str = "ok"  # "degraded" while the source is down (serving goes on)
+    ingest_reason: str = ""  # why it is degraded
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -57,6 +57,11 @@ from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 log = logging.getLogger(__name__)
 
 TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stalls
+# A failed source is rebuilt after RESTART_FIRST_S, doubling up to RESTART_MAX_S while it
+# keeps failing; one that stays up RESTART_RESET_S starts the doubling over.
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+RESTART_RESET_S = 60.0
 HISTORY_EVERY_S = 2.0  # one point of the status page's charts
 
 
@@ -110,6 +115,37 @@ class TrainedWatermark:
         return self.value
 
 
+@dataclass
+class SourceHealth:
+    """Whether the source is up; if not, why, and when the next rebuild is due."""
+
+    up: bool = True
+    reason: str = ""  # why it is down ("" when up)
+    attempts: int = 0  # rebuilds since the last stable period
+    backoff: float = RESTART_FIRST_S
+    retry_at: float = 0.0  # time.monotonic() of the next rebuild
+    up_since: float = field(default_factory=time.monotonic)
+
+    def failed(self, reason: str) -> None:
+        now = time.monotonic()
+        if self.up and now - self.up_since >= RESTART_RESET_S:
+            self.backoff, self.attempts = RESTART_FIRST_S, 0  # stable for a while: start over
+        elif not self.up or self.attempts:
+            self.backoff = min(2 * self.backoff, RESTART_MAX_S)
+        self.up, self.reason = False, reason
+        self.retry_at = now + self.backoff
+
+    def restarted(self) -> None:
+        self.up, self.reason = True, ""
+        self.attempts += 1
+        self.up_since = time.monotonic()
+
+
+def _offsets(positions: Mapping[Partition, int]) -> str:
+    return ", ".join(f"{t}[{p}] offset {o}" for (t, p), o in sorted(positions.items())) or (
+        "the start of the topic")
+
+
 class Engine:
     """The learning state, its loop, and what serving and monitoring read from it.
 
@@ -155,9 +191,10 @@ class Engine:
         self._unpublished_since: float | None = None
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
-        self.source: EventSource = source if not callable(source) else source(
-            Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids,
-                   self.metrics.ingest))
+        self._factory: SourceFactory | None = source if callable(source) else None
+        self.health = SourceHealth()
+        self.source: EventSource | None = self._open_source() if callable(source) else source
+        self.metrics.ingest.source_up.set(1)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -171,7 +208,7 @@ class Engine:
     def cycle(self, stop: threading.Event | None = None) -> None:
         """One turn: poll (resting there while idle), ingest, train a slice, then
         whatever is due (publish, checkpoint, gauges)."""
-        batch = self.source.poll(self._rest())
+        batch = self._poll(stop)
         if batch is not None:
             self._ingest(batch)
         self._train(stop)
@@ -183,6 +220,60 @@ class Engine:
         if now - self._last_gauges >= LAG_EVERY_S:
             self._last_gauges = now
             self._gauges()
+
+    # ---- the source, and its restarts --------------------------------------------------------
+
+    def _open_source(self) -> EventSource:
+        assert self._factory is not None
+        return self._factory(Resume(self.positions, self.trainer.user_ids,
+                                    self.trainer.item_ids, self.metrics.ingest))
+
+    def _poll(self, stop: threading.Event | None) -> EventBatch | None:
+        """The source's next batch; while it is down, rest and rebuild it when due.
+        Training, publishing and serving go on either way."""
+        rest = self._rest()
+        if self.source is None:
+            if time.monotonic() < self.health.retry_at:
+                wait = min(rest, self.health.retry_at - time.monotonic())
+                if stop is not None:
+                    stop.wait(wait)
+                else:
+                    time.sleep(wait)
+                return None
+            try:
+                self.source = self._open_source()
+            except SourceError as e:
+                self._source_failed(e, "start")
+                return None
+            self.health.restarted()
+            self.metrics.ingest.source_up.set(1)
+            log.warning("source restarted (attempt %d); resuming at %s", self.health.attempts,
+                        _offsets(self.positions))
+        try:
+            return self.source.poll(rest)
+        except SourceError as e:
+            self._source_failed(e, "poll")
+            return None
+
+    def _source_failed(self, error: SourceError, during: str) -> None:
+        """Serve on from the last snapshot and rebuild the source later: the state's
+        positions are where the new one starts, so nothing is lost or applied twice."""
+        if self._factory is None:
+            raise error  # a source given as an instance cannot be rebuilt
+        first = self.health.up
+        self.health.failed(f"{during}: {error}")
+        self.metrics.ingest.source_up.set(0)
+        self.metrics.ingest.source_restarts.labels(reason=during).inc()
+        if first:  # once per outage: the retries of a crash loop are counted, not logged
+            log.error("source failed during %s at %s; serving the last snapshot, rebuilding "
+                      "the source in %.1f s", during, _offsets(self.positions),
+                      self.health.backoff, exc_info=error)
+        if self.source is not None:
+            source, self.source = self.source, None
+            try:
+                source.close()
+            except Exception as e:  # already broken: its close may fail too
+                log.debug("closing the failed source: %s", e)
 
     def _rest(self) -> float:
         """How long the next poll may wait: 0 with fresh work; while idle, what keeps
@@ -269,8 +360,14 @@ class Engine:
         """Write a checkpoint of the state and the offsets it covers; then commit them."""
         if not self.settings.checkpoint_dir or self.positions == self._checkpointed:
             return
+        if self.source is None:
+            return  # its dead letters may be unwritten: checkpoint once a source is back
         start = time.perf_counter()
-        self.source.flush()  # dead letters first: the checkpoint must not cover an unwritten one
+        try:
+            self.source.flush()  # dead letters first: a checkpoint must not cover unwritten ones
+        except SourceError as e:
+            self._source_failed(e, "flush")
+            return
         counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
                     "trained": self.counters.trained}
         path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
@@ -291,7 +388,8 @@ class Engine:
                 self.checkpoint()
         finally:
             self.publisher.close()
-            self.source.close()
+            if self.source is not None:
+                self.source.close()
 
     # ---- what serving and monitoring read ------------------------------------------------------
 
@@ -304,11 +402,16 @@ class Engine:
             items=len(self.trainer.item_ids), interactions=len(self.trainer.store),
             model_version=0 if snap is None else snap.version,
             snapshot_events=0 if snap is None else snap.events,
-            snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3))
+            snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3),
+            ingest="ok" if self.health.up else "degraded", ingest_reason=self.health.reason)
 
     def _gauges(self) -> None:
         m, store = self.metrics.engine, self.trainer.store
-        self.counters.lag = self.source.lag()
+        if self.source is not None:
+            try:
+                self.counters.lag = self.source.lag()
+            except SourceError as e:
+                self._source_failed(e, "lag")
         m.interactions.set(len(store))
         m.users.set(len(self.trainer.user_ids))
         m.items.set(len(self.trainer.item_ids))

@@ -122,6 +122,8 @@ class StatusResponse(BaseModel):
     model_version: int
     snapshot_events: int
     snapshot_age_seconds: float
+    ingest: str
+    ingest_reason: str
 
 
 class EvalResponse(BaseModel):
@@ -333,7 +335,11 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        # Alive either way (200): a degraded ingest still serves the last snapshot.
+        st = status()
+        if st.ingest == "ok":
+            return {"status": "ok"}
+        return {"status": "degraded", "reason": st.ingest_reason}
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> Any:

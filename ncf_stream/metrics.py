@@ -40,8 +40,17 @@ class IngestMetrics:
         self.consumer_lag = Gauge(f"{PREFIX}_consumer_lag",
                                   "Records in the topic not yet consumed (all partitions)",
                                   registry=r)
+        self.source_up = Gauge(f"{PREFIX}_source_up",
+                               "1 while the event source works; 0 while it is being rebuilt",
+                               registry=r)
+        self.source_restarts = Counter(f"{PREFIX}_source_restarts",
+                                       "Source failures, each followed by a rebuild, by when "
+                                       "it failed (start, poll, flush, lag)", ["reason"],
+                                       registry=r)
         for reason in Reason:
             self.rejected.labels(reason=reason.value)
+        for during in ("start", "poll", "flush", "lag"):
+            self.source_restarts.labels(reason=during)
 
 
 class EngineMetrics:

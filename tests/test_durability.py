@@ -204,3 +204,42 @@ def test_ten_percent_bad_records_all_dead_lettered_counters_exact(
     consumer.close()
     assert Counter((r.value, dict(r.headers)["reason"].decode()) for r in dead) == Counter(
         (raw, reason.value) for raw, reason in bad)
+
+
+def test_a_killed_source_process_is_rebuilt_serving_goes_on_nothing_lost(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = f"srckill-{time.time_ns()}"
+    create_topics(kafka_bootstrap, [topic, f"{topic}.dlq"], partitions=1)
+    path = tmp_path / "stream.csv"
+    n = 12_000
+    write(generate(SynthConfig(users=500, items=300, events=n, seed=5, topics=5)), path)
+    s = Settings(kafka_bootstrap=kafka_bootstrap, kafka_topic=topic,
+                 kafka_dlq_topic=f"{topic}.dlq", kafka_group_id=f"{topic}-g", http_port=0,
+                 grpc_port=0, device="cpu", eval_interval_s=3600, replay=False,
+                 shutdown_grace_s=1.0)
+    messages = file_messages(path, None, None, False, lambda _: None)
+    publish(messages[: n // 2], s, topic)
+    daemon = Daemon(s)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{daemon.http_port}"
+        wait_status(daemon.http_port, lambda st: st["snapshot_events"] >= n // 2)
+        child = daemon.engine.source._proc  # type: ignore[union-attr]
+        os.kill(child.pid, signal.SIGKILL)
+        publish(messages[n // 2:], s, topic)
+        deadline = time.monotonic() + 120
+        while (st := httpx.get(f"{url}/v1/status").json())["snapshot_events"] < n:
+            assert time.monotonic() < deadline, st
+            r = httpx.post(f"{url}/v1/recommend", json={"user": "3", "k": 5})
+            assert r.status_code == 200  # served throughout
+            time.sleep(0.05)
+        assert st["ingest"] == "ok"
+        reg = daemon.metrics.registry
+        assert reg.get_sample_value("ncf_stream_source_restarts_total", {"reason": "poll"}) == 1
+        assert daemon.engine.source._proc.pid != child.pid  # type: ignore[union-attr]
+    finally:
+        daemon.stop()
+        thread.join(30)
+    same_state(daemon.engine.trainer, reference(path))

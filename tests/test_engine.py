@@ -149,3 +149,96 @@ def test_a_failing_poll_stops_the_loop_with_the_source_error() -> None:
     engine = Engine(Settings(**SMALL), Broken())
     with pytest.raises(SourceError, match="gone"):
         engine.run()
+
+
+class Flaky:
+    """A source factory: the sources it builds fail as scripted, and it counts them."""
+
+    def __init__(self, events: Events, script: list[str]) -> None:
+        self.events, self.script, self.calls = events, script, 0
+        self.statuses: list[tuple[str, str]] = []  # the engine's ingest status at each call
+
+    def __call__(self, resume: Resume) -> MemorySource:
+        self.calls += 1
+        action = self.script.pop(0) if self.script else "ok"
+        if action == "refuse":
+            raise SourceError("broker unreachable")
+        offset = resume.positions.get(("memory", 0), 0)
+        rest = self.events.take(np.arange(offset, len(self.events)))
+        source = MemorySource(rest, batch_size=500, offset=offset)
+        if action.startswith("fail-after-"):
+            polls = int(action.rsplit("-", 1)[1])
+
+            def poll(timeout_s: float = 0.0, inner=source.poll) -> EventBatch | None:
+                nonlocal polls
+                if polls == 0:
+                    raise SourceError("connection reset")
+                polls -= 1
+                return inner(timeout_s)
+
+            source.poll = poll  # type: ignore[method-assign]
+        return source
+
+
+def test_a_failed_source_is_rebuilt_where_the_state_is_and_nothing_is_lost_or_doubled() -> None:
+    events = stream(3000)
+    # Built once at start; fails on its 3rd poll; the first rebuild is refused.
+    flaky = Flaky(events, ["fail-after-2", "refuse", "ok"])
+    engine = Engine(Settings(**SMALL, replay=False), flaky)
+    seen: list[tuple[str, str]] = []  # the ingest status at every turn
+
+    def done() -> bool:
+        seen.append((engine.status().ingest, engine.status().ingest_reason))
+        return engine.counters.consumed == 3000 and not engine.trainer.pending
+
+    engine.run(until=done)
+    reference = Engine(Settings(**SMALL, replay=False), MemorySource(events, batch_size=500))
+    reference.run(until=lambda: reference.counters.consumed == 3000)
+    got, want = engine.trainer.store, reference.trainer.store
+    assert got.events == want.events == 3000 and len(got) == len(want)  # once each
+    assert np.array_equal(got.holdout().items, want.holdout().items)
+    assert flaky.calls == 3
+    assert ("degraded", "poll: connection reset") in seen
+    assert ("degraded", "start: broker unreachable") in seen
+    assert engine.status().ingest == "ok" and engine.health.backoff == 1.0  # doubled once
+    reg = engine.metrics.registry
+    for during, n in (("poll", 1), ("start", 1), ("flush", 0)):
+        assert reg.get_sample_value("ncf_stream_source_restarts_total", {"reason": during}) == n
+    assert reg.get_sample_value("ncf_stream_source_up") == 1
+
+
+def test_the_daemon_serves_its_last_snapshot_while_the_source_is_down() -> None:
+    import httpx
+
+    from consumers.daemon import Daemon
+
+    events = stream(3000)
+    # Fails once everything is consumed; then refused for a while (0.5 + 1 + 2 s).
+    flaky = Flaky(events, ["fail-after-8", "refuse", "refuse", "refuse"])
+    s = Settings(**SMALL, replay=False, http_port=0, grpc_port=0, shutdown_grace_s=0.5)
+    daemon = Daemon(s, source=flaky)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{daemon.http_port}", timeout=10) as c:
+            deadline = time.monotonic() + 60
+            while daemon.engine.status().ingest == "ok" or daemon.engine.holder.get() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # Down for 3.5 s (three refused rebuilds): these checks come well within it.
+            degraded = c.get("/healthz").json()
+            assert degraded["status"] == "degraded" and "connection reset" in degraded["reason"]
+            assert c.get("/v1/status").json()["ingest"] == "degraded"
+            assert c.get("/readyz").status_code == 200
+            answered = 0
+            while daemon.engine.status().ingest == "degraded":
+                assert time.monotonic() < deadline
+                r = c.post("/v1/recommend", json={"user": str(events.users[0]), "k": 5})
+                assert r.status_code == 200 and r.json()["items"]
+                answered += 1
+            assert answered > 10 and thread.is_alive()
+            assert c.get("/healthz").json() == {"status": "ok"}
+            assert flaky.calls == 5
+    finally:
+        daemon.stop()
+        thread.join(15)
