@@ -189,6 +189,10 @@ class Engine:
         self._last_query_count = 0
         self._drawn = (0, 0)
         self._unpublished_since: float | None = None
+        # When a snapshot last took in new events; the gauge is read at scrape time, so
+        # it grows even if this loop stops (what the stale-model alert needs).
+        self._fresh_at = time.time()
+        self.metrics.engine.model_age.set_function(lambda: time.time() - self._fresh_at)
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
         self._factory: SourceFactory | None = source if callable(source) else None
@@ -338,7 +342,11 @@ class Engine:
         overdue = self.publisher.since_last() > 2 * self.publisher.every_s
         if not self.publisher.due(events) or (self.trainer.pending and not overdue):
             return
+        served = self.holder.get()
+        fresh = served is None or events != served.events  # new events, not replay alone
         stats = self.publisher.publish(events)
+        if fresh:
+            self._fresh_at = time.time()
         m = self.metrics.engine
         m.publish_seconds.observe(stats.seconds)
         m.snapshot_version.set(stats.version)

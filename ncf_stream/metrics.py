@@ -85,6 +85,10 @@ class EngineMetrics:
                                      "Consumed events the served snapshot includes", registry=r)
         self.snapshot_age = Gauge(f"{PREFIX}_snapshot_age_seconds",
                                   "Seconds since the served snapshot was published", registry=r)
+        self.model_age = Gauge(f"{PREFIX}_model_age_seconds",
+                               "Seconds since the served snapshot last took in new events "
+                               "(replay-only publishes do not count); computed at scrape time",
+                               registry=r)
         self.publish_seconds = Histogram(f"{PREFIX}_snapshot_publish_seconds",
                                          "Time to take and swap in a snapshot", registry=r)
         self.freshness = Histogram(

@@ -242,3 +242,18 @@ def test_the_daemon_serves_its_last_snapshot_while_the_source_is_down() -> None:
     finally:
         daemon.stop()
         thread.join(15)
+
+
+def test_model_age_counts_from_new_events_not_from_replay_publishes() -> None:
+    engine = Engine(Settings(**SMALL, publish_every_s=0.01), MemorySource(stream(2000)))
+    engine.run(until=lambda: engine.counters.consumed == 2000 and not engine.trainer.pending
+               and engine.status().snapshot_events == 2000)
+    fresh_at, version = engine._fresh_at, engine.publisher.version
+    time.sleep(0.3)
+    engine.run(until=lambda: engine.publisher.version >= version + 3)  # replay-only publishes
+    assert engine._fresh_at == fresh_at
+    age = engine.metrics.registry.get_sample_value("ncf_stream_model_age_seconds")
+    assert age is not None and age >= 0.3
+    engine.source.push(stream(100, seed=3))  # type: ignore[union-attr]
+    engine.run(until=lambda: engine.status().snapshot_events == 2100)
+    assert engine.metrics.registry.get_sample_value("ncf_stream_model_age_seconds") < 0.3
