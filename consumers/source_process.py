@@ -101,21 +101,26 @@ class ProcessSource:
         child.close()
         self._conn = Connection(parent.detach())
         self._closed = False
+        self._stall_s = settings.source_stall_s
+        self._out_of_step = False
+        self._default_timeout = settings.kafka_poll_timeout_s
         ids = None if id_maps is None else tuple(m.all_ids().tolist() for m in id_maps)
         self._call("start", settings, dict(positions or {}), logging.getLogger().level,
                    background, ids)
 
-    def _call(self, *request: Any) -> Any:
+    def _call(self, *request: Any, reply_s: float = REPLY_TIMEOUT_S) -> Any:
         if self._closed:
             raise SourceProcessError("the source is closed")
         try:
             self._conn.send(request)
-            deadline = time.monotonic() + REPLY_TIMEOUT_S
-            while not self._conn.poll(0.5):
+            deadline = time.monotonic() + reply_s
+            while not self._conn.poll(min(0.5, reply_s)):
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     code = self._proc.returncode
+                    self._out_of_step = True  # a late reply would answer the next request
                     raise SourceProcessError("the source process " + (
-                        "stopped answering" if code is None else f"exited with {code}"))
+                        f"stopped answering for {reply_s:.0f} s (wedged)" if code is None
+                        else f"exited with {code}"))
             ok, value = self._conn.recv()
         except (EOFError, OSError) as e:
             raise SourceProcessError(f"the source process is gone ({e})") from e
@@ -127,7 +132,8 @@ class ProcessSource:
         # A deadline rather than a timeout: the child may be finishing a fetch ahead
         # when the request arrives, and that wait counts (CLOCK_MONOTONIC is system-wide).
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        delivery: Delivery = self._call("poll", deadline)
+        wait = self._default_timeout if timeout_s is None else timeout_s
+        delivery: Delivery = self._call("poll", deadline, reply_s=wait + self._stall_s)
         if delivery.lag is not None:
             self._lag = delivery.lag
             if self._metrics is not None:
@@ -147,15 +153,21 @@ class ProcessSource:
         return self._lag
 
     def close(self) -> None:
+        """Stop the child (it flushes its dead letters first); one that is gone or does
+        not answer is killed, since it has nothing left to flush that a replay would not
+        send again."""
         if self._closed:
             return
         try:
-            self._call("close")
+            if self._proc.poll() is None and not self._out_of_step:
+                self._call("close", reply_s=self._stall_s)
+        except SourceError as e:
+            log.warning("source process: %s; killing it", e)
         finally:
             self._closed = True
             self._conn.close()
             try:
-                self._proc.wait(30)
+                self._proc.wait(0 if self._out_of_step else 5)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()

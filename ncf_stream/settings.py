@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="Run the consumer and the decoder in a process of their own "
                     "(consumers.source_process): their pure-Python record parsing then never "
                     "holds the GIL that requests need. false keeps them on the trainer thread.")
+    source_stall_s: float = Field(
+        30.0, gt=0,
+        description="A source process that has not answered a poll for this long past its "
+                    "timeout is wedged (spinning or hung inside the client): it is killed and "
+                    "rebuilt while serving goes on. An idle stream is not a stall: the child "
+                    "answers every poll, with or without records.")
     background_policy: BackgroundPolicy = Field(
         "idle",
         description="How the trainer, the source's decoder and the evaluator yield the CPU to "

@@ -261,6 +261,26 @@ def test_source_process_dies_with_a_killed_daemon_even_when_it_reads_nothing(
         time.sleep(0.05)
 
 
+def test_a_wedged_source_process_is_declared_so_and_killed_at_once(
+    kafka_bootstrap: str, topics: tuple[str, str]
+) -> None:
+    """A child that stops answering (spinning inside the client, or hung) is reported
+    after source_stall_s past its poll's timeout, and closing it kills it, no waiting."""
+    s = settings_for(kafka_bootstrap, topics).model_copy(update={"source_stall_s": 1.0})
+    source = ProcessSource(s)
+    try:
+        source.poll(0.5)
+        os.kill(source._proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(SourceError, match="wedged"):
+            source.poll(0.2)
+        assert 1.2 <= time.monotonic() - start < 5
+    finally:
+        start = time.monotonic()
+        source.close()
+    assert time.monotonic() - start < 2 and source._proc.returncode is not None
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
