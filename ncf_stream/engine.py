@@ -236,6 +236,8 @@ class Engine:
         """The source's next batch; while it is down, rest and rebuild it when due.
         Training, publishing and serving go on either way."""
         rest = self._rest()
+        if self.trainer.pending >= self.settings.max_pending_positives:
+            return None  # backpressure: the burst waits in the source, not in memory
         if self.source is None:
             if time.monotonic() < self.health.retry_at:
                 wait = min(rest, self.health.retry_at - time.monotonic())

@@ -178,6 +178,11 @@ class Settings(BaseSettings):
                     "stream is idle; it rests inside the source's poll for the rest, so new "
                     "events wake it. Replay costs query latency: at 100 qps on 2 cores the idle "
                     "p99 was 7.4-8.0 ms at 0.3, 7.6 at 0.4 and 9.8-14.5 at 0.5 (bench/idle.py).")
+    max_pending_positives: int = Field(
+        2_000_000, ge=1,
+        description="Backpressure: with this many fresh positives waiting to be trained "
+                    "(about 16 bytes each), the engine stops polling until training catches "
+                    "up, so a burst waits in Kafka instead of in memory.")
     trainer_threads: int | None = Field(
         None, ge=1,
         description="torch threads of the training thread; none: one per usable core but one, "

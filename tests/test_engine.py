@@ -257,3 +257,30 @@ def test_model_age_counts_from_new_events_not_from_replay_publishes() -> None:
     engine.source.push(stream(100, seed=3))  # type: ignore[union-attr]
     engine.run(until=lambda: engine.status().snapshot_events == 2100)
     assert engine.metrics.registry.get_sample_value("ncf_stream_model_age_seconds") < 0.3
+
+
+def test_backpressure_bounds_the_fresh_positives_waiting() -> None:
+    """A burst larger than the bound waits in the source: the engine stops polling while
+    max_pending_positives wait, and everything is still consumed in the end."""
+    events = stream(6000)
+    engine = Engine(Settings(**SMALL, max_pending_positives=700),
+                    MemorySource(events, batch_size=500))
+    source = engine.source
+    assert isinstance(source, MemorySource)
+    step = engine.trainer.step
+
+    def slow_step():  # training slower than ingest: the burst
+        time.sleep(0.02)
+        return step()
+
+    engine.trainer.step = slow_step  # type: ignore[method-assign]
+    most = 0
+
+    def done() -> bool:
+        nonlocal most
+        most = max(most, engine.trainer.pending)
+        return engine.counters.consumed == 6000 and not engine.trainer.pending
+
+    engine.run(until=done)
+    assert 700 <= most < 700 + 500  # one batch past the bound, at most
+    assert engine.trainer.store.events == 6000 and source.lag() == 0
