@@ -59,6 +59,8 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "check_crcs": False,
         "metrics_enabled": False,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "session_timeout_ms": int(settings.kafka_session_timeout_s * 1000),
+        "heartbeat_interval_ms": int(settings.kafka_session_timeout_s * 1000 / 3),
         **settings.kafka_client_options,
     }
 

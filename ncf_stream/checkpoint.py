@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ncf_stream.errors import NcfStreamError
+from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
 from ncf_stream.source import Partition
 from ncf_stream.store import InteractionStore
@@ -78,9 +79,11 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
     for name in (*FILES, "meta.json"):
         _fsync(tmp / name)
     _fsync(tmp)
+    crash_point("checkpoint-written")
     final = root / f"ckpt-{seq:08d}"
     os.rename(tmp, final)
     _fsync(root)
+    crash_point("checkpoint-renamed")  # the caller commits the offsets after this
     for old in sorted(root.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry
 from ncf_stream import checkpoint
 from ncf_stream.api import Status
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
+from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
 from ncf_stream.metrics import IngestMetrics, Metrics
 from ncf_stream.recommend import Recommender
@@ -320,6 +321,7 @@ class Engine:
         users, items = self.trainer.rows(batch.events)
         self.online.observe(self.holder.get(), users, items)  # before training on them
         result = self.trainer.ingest_rows(users, items, batch.events.ts)
+        crash_point("ingest")
         self.positions.update(batch.commit_offsets())
         c = self.counters
         c.consumed += batch.records

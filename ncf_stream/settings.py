@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="Run the consumer and the decoder in a process of their own "
                     "(consumers.source_process): their pure-Python record parsing then never "
                     "holds the GIL that requests need. false keeps them on the trainer thread.")
+    kafka_session_timeout_s: float = Field(
+        10.0, ge=1,
+        description="How long a daemon that died (kill -9, a lost machine) keeps its "
+                    "partitions before its group hands them on: a restarted daemon waits up to "
+                    "this long to consume. The broker's group.min.session.timeout.ms (6 s by "
+                    "default) bounds it from below.")
     source_stall_s: float = Field(
         30.0, gt=0,
         description="A source process that has not answered a poll for this long past its "

@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 import torch
 
+from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
 from ncf_stream.model import NeuMF
 from ncf_stream.retrieval import CandidateIndex, IndexConfig
@@ -154,6 +155,7 @@ class Publisher:
             store=self.trainer.store.view(), user_ids=self.trainer.user_ids,
             item_ids=self.trainer.item_ids, popular=popular, popularity=counts[popular] / total,
         )
+        crash_point("publish")
         self.holder.set(snapshot)
         self._last_time, self._last_events = time.monotonic(), events
         self._last_steps = self.trainer.steps
