@@ -196,9 +196,14 @@ class Engine:
         self.metrics.engine.model_age.set_function(lambda: time.time() - self._fresh_at)
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
-        self._factory: SourceFactory | None = source if callable(source) else None
         self.health = SourceHealth()
-        self.source: EventSource | None = self._open_source() if callable(source) else source
+        # A factory's source is rebuilt when it fails (None meanwhile); a given one is not.
+        self._factory: SourceFactory | None = None
+        self.source: EventSource | None
+        if callable(source):
+            self._factory, self.source = source, self._open_source(source)
+        else:
+            self.source = source
         self.metrics.ingest.source_up.set(1)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -228,10 +233,9 @@ class Engine:
 
     # ---- the source, and its restarts --------------------------------------------------------
 
-    def _open_source(self) -> EventSource:
-        assert self._factory is not None
-        return self._factory(Resume(self.positions, self.trainer.user_ids,
-                                    self.trainer.item_ids, self.metrics.ingest))
+    def _open_source(self, factory: SourceFactory) -> EventSource:
+        return factory(Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids,
+                              self.metrics.ingest))
 
     def _poll(self, stop: threading.Event | None) -> EventBatch | None:
         """The source's next batch; while it is down, rest and rebuild it when due.
@@ -240,6 +244,8 @@ class Engine:
         if self.trainer.pending >= self.settings.max_pending_positives:
             return None  # backpressure: the burst waits in the source, not in memory
         if self.source is None:
+            if self._factory is None:  # _source_failed raises for these: never here
+                raise SourceError("the source failed and cannot be rebuilt")
             if time.monotonic() < self.health.retry_at:
                 wait = min(rest, self.health.retry_at - time.monotonic())
                 if stop is not None:
@@ -248,7 +254,7 @@ class Engine:
                     time.sleep(wait)
                 return None
             try:
-                self.source = self._open_source()
+                self.source = self._open_source(self._factory)
             except SourceError as e:
                 self._source_failed(e, "start")
                 return None
