@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 import sys
 import threading
@@ -45,6 +46,9 @@ class Daemon:
     def __init__(self, settings: Settings, source: EventSource | SourceFactory | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         tune_malloc()  # before the big allocations: see threads.tune_malloc
+        if not settings.kafka_group_instance_id:  # see the setting: rebuilds resume at once
+            settings = settings.model_copy(update={
+                "kafka_group_instance_id": f"ncf-stream-{socket.gethostname()}-{os.getpid()}"})
         self.settings = s = settings
         self.engine = Engine(s, source if source is not None else self._kafka_source,
                              registry)

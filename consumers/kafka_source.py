@@ -8,6 +8,7 @@ effect is safe, so a crash replays events rather than losing them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -16,16 +17,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import OffsetAndMetadata
 
-from ncf_stream.events import EventFilter, Rejection, decode_batch
+from ncf_stream.events import EventFilter, Events, Reason, Rejection, decode_batch
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import EventBatch, Partition, SourceError
+from ncf_stream.source import Blocked, EventBatch, Partition, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 # poll timed out between SyncGroup and the assignment): the group stable, the consumer
 # holding nothing and fetching nothing, events consumed 0 for minutes.
 UNASSIGNED_REJOIN_S = 15.0
+# A probe fetch (one partition alone, from one offset) that has not answered in this
+# long found nothing there: on a live broker an answer takes milliseconds.
+PROBE_S = 5.0
 
 
 @contextmanager
@@ -59,10 +64,50 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "check_crcs": False,
         "metrics_enabled": False,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "group_instance_id": settings.kafka_group_instance_id or None,
         "session_timeout_ms": int(settings.kafka_session_timeout_s * 1000),
         "heartbeat_interval_ms": int(settings.kafka_session_timeout_s * 1000 / 3),
         **settings.kafka_client_options,
     }
+
+
+def probe_config(settings: Settings) -> dict[str, Any]:
+    """A consumer outside the group that fetches one partition at a time, one record."""
+    return {**consumer_config(settings), "group_id": None, "group_instance_id": None,
+            "client_id": "ncf-stream-probe",
+            "max_poll_records": 1, "fetch_max_wait_ms": 100}
+
+
+def _message(error: Exception) -> str:
+    """An exception's message without the class name kafka-python's errors repeat in it."""
+    text, prefix = str(error), f"{type(error).__name__}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _decoding_error(error: Exception) -> bool:
+    """Whether a poll failed decoding a batch rather than talking to the broker: the
+    client's codec and corruption errors, and whatever a codec library raises."""
+    return not isinstance(error, KafkaError) or isinstance(
+        error, (UnsupportedCodecError, CorruptRecordError))
+
+
+def _probe(consumer: KafkaConsumer, tp: TopicPartition, offset: int) -> Exception | None:
+    """Fetch ``tp`` from ``offset``: the decoding error that raises, or None if a record
+    (or nothing, within PROBE_S) came. A failed probe leaves ``consumer`` poisoned at
+    ``offset`` (see KafkaSource._undecodable): never probe one offset twice with it."""
+    if consumer.assignment() != {tp}:
+        consumer.assign([tp])
+    consumer.seek(tp, offset)
+    deadline = time.monotonic() + PROBE_S
+    while time.monotonic() < deadline:
+        try:
+            if consumer.poll(timeout_ms=100, max_records=1):
+                return None
+        except Exception as e:
+            if not _decoding_error(e):
+                raise
+            return e
+    return None
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -98,8 +143,8 @@ class _PositionFromState(ConsumerRebalanceListener):
     lag tools, and the state in memory is what must not skip or repeat an event."""
 
     def __init__(self, consumer: KafkaConsumer, positions: Callable[[], Mapping[Partition, int]],
-                 ) -> None:
-        self.consumer, self.positions = consumer, positions
+                 assigned: Callable[[set[TopicPartition]], None]) -> None:
+        self.consumer, self.positions, self.assigned = consumer, positions, assigned
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         pass
@@ -112,6 +157,7 @@ class _PositionFromState(ConsumerRebalanceListener):
                 self.consumer.seek(tp, known[(tp.topic, tp.partition)])
         if fresh:
             self.consumer.seek_to_beginning(*fresh)
+        self.assigned(set(assigned))
         log.info("assigned %s; positions from state: %s", sorted(map(tuple, assigned)), known)
 
 
@@ -138,8 +184,10 @@ class KafkaSource:
         with _kafka_errors(f"connecting to {settings.kafka_bootstrap}"):
             self._consumer = consumer or KafkaConsumer(**consumer_config(settings))
         self._listener: _PositionFromState | None = None
+        self._blocked: dict[TopicPartition, Blocked] = {}
+        self._poisoned: SourceError | None = None  # an undecodable batch left unresolved
         if consumer is None:
-            self._listener = _PositionFromState(self._consumer, positions or dict)
+            self._listener = _PositionFromState(self._consumer, positions or dict, self._reblock)
             self._consumer.subscribe([settings.kafka_topic], listener=self._listener)
         self._unassigned_since: float | None = None
         self.rejoins = 0
@@ -150,11 +198,18 @@ class KafkaSource:
 
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:
         """Poll once; None when no record arrived within ``timeout_s``."""
+        if self._poisoned is not None:  # its next poll would spin (see _undecodable)
+            raise self._poisoned
         timeout = self._settings.kafka_poll_timeout_s if timeout_s is None else timeout_s
-        with _kafka_errors(f"polling {self._settings.kafka_topic}"):
+        try:
             by_partition = self._consumer.poll(
                 timeout_ms=int(timeout * 1000), max_records=self._settings.kafka_max_poll_records
             )
+        except Exception as e:
+            if not _decoding_error(e):
+                raise SourceError(f"polling {self._settings.kafka_topic}: "
+                                  f"{type(e).__name__}: {e}") from e
+            return self._undecodable(e)  # a codec's error, or a corrupt batch
         records = [r for part in by_partition.values() for r in part]
         if not records:
             self._check_assignment()
@@ -169,6 +224,94 @@ class KafkaSource:
             # these records again instead of silently skipping them.
             self._rewind(offsets)
             raise
+
+    def blocked(self) -> dict[Partition, Blocked]:
+        return {(tp.topic, tp.partition): b for tp, b in self._blocked.items()}
+
+    # ---- a batch the client cannot decode ---------------------------------------------------
+    #
+    # kafka-python raises from poll() without saying which partition failed (an lz4
+    # batch without the lz4 module: UnsupportedCodecError; a corrupt one: the codec's own
+    # error). Its consumer is then poisoned: the next poll at that position spins forever
+    # in Fetcher.fetched_records over the failed batch (3.0.12), the 100% CPU the daemon
+    # was once found in. So the failure is reproduced by a probe consumer of its own,
+    # outside the group, one partition at a time from the main consumer's positions; the
+    # partition that fails is paused in the main consumer (or its range dead-lettered and
+    # skipped), and the others flow on. Only public consumer calls are used.
+
+    def _undecodable(self, error: Exception) -> EventBatch | None:
+        """Find the partition whose next batch raises ``error``; block it, or dead-letter
+        its undecodable range. Raises SourceError if no single partition reproduces it,
+        and on every later poll: the engine builds a new source."""
+        try:
+            return self._isolate(error)
+        except SourceError as e:
+            self._poisoned = e
+            raise
+
+    def _isolate(self, error: Exception) -> EventBatch | None:
+        topic = self._settings.kafka_topic
+        with _kafka_errors(f"polling {topic}: {type(error).__name__}: {error}; then "
+                           "looking for the partition that fails"):
+            live = [tp for tp in self._consumer.assignment() if tp not in self._blocked]
+            start = {tp: self._consumer.position(tp) for tp in live}
+            end = self._consumer.end_offsets(live) if live else {}
+            probe = KafkaConsumer(**probe_config(self._settings))
+            try:
+                culprit = failure = None
+                for tp in sorted((tp for tp in live if start[tp] < end[tp]),
+                                 key=lambda tp: tp.partition):
+                    failure = _probe(probe, tp, start[tp])
+                    if failure is not None:
+                        culprit = tp
+                        break
+                if culprit is None:
+                    raise SourceError(f"polling {topic}: {type(error).__name__}: {error} "
+                                      "(no single partition reproduces it)") from error
+                lo = hi = start[culprit]
+                if self._settings.dead_letter_undecodable:
+                    # A fetch returns the whole batch around its offset, so the range ends
+                    # at the first offset whose fetch succeeds (a compressed batch has no
+                    # readable records; skipping ahead could skip good batches).
+                    hi += 1
+                    while hi < end[culprit] and _probe(probe, culprit, hi) is not None:
+                        hi += 1
+            finally:
+                probe.close(autocommit=False)
+        assert failure is not None
+        log.debug("%s[%d] offset %d: undecodable batch", culprit.topic, culprit.partition, lo,
+                  exc_info=failure)
+        if hi == lo:
+            self._blocked[culprit] = Blocked(lo, type(failure).__name__, _message(failure))
+            self._consumer.pause(culprit)
+            return None
+        self._consumer.seek(culprit, hi)  # past the range (and the poisoned batch)
+        return self._dead_letter_range(culprit, lo, hi, failure)
+
+    def _reblock(self, assigned: set[TopicPartition]) -> None:
+        """After a rebalance: a blocked partition still ours stays paused (a new
+        assignment resumes every partition); one that left us is no longer ours to report."""
+        self._blocked = {tp: b for tp, b in self._blocked.items() if tp in assigned}
+        if self._blocked:
+            self._consumer.pause(*self._blocked)
+
+    def _dead_letter_range(self, tp: TopicPartition, lo: int, hi: int,
+                           failure: Exception) -> EventBatch:
+        """One dead letter for an undecodable range, and an empty batch that covers it,
+        so the range is counted, rejected, and committed past like any bad record."""
+        detail = f"{type(failure).__name__}: {_message(failure)}"
+        letter = _RangeLetter(tp.topic, tp.partition, lo, json.dumps({
+            "topic": tp.topic, "partition": tp.partition, "first_offset": lo,
+            "next_offset": hi, "reason": Reason.UNDECODABLE_BATCH.value,
+            "detail": detail}).encode())
+        rejection = Rejection(0, Reason.UNDECODABLE_BATCH, f"offsets {lo}-{hi - 1}: {detail}")
+        self._dlq_log.add([letter], [rejection])
+        self._dlq.put([(letter, rejection)])
+        batch = EventBatch(Events.from_rows([]), {(tp.topic, tp.partition): (lo, hi)},
+                           {Reason.UNDECODABLE_BATCH.value: hi - lo})
+        if self._metrics is not None:
+            count_batch(self._metrics, batch)
+        return batch
 
     def assigned(self) -> bool:
         """Whether the consumer holds a partition now."""
@@ -253,6 +396,42 @@ class KafkaSource:
             self._dlq.close()
         finally:
             self._consumer.close(autocommit=False)
+            if self._listener is not None and self._settings.kafka_group_instance_id:
+                _leave_group(self._settings)
+
+
+
+@dataclass(frozen=True)
+class _RangeLetter:
+    """The dead letter of an undecodable offset range: its records cannot be read, so
+    the letter carries the range and the reason (a JSON value), not their bytes."""
+
+    topic: str
+    partition: int
+    offset: int  # the range's first
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _leave_group(settings: Settings) -> None:
+    """Remove our static member from the group: a static member never leaves on close,
+    so its partitions would wait out its session before another member got them. Best
+    effort: the session ends it anyway."""
+    from kafka.admin import KafkaAdminClient, MemberToRemove
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","),
+                                 client_id="ncf-stream", request_timeout_ms=5000,
+                                 **settings.kafka_client_options)
+        try:
+            admin.remove_group_members(settings.kafka_group_id, [
+                MemberToRemove(group_instance_id=settings.kafka_group_instance_id)])
+        finally:
+            admin.close()
+    except Exception as e:
+        log.warning("could not leave group %s as %s (its session will end it): %s",
+                    settings.kafka_group_id, settings.kafka_group_instance_id, e)
 
 
 class DeadLetterLog:

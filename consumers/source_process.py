@@ -50,7 +50,7 @@ from ncf_stream.events import Events
 from ncf_stream.ids import IdMap, RowMapper
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import LAG_EVERY_S, EventBatch, Partition, SourceError
+from ncf_stream.source import LAG_EVERY_S, Blocked, EventBatch, Partition, SourceError
 from ncf_stream.threads import BackgroundPolicy, background_thread
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Delivery:
 
     batch: EventBatch | None
     lag: int | None  # the consumer lag, when the child measured it since the last delivery
+    blocked: dict[Partition, Blocked]  # the partitions stopped at an undecodable batch
 
 
 class ProcessSource:
@@ -93,6 +94,7 @@ class ProcessSource:
                  id_maps: tuple[IdMap, IdMap] | None = None) -> None:
         self._metrics = metrics
         self._lag = 0
+        self._blocked: dict[Partition, Blocked] = {}
         parent, child = socket.socketpair()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "consumers.source_process", str(child.fileno()),
@@ -134,6 +136,7 @@ class ProcessSource:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         wait = self._default_timeout if timeout_s is None else timeout_s
         delivery: Delivery = self._call("poll", deadline, reply_s=wait + self._stall_s)
+        self._blocked = delivery.blocked
         if delivery.lag is not None:
             self._lag = delivery.lag
             if self._metrics is not None:
@@ -151,6 +154,10 @@ class ProcessSource:
     def lag(self) -> int:
         """The lag the child measured last (it measures once a second)."""
         return self._lag
+
+    def blocked(self) -> dict[Partition, Blocked]:
+        """As of the last poll."""
+        return self._blocked
 
     def close(self) -> None:
         """Stop the child (it flushes its dead letters first); one that is gone or does
@@ -220,7 +227,7 @@ class _Child:
                 lag = self.source.lag()
             except Exception as e:  # a lag is a gauge, not worth failing for
                 log.debug("lag unavailable: %s", e)
-        return True, Delivery(batch, lag)
+        return True, Delivery(batch, lag, self.source.blocked())
 
     def serve(self) -> None:
         while True:

@@ -51,7 +51,14 @@ from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import LAG_EVERY_S, EventBatch, EventSource, Partition, SourceError
+from ncf_stream.source import (
+    LAG_EVERY_S,
+    Blocked,
+    EventBatch,
+    EventSource,
+    Partition,
+    SourceError,
+)
 from ncf_stream.status_page import History, Sample
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
 
@@ -197,6 +204,8 @@ class Engine:
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
         self.health = SourceHealth()
+        self.blocked: dict[Partition, Blocked] = {}  # as the source last reported
+        self._blocks_logged: set[tuple[Partition, int]] = set()  # once each, across rebuilds
         # A factory's source is rebuilt when it fails (None meanwhile); a given one is not.
         self._factory: SourceFactory | None = None
         self.source: EventSource | None
@@ -263,10 +272,30 @@ class Engine:
             log.warning("source restarted (attempt %d); resuming at %s", self.health.attempts,
                         _offsets(self.positions))
         try:
-            return self.source.poll(rest)
+            batch = self.source.poll(rest)
         except SourceError as e:
             self._source_failed(e, "poll")
             return None
+        self._note_blocked(self.source.blocked())
+        return batch
+
+    def _note_blocked(self, blocked: Mapping[Partition, Blocked]) -> None:
+        """Export and log partitions the source stopped at an undecodable batch."""
+        if blocked == self.blocked:
+            return
+        gauge = self.metrics.ingest.partition_blocked
+        for (_, p), b in self.blocked.items():
+            gauge.labels(partition=str(p), reason=b.reason).set(0)
+        for (t, p), b in blocked.items():
+            gauge.labels(partition=str(p), reason=b.reason).set(1)
+            if ((t, p), b.offset) not in self._blocks_logged:
+                self._blocks_logged.add(((t, p), b.offset))
+                log.error("%s[%d] offset %d: the client cannot decode this batch (%s: %s). "
+                          "The partition is paused, the others flow on, serving goes on. "
+                          "Install what the codec needs and restart, or set "
+                          "dead_letter_undecodable to skip the batch's range "
+                          "(docs/operations.md).", t, p, b.offset, b.reason, b.detail)
+        self.blocked = dict(blocked)
 
     def _source_failed(self, error: SourceError, during: str) -> None:
         """Serve on from the last snapshot and rebuild the source later: the state's
@@ -421,7 +450,15 @@ class Engine:
             model_version=0 if snap is None else snap.version,
             snapshot_events=0 if snap is None else snap.events,
             snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3),
-            ingest="ok" if self.health.up else "degraded", ingest_reason=self.health.reason)
+            ingest="ok" if self.health.up and not self.blocked else "degraded",
+            ingest_reason=self._ingest_reason())
+
+    def _ingest_reason(self) -> str:
+        """Why ingest is degraded: the source down, partitions blocked ("" when neither)."""
+        reasons = [] if self.health.up else [self.health.reason]
+        reasons += [f"{t}[{p}] blocked at offset {b.offset}: {b.reason}: {b.detail}"
+                    for (t, p), b in sorted(self.blocked.items())]
+        return "; ".join(reasons)
 
     def _gauges(self) -> None:
         m, store = self.metrics.engine, self.trainer.store

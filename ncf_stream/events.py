@@ -50,6 +50,9 @@ class Reason(StrEnum):
     OVERSIZE_ID = "oversize_id"
     BAD_EVENT_TYPE = "bad_event_type"
     INVALID_UNICODE = "invalid_unicode"
+    # A whole offset range: a batch the client could not decode, skipped by choice
+    # (the dead_letter_undecodable setting). One dead letter names the range.
+    UNDECODABLE_BATCH = "undecodable_batch"
 
 
 @dataclass(frozen=True, slots=True)

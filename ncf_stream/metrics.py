@@ -47,6 +47,10 @@ class IngestMetrics:
                                        "Source failures, each followed by a rebuild, by when "
                                        "it failed (start, poll, flush, lag)", ["reason"],
                                        registry=r)
+        self.partition_blocked = Gauge(
+            f"{PREFIX}_partition_blocked",
+            "1 while a partition is stopped at a batch the client cannot decode; the "
+            "others flow on", ["partition", "reason"], registry=r)
         for reason in Reason:
             self.rejected.labels(reason=reason.value)
         for during in ("start", "poll", "flush", "lag"):

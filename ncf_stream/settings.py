@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         "interactions.dlq", min_length=1,
         description="Dead-letter topic: every record that breaks the event contract goes here "
                     "with its reason; the daemon never stops for one.")
+    dead_letter_undecodable: bool = Field(
+        False,
+        description="A batch the Kafka client cannot decode (a codec it lacks, a corrupt "
+                    "batch) stops its partition while the others flow on, until an operator "
+                    "acts. true dead-letters its offset range instead (one letter naming the "
+                    "range and the reason) and moves on: those events never reach the model.")
     kafka_group_id: str = Field(
         "ncf-stream", min_length=1,
         description="Consumer group. Offsets are committed only after a checkpoint covers them.")
@@ -94,6 +100,13 @@ class Settings(BaseSettings):
         description="Run the consumer and the decoder in a process of their own "
                     "(consumers.source_process): their pure-Python record parsing then never "
                     "holds the GIL that requests need. false keeps them on the trainer thread.")
+    kafka_group_instance_id: str = Field(
+        "",
+        description="Static group membership (KIP-345): a consumer that joins with the id of "
+                    "one that died takes over its partitions at once, instead of waiting out its "
+                    "session. Empty: the daemon uses one id per process, so a rebuilt source "
+                    "process resumes at once; set a stable id per daemon (a pod's name) and a "
+                    "restarted daemon does too. Two live daemons must never share one.")
     kafka_session_timeout_s: float = Field(
         10.0, ge=1,
         description="How long a daemon that died (kill -9, a lost machine) keeps its "

@@ -57,6 +57,17 @@ class EventBatch:
         return {tp: hi for tp, (_, hi) in self.offsets.items()}
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """A partition stopped at a batch the source cannot decode (a codec its client
+    lacks, a corrupt batch). Its other partitions keep flowing; nothing at or after
+    ``offset`` in this one is consumed until an operator acts (docs/operations.md)."""
+
+    offset: int  # the first offset not consumed
+    reason: str  # a short label: the exception's type
+    detail: str  # the exception's message
+
+
 class SourceError(NcfStreamError):
     """The source could not make progress (the broker, the dead-letter topic, its process).
 
@@ -84,6 +95,10 @@ class EventSource(Protocol):
 
     def lag(self) -> int:
         """Records available but not yet polled."""
+        ...
+
+    def blocked(self) -> Mapping[Partition, Blocked]:
+        """The partitions stopped at an undecodable batch (:class:`Blocked`)."""
         ...
 
     def close(self) -> None: ...
@@ -151,6 +166,9 @@ class MemorySource:
 
     def lag(self) -> int:
         return self._size - self._pos
+
+    def blocked(self) -> Mapping[Partition, Blocked]:
+        return {}  # events in memory are decoded already
 
     def close(self) -> None:
         pass

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from kafka import KafkaConsumer
 
 from consumers.broker import create_topics, existing_or_local
 from ncf_stream.events import Events
@@ -84,3 +89,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
+
+def kcat_publish(bootstrap: str, topic: str, events: list[dict[str, object]], codec: str,
+                 partition: int | None = None) -> None:
+    """Publish with kcat (librdkafka), keyed by user as the event contract asks, one
+    compressed batch per linger; to ``partition`` when given, else by key."""
+    kcat = require_program("kcat")
+    lines = "".join(f"{e['user']}\t{json.dumps(e)}\n" for e in events)
+    where = [] if partition is None else ["-p", str(partition)]
+    subprocess.run([kcat, "-P", "-b", bootstrap, "-t", topic, "-z", codec, "-K", "\t",
+                    "-X", "linger.ms=50", *where], input=lines, text=True, check=True,
+                   timeout=60)
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) -> list[Any]:
+    """Up to ``count`` records of ``topic`` from its start (a dead-letter topic, say)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=2000)
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count and time.monotonic() < deadline:
+        out.extend(consumer)
+    consumer.close()
+    return out

@@ -7,8 +7,6 @@ and took the daemon down.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 import time
 import uuid
@@ -16,7 +14,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from conftest import require_program  # tests/conftest.py
+from conftest import kcat_publish  # tests/conftest.py
 
 from consumers.broker import create_topics
 from consumers.daemon import Daemon
@@ -24,14 +22,6 @@ from consumers.kafka_source import KafkaSource
 from ncf_stream.settings import Settings
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
-
-
-def kcat_publish(bootstrap: str, topic: str, events: list[dict[str, object]], codec: str) -> None:
-    """Keyed by user, as the event contract asks; one compressed batch per linger."""
-    kcat = require_program("kcat")
-    lines = "".join(f"{e['user']}\t{json.dumps(e)}\n" for e in events)
-    subprocess.run([kcat, "-P", "-b", bootstrap, "-t", topic, "-z", codec, "-K", "\t",
-                    "-X", "linger.ms=50"], input=lines, text=True, check=True, timeout=60)
 
 
 def events_for(codec: str, n: int) -> list[dict[str, object]]:

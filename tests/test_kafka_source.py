@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from conftest import read_topic  # tests/conftest.py
+from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from malformed import MALFORMED  # tests/malformed.py
 from prometheus_client import CollectorRegistry
@@ -50,17 +51,6 @@ def drain(source: KafkaSource, records: int, timeout_s: float = 60.0) -> list[Ev
         if batch is not None:
             batches.append(batch)
     return batches
-
-
-def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) -> list[Any]:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=2000)
-    out: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < count and time.monotonic() < deadline:
-        out.extend(consumer)
-    consumer.close()
-    return out
 
 
 def in_process(s: Settings, metrics: IngestMetrics | None = None,
