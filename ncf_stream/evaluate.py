@@ -45,7 +45,12 @@ class Report:
 
 
 def ranks_against(pos: np.ndarray, neg: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """Rank (0 = first) of each positive among its row of negatives; ties count against."""
+    """Rank (0 = first) of each positive among its row of negatives; ties count against.
+
+    A non-finite score ranks last, as a tie does: ``neg >= NaN`` is False, so an
+    all-NaN model once scored HR@10 = 1.0."""
+    pos = np.where(np.isfinite(pos), pos, -np.inf)
+    neg = np.where(np.isfinite(neg), neg, -np.inf)
     beats = neg >= pos[:, None]
     if valid is not None:
         beats &= valid

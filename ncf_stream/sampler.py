@@ -1,10 +1,18 @@
 """Negatives: for training (k per positive) and for evaluation (99 per hold-out).
 
 Training negatives are drawn uniformly or by smoothed popularity (count^alpha,
-as word2vec) and never include an item the user has touched, the held-out one
-included: candidates are drawn for the whole batch at once, the touched ones
-redrawn, and the few rows still unresolved after a few rounds (users who have
-touched most of the catalogue) are drawn exactly from their complement.
+as word2vec) and never include an item the user has trained on: candidates are
+drawn for the whole batch at once, the touched ones redrawn, and the few rows
+still unresolved after a few rounds (users who have touched most of the
+catalogue) are drawn exactly from their complement.
+
+**The hold-out is invisible here.** A user's current hold-out is a negative
+like any untouched item, and it is not counted in the popularity negatives are
+drawn by. Excluding it (as this module once did) told the model which item
+was held out: every other item was pushed down now and then, the held-out one
+never, and a scorer of popularity and draw counts alone reached sampled HR@10
+0.81 on ml-latest-small. Every draw is the same whichever item a user holds out,
+as long as the user never touched it (tests/test_sampler.py).
 
 Evaluation negatives are derived, not stored: a seeded pseudo-random
 permutation of [0, 4^b), keyed by (seed, user, hold-out arrival number), is
@@ -59,6 +67,7 @@ class NegativeSampler:
         self.drawn = 0  # candidates drawn, rejected ones included
         self.rejected = 0
         self.from_complement = 0  # negatives drawn exactly from a user's untouched items
+        self._counts: tuple[int, np.ndarray] | None = None  # (store.events, training counts)
 
     def sample(self, users: np.ndarray, k: int | None = None) -> np.ndarray:
         """(len(users), k) untouched items; -1 only where a user has touched every item."""
@@ -72,14 +81,14 @@ class NegativeSampler:
         dense = self.store.count_of(rows) > DENSE_SHARE * n_items
         todo = np.flatnonzero(~dense)
         for _ in range(MAX_ROUNDS):
-            bad = todo[self.store.contains(rows[todo], out[todo])]
+            bad = todo[self._trained(rows[todo], out[todo])]
             self.rejected += len(bad)
             if len(bad) == 0:
                 break
             out[bad] = self._draw(len(bad))
             todo = bad
         else:
-            todo = todo[self.store.contains(rows[todo], out[todo])]
+            todo = todo[self._trained(rows[todo], out[todo])]
             dense[todo] = True
         idx = np.flatnonzero(dense)
         if len(idx):
@@ -89,6 +98,10 @@ class NegativeSampler:
                 out[sel] = self._from_complement(int(rows[sel[0]]), len(sel))
             self.from_complement += len(idx)
         return out.reshape(len(users), k)
+
+    def _trained(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Touched, and not the user's current hold-out."""
+        return self.store.contains(users, items) & ~self.store.is_holdout(users, items)
 
     def _draw(self, n: int) -> np.ndarray:
         self.drawn += n
@@ -100,8 +113,15 @@ class NegativeSampler:
         """Unnormalized draw weight of each item (uniform: all ones)."""
         if self.config.alpha == 0.0:
             return np.ones(len(items))
-        counts = self.store.item_counts()[items].astype(np.float64)
-        return counts ** self.config.alpha
+        return self._training_counts()[items].astype(np.float64) ** self.config.alpha
+
+    def _training_counts(self) -> np.ndarray:
+        """Users per item, hold-outs not counted (cached until the store changes)."""
+        if self._counts is None or self._counts[0] != self.store.events:
+            counts = self.store.item_counts().copy()
+            counts -= np.bincount(self.store.holdout().items, minlength=len(counts))
+            self._counts = (self.store.events, counts)
+        return self._counts[1]
 
     def _popularity(self) -> PopularityTable:
         n_items, total = self.store.n_items, len(self.store)
@@ -113,6 +133,7 @@ class NegativeSampler:
 
     def _from_complement(self, user: int, n: int) -> np.ndarray:
         seen = self.store.seen(user)
+        seen = seen[~self.store.is_holdout(np.full(len(seen), user), seen)]
         n_free = self.store.n_items - len(seen)
         if n_free <= 0:
             return np.full(n, -1, dtype=np.int64)

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
@@ -55,6 +56,27 @@ def trained() -> Iterator[tuple[Trainer, SnapshotHolder, Publisher]]:
     publisher.publish(12_000)
     yield trainer, holder, publisher
     publisher.close()
+
+
+def swapped_stream(seed: int, n_users: int = 40, n_items: int = 60,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, items_alt, ts): one stream, and the same with each of the first
+    ``n_users`` users' newest item (their hold-out) replaced by another item that user
+    never touched. A last user touches the whole catalogue first, so both streams have
+    the same catalogue in the same order; every tenth user has touched most of it."""
+    rng = np.random.default_rng(seed)
+    users, items, alt = [n_users] * n_items, list(range(n_items)), []
+    for u in range(n_users):
+        size = int(rng.integers(50, 55)) if u % 10 == 0 else int(rng.integers(3, 30))
+        chosen = rng.permutation(n_items)[: size + 1]  # the last one stays untouched
+        users += [u] * size
+        items += chosen[:size].tolist()
+        alt.append(int(chosen[size]))
+    u, i = np.array(users), np.array(items)
+    last = np.array([np.flatnonzero(u == x).max() for x in range(n_users)])
+    i_alt = i.copy()
+    i_alt[last] = alt
+    return u, i, i_alt, np.arange(len(u), dtype=np.float64)
 
 
 def require_program(*names: str, why: str = ".ci/run installs it") -> str:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ncf_stream.engine import Engine
+from ncf_stream.evaluate import metrics, ranks_against
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, candidate_recall
 from ncf_stream.recommend import exact_top_k, top_k
 from ncf_stream.retrieval import CandidateIndex
@@ -211,3 +215,26 @@ def test_engine_exports_the_report_to_prometheus_the_history_and_json() -> None:
     assert as_json["candidate_recall"] == round(report.candidate_recall, 5)
     assert as_json["recall_users"] == report.recall_users
     engine.close(final_checkpoint=False)
+
+
+def brute_rank(pos: float, negs: list[float]) -> int:
+    """The positive's 0-based rank, by hand: a non-finite score is below every finite
+    one, and a tie (non-finite ones tie each other) counts against the positive."""
+    def key(x: float) -> float:
+        return x if math.isfinite(x) else -math.inf
+    return sum(key(n) >= key(pos) for n in negs)
+
+
+@given(st.lists(st.lists(st.sampled_from([0.0, 1.0, 2.5, -1.0, math.nan, math.inf, -math.inf]),
+                         min_size=4, max_size=4), min_size=1, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_ranks_match_brute_force_with_ties_and_non_finite_scores(rows: list[list[float]]) -> None:
+    scores = np.array(rows)
+    ranks = ranks_against(scores[:, 0], scores[:, 1:])
+    assert ranks.tolist() == [brute_rank(r[0], r[1:]) for r in rows]
+
+
+def test_an_all_nan_model_scores_zero_not_one() -> None:
+    pos, neg = np.full(50, np.nan), np.full((50, 99), np.nan)
+    report = metrics(ranks_against(pos, neg), "sampled")
+    assert report.hr[10] == 0.0 and report.ndcg[10] == 0.0

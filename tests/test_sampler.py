@@ -1,9 +1,11 @@
-"""Negative sampling: never a touched item, the right distribution, stable eval negatives."""
+"""Negative sampling: never a trained item, the hold-out invisible, the right distribution,
+stable eval negatives."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import swapped_stream  # tests/conftest.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
@@ -30,9 +32,10 @@ def test_never_a_touched_item(pairs: list[tuple[int, int]], alpha: float, seed: 
     users = np.arange(5).repeat(20)
     neg = sampler.sample(users)
     assert neg.shape == (100, 5)
+    held = dict(zip(store.holdout().users.tolist(), store.holdout().items.tolist(), strict=True))
     for u, row in zip(users.tolist(), neg.tolist(), strict=True):
-        seen = set(store.seen(u).tolist())
-        free = set(range(store.n_items)) - seen
+        trained = set(store.seen(u).tolist()) - {held.get(u)}  # the hold-out is fair game
+        free = set(range(store.n_items)) - trained
         if not free:
             assert row == [-1] * 5  # nothing left to draw: said, not faked
         else:
@@ -54,10 +57,14 @@ def test_distribution_matches_the_target_over_the_untouched_items(alpha: float) 
     store = store_with(others + touched)
     sampler = NegativeSampler(store, SamplerConfig(k=1, alpha=alpha, seed=1))
     draws = sampler.sample(np.zeros(200_000, dtype=np.int64)).ravel()
-    free = np.setdiff1d(np.arange(store.n_items), store.seen(0))
+    ho = store.holdout()
+    trained = np.setdiff1d(store.seen(0), ho.items[ho.users == 0])
+    free = np.setdiff1d(np.arange(store.n_items), trained)
     counts = np.bincount(draws, minlength=store.n_items)
-    assert counts[store.seen(0)].sum() == 0
-    target = store.item_counts()[free].astype(float) ** alpha
+    assert counts[trained].sum() == 0
+    # Popularity without the hold-outs: they are not training data.
+    popularity = store.item_counts() - np.bincount(ho.items, minlength=store.n_items)
+    target = popularity[free].astype(float) ** alpha
     assert chi_square_p(counts[free], target) > 1e-3
 
 
@@ -67,8 +74,9 @@ def test_dense_user_is_sampled_exactly_from_the_complement() -> None:
     store = store_with([*pairs, (1, 7), (1, 99), (1, 150)])
     sampler = NegativeSampler(store, SamplerConfig(k=3, seed=0))
     draws = sampler.sample(np.zeros(30_000, dtype=np.int64)).ravel()
-    assert set(np.unique(draws).tolist()) == {7, 99, 150}
-    assert chi_square_p(np.bincount(draws)[[7, 99, 150]], np.ones(3)) > 1e-3
+    # The untouched three, and the user's hold-out (its newest, 199).
+    assert set(np.unique(draws).tolist()) == {7, 99, 150, 199}
+    assert chi_square_p(np.bincount(draws)[[7, 99, 150, 199]], np.ones(4)) > 1e-3
 
 
 def test_rows_still_rejected_after_every_round_fall_back_to_the_complement() -> None:
@@ -77,8 +85,29 @@ def test_rows_still_rejected_after_every_round_fall_back_to_the_complement() -> 
     store = store_with([(0, i) for i in range(100) if i % 50 < 37] + [(1, 99)])
     sampler = NegativeSampler(store, SamplerConfig(k=8, seed=0))
     neg = sampler.sample(np.zeros(5000, dtype=np.int64))
-    assert not store.contains(np.zeros(neg.size, dtype=np.int64), neg.ravel()).any()
+    zeros = np.zeros(neg.size, dtype=np.int64)
+    assert not (store.contains(zeros, neg.ravel()) & ~store.is_holdout(zeros, neg.ravel())).any()
     assert sampler.rejected > 0 and 0 < sampler.from_complement < 200
+
+
+def swapped_holdouts(seed: int) -> tuple[InteractionStore, InteractionStore]:
+    u, i, i_alt, ts = swapped_stream(seed)
+    a, b = InteractionStore(min_history=2), InteractionStore(min_history=2)
+    a.append(u, i, ts)
+    b.append(u, i_alt, ts)
+    assert (a.holdout().items != b.holdout().items).sum() == 40 and a.n_items == b.n_items
+    return a, b
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.75])
+def test_every_draw_is_the_same_whichever_untouched_item_a_user_holds_out(alpha: float) -> None:
+    a, b = swapped_holdouts(seed=4)
+    users = np.random.default_rng(5).integers(0, 40, 3000)
+    sa, sb = (NegativeSampler(s, SamplerConfig(k=4, alpha=alpha, seed=9)) for s in (a, b))
+    for _ in range(5):
+        assert np.array_equal(sa.sample(users), sb.sample(users))
+    assert sa.from_complement > 0  # the dense users' path was taken too
+    assert (sa.drawn, sa.rejected) == (sb.drawn, sb.rejected)
 
 
 def test_feistel_walk_is_a_bijection() -> None:
