@@ -204,6 +204,8 @@ class Engine:
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
         self.health = SourceHealth()
+        self.diverged = ""  # why training stopped on a non-finite loss ("" while it is fine)
+        self._last_loss: torch.Tensor | None = None
         self.blocked: dict[Partition, Blocked] = {}  # as the source last reported
         self._blocks_logged: set[tuple[Partition, int]] = set()  # once each, across rebuilds
         # A factory's source is rebuilt when it fails (None meanwhile); a given one is not.
@@ -329,6 +331,9 @@ class Engine:
 
     def _train(self, stop: threading.Event | None) -> None:
         """Train for up to one slice: fresh positives until drained, else replay."""
+        if self.diverged:  # nothing to do until a restart; ingest stops at backpressure
+            (stop.wait if stop is not None else time.sleep)(TRAIN_SLICE_S)
+            return
         fresh, steps = self.trainer.pending > 0, 0
         start, cpu = time.perf_counter(), time.thread_time()
         while time.perf_counter() - start < TRAIN_SLICE_S and not (stop and stop.is_set()):
@@ -373,13 +378,33 @@ class Engine:
         m.replayed.inc(stats.replayed)
         m.train_samples.inc(stats.samples)
         m.train_steps.inc()
+        self._last_loss = stats.loss
         if self.trainer.steps % 20 == 0:
             m.loss.set(float(stats.loss))  # a device sync, so not every step
+            self._check_finite()
+
+    def _check_finite(self) -> bool:
+        """Whether training is sound: the last step's loss is finite. A NaN spreads
+        through the shared tower to every later loss, so the last one tells. Once not,
+        training, publishing and checkpoints stop for good: the last good snapshot serves
+        on and the last good checkpoint is what a restart resumes from."""
+        if self.diverged:
+            return False
+        if self._last_loss is None or bool(torch.isfinite(self._last_loss)):
+            return True
+        self.diverged = (f"training diverged: non-finite loss at step {self.trainer.steps}; "
+                         "serving the last good snapshot, restart to resume from the last "
+                         "checkpoint (a lower lr helps)")
+        self.metrics.engine.diverged.inc()
+        log.error("%s", self.diverged)
+        return False
 
     def _maybe_publish(self) -> None:
         events = self.watermark.value
         overdue = self.publisher.since_last() > 2 * self.publisher.every_s
         if not self.publisher.due(events) or (self.trainer.pending and not overdue):
+            return
+        if not self._check_finite():
             return
         served = self.holder.get()
         fresh = served is None or events != served.events  # new events, not replay alone
@@ -407,6 +432,8 @@ class Engine:
         """Write a checkpoint of the state and the offsets it covers; then commit them."""
         if not self.settings.checkpoint_dir or self.positions == self._checkpointed:
             return
+        if not self._check_finite():
+            return  # never over a good checkpoint with a broken model
         if self.source is None:
             return  # its dead letters may be unwritten: checkpoint once a source is back
         start = time.perf_counter()
@@ -450,12 +477,15 @@ class Engine:
             model_version=0 if snap is None else snap.version,
             snapshot_events=0 if snap is None else snap.events,
             snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3),
-            ingest="ok" if self.health.up and not self.blocked else "degraded",
+            ingest="ok" if self.health.up and not self.blocked and not self.diverged
+            else "degraded",
             ingest_reason=self._ingest_reason())
 
     def _ingest_reason(self) -> str:
-        """Why ingest is degraded: the source down, partitions blocked ("" when neither)."""
+        """Why ingest is degraded: the source down, training diverged, partitions
+        blocked ("" when none)."""
         reasons = [] if self.health.up else [self.health.reason]
+        reasons += [self.diverged] if self.diverged else []
         reasons += [f"{t}[{p}] blocked at offset {b.offset}: {b.reason}: {b.detail}"
                     for (t, p), b in sorted(self.blocked.items())]
         return "; ".join(reasons)

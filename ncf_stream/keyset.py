@@ -27,6 +27,7 @@ and 1/8 byte of fence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,6 +264,41 @@ class KeySet:
             sel = level == i
             out[sel] = lv.keys[flat[sel] - starts[i]]
         return out
+
+    def sample_excluding(self, rng: np.random.Generator, n: int, run_bits: int,
+                         excluded: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Up to ``n`` keys drawn uniformly, with replacement, from the set without one
+        excluded key per run: the keys sharing ``key >> run_bits`` (the store's user)
+        form a run, and ``excluded(runs)`` gives each run's key to leave out, or -1.
+
+        A draw lands on a slot of a level; inside its run, slots at or past the
+        excluded key take the next key, and the run's last slot is then dropped (so a
+        call returns fewer than ``n`` keys, as filtering the excluded key out would).
+        The keys returned depend on the excluded key's run and level, never on its
+        value: the store's hold-out is excluded this way, so replay draws the same
+        pairs whichever item a user holds out."""
+        if self._size == 0:
+            raise ValueError("sample_excluding() from an empty key set")
+        sizes = np.array([len(lv) for lv in self._keys])
+        flat = rng.integers(0, self._size, n)
+        bounds = np.cumsum(sizes)
+        level = np.searchsorted(bounds, flat, side="right")
+        out = np.empty(n, dtype=np.int64)
+        keep = np.zeros(n, dtype=bool)
+        for i, lv in enumerate(self._keys):
+            sel = np.flatnonzero(level == i)
+            if len(sel) == 0:
+                continue
+            pos = flat[sel] - (bounds[i] - sizes[i])
+            run = lv.keys[pos] >> run_bits
+            skip = np.asarray(excluded(run), dtype=np.int64)
+            at = np.minimum(lv.insertion_points(skip), len(lv) - 1)
+            pos = pos + ((skip >= 0) & (lv.keys[at] == skip) & (pos >= at))
+            end = lv.insertion_points((run + 1) << run_bits)  # the run's end in this level
+            ok = pos < end
+            out[sel[ok]] = lv.keys[pos[ok]]
+            keep[sel[ok]] = True
+        return out[keep]
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All keys (sorted) and their payloads, as one pair of arrays."""

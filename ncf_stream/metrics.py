@@ -70,6 +70,10 @@ class EngineMetrics:
         self.replayed = Counter(f"{PREFIX}_replayed_positives",
                                 "Positives replayed from the store", registry=r)
         self.loss = Gauge(f"{PREFIX}_train_loss", "Mean BCE loss of recent steps", registry=r)
+        self.diverged = Counter(
+            f"{PREFIX}_train_diverged",
+            "Times training was found diverged (a non-finite loss): training, publishing "
+            "and checkpoints stop, and the last good snapshot serves on", registry=r)
         self.negatives = Counter(f"{PREFIX}_negatives_drawn",
                                  "Negative candidates drawn, rejected ones included", registry=r)
         self.negatives_rejected = Counter(f"{PREFIX}_negatives_rejected",

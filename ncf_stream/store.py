@@ -252,9 +252,15 @@ class InteractionStore:
         if len(self._pairs) == 0:
             empty = np.empty(0, dtype=np.int64)
             return empty, empty
-        users, items = split_keys(self._pairs.sample(rng, n))
-        keep = ~self.is_holdout(users, items)
-        return users[keep], items[keep]
+        # Drawn with the hold-out excluded by its place, not filtered by its value, so
+        # the draws are the same whichever item a user holds out (KeySet.sample_excluding).
+        return split_keys(self._pairs.sample_excluding(rng, n, ITEM_BITS, self._holdout_keys))
+
+    def _holdout_keys(self, users: np.ndarray) -> np.ndarray:
+        """Each user's hold-out key, or -1 for a user without one."""
+        u = self._users
+        active = u["count"][users] >= self.min_history
+        return np.where(active, pair_keys(users, np.maximum(u["newest_item"][users], 0)), -1)
 
     def training_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Every stored (user, item) except the current hold-outs: the offline training set."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ncf_stream.engine import Engine, Resume, TrainedWatermark
 from ncf_stream.events import Events
@@ -284,3 +285,37 @@ def test_backpressure_bounds_the_fresh_positives_waiting() -> None:
     engine.run(until=done)
     assert 700 <= most < 700 + 500  # one batch past the bound, at most
     assert engine.trainer.store.events == 6000 and source.lag() == 0
+
+
+def test_a_non_finite_loss_stops_publishing_and_checkpoints_the_last_good_snapshot_serves(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = Settings(**{**SMALL, "checkpoint_dir": str(tmp_path), "publish_every_s": 0.01})
+    source = MemorySource(stream(2000), batch_size=500)
+    engine = Engine(s, source)
+    engine.run(until=lambda: engine.counters.consumed == 2000 and not engine.trainer.pending)
+    engine.checkpoint()
+    good = engine.holder.get()
+    assert good is not None and engine.status().ingest == "ok"
+    checkpoints = sorted(p.name for p in tmp_path.iterdir())
+    user = str(engine.trainer.user_ids.ids(np.array([0]))[0])
+    before = engine.recommender.recommend(user, 5)
+
+    with torch.no_grad():  # a diverged step: the shared tower goes NaN
+        next(engine.trainer.model.tower.parameters()).fill_(float("nan"))
+    source.push(stream(500, seed=1))
+    with caplog.at_level("ERROR", logger="ncf_stream.engine"):
+        engine.run(until=lambda: engine.counters.consumed == 2500 and bool(engine.diverged))
+        engine.checkpoint()
+        time.sleep(0.05)
+        engine.cycle()  # publishing is due, and refused
+    assert engine.holder.get() is good  # the last good snapshot serves on
+    assert engine.recommender.recommend(user, 5) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == checkpoints  # no broken checkpoint
+    st = engine.status()
+    assert st.ingest == "degraded" and st.ingest_reason.startswith("training diverged")
+    assert engine.metrics.registry.get_sample_value("ncf_stream_train_diverged_total") == 1
+    assert sum("training diverged" in r.getMessage() for r in caplog.records) == 1
+    steps = engine.trainer.steps
+    engine.cycle()
+    assert engine.trainer.steps == steps  # training stopped
+    engine.close()

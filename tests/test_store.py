@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import swapped_stream  # tests/conftest.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from ncf_stream.events import Events
 from ncf_stream.ids import IdMap, IdMapMismatch, RowMapper
 from ncf_stream.keyset import KeySet
-from ncf_stream.store import InteractionStore
+from ncf_stream.store import InteractionStore, pair_keys
 
 Event = tuple[int, int, float]  # (user, item, ts)
 
@@ -141,6 +143,28 @@ def test_replay_never_samples_a_holdout() -> None:
     assert len(users) > 15_000
     assert not s.is_holdout(users, items).any()
     assert s.contains(users, items).all()
+
+
+def test_replay_is_uniform_over_trained_pairs_and_blind_to_the_hold_out() -> None:
+    """Drawn from many levels, uniform over every pair but the hold-outs, and the same
+    draws when each user holds out another item they never touched."""
+    u, i, i_alt, ts = swapped_stream(seed=3)
+    a, b = InteractionStore(min_history=2), InteractionStore(min_history=2)
+    for lo in range(0, len(u), 37):  # small appends: several levels of the key set
+        a.append(u[lo:lo + 37], i[lo:lo + 37], ts[lo:lo + 37])
+        b.append(u[lo:lo + 37], i_alt[lo:lo + 37], ts[lo:lo + 37])
+    assert a._pairs.levels > 1
+    ua, ia = a.sample_positives(np.random.default_rng(1), 200_000)
+    ub, ib = b.sample_positives(np.random.default_rng(1), 200_000)
+    assert np.array_equal(ua, ub) and np.array_equal(ia, ib)
+    # Uniform over the trained pairs: every one drawn, none other, counts as expected.
+    trained_u, trained_i = a.training_pairs()
+    trained = pair_keys(trained_u, trained_i)
+    drawn = pair_keys(ua, ia)
+    assert set(np.unique(drawn).tolist()) == set(trained.tolist())
+    counts = np.unique(drawn, return_counts=True)[1]
+    assert stats.chisquare(counts).pvalue > 1e-3
+    assert abs(len(drawn) / 200_000 - len(trained) / len(a)) < 0.01
 
 
 def test_bad_input_is_refused() -> None:
