@@ -472,8 +472,8 @@ def main() -> None:
     mode.add_argument("--test", action="store_true",
                       help="the chosen configurations on the test split (the default)")
     parser.add_argument("--quick", action="store_true",
-                        help="3M samples; test: 1 seed; select: 2 trials, chosen.json untouched")
-    parser.add_argument("--trials", type=int, help="trials per method (default 6, --quick 2)")
+                        help="3M samples; test: 1 seed; select: 1 trial, chosen.json untouched")
+    parser.add_argument("--trials", type=int, help="trials per method (default 8, --quick 1)")
     parser.add_argument("--seeds", type=int, help="seeds in test mode (default 3, --quick 1)")
     parser.add_argument("--replay-samples", type=int,
                         help="training samples replayed once the stream is idle "
@@ -489,7 +489,7 @@ def main() -> None:
     start = time.perf_counter()
 
     if args.select:
-        out = run_select(events, args.trials or (2 if args.quick else 6), budget)
+        out = run_select(events, args.trials or (1 if args.quick else 8), budget)
         path = args.chosen or (None if args.quick else CHOSEN)
         if path is not None:
             path.write_text(json.dumps(out, indent=2) + "\n")
