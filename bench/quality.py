@@ -1,217 +1,517 @@
-"""Recommendation quality: the streaming model against batch baselines on one split.
+"""Recommendation quality: the streaming model against baselines, chosen on validation, tested once.
 
-    python bench/quality.py DATA [--quick] [--replay-seconds S] [--format F]
+    python bench/quality.py DATA --select [--trials N] [--quick]   # writes bench/chosen.json
+    python bench/quality.py DATA --test [--seeds S]                 # reads it
+    python bench/quality.py DATA --quick                            # a one-seed test run
 
-Replays a ratings file in time order through the engine loop the daemon runs
-(:class:`ncf_stream.engine.Engine`, default settings, an in-memory source
-instead of Kafka): polls of ``--poll`` events are ingested and trained as they
-come, then the stream is idle and the engine replays at ``replay_duty`` until
-``--replay-samples`` training samples (positives and negatives) have been
-replayed in the idle phase; wall time is reported beside the budget. The split
-is the store's own rolling hold-out at the end: each user's newest interaction
-(users with >= 2), never trained on.
+The stream is the daemon's loop (:class:`ncf_stream.engine.Engine`, an in-memory
+source instead of Kafka): the file in time order, polls of ``--poll`` events
+ingested and trained as they come, then idle replay of ``--replay-samples``
+training samples (positives and negatives). Replay runs at duty 1.0: there
+are no queries to yield to, and the budget is in samples, so the duty changes only
+wall time. Every split is the store's rolling hold-out: each user's newest
+interaction (users with >= 2), never trained on.
 
-On the same split, in the same run: popularity, EASE (Steck 2019, closed
-form, best of a small lambda grid on this split), implicit's ALS (best of a
-small grid; each metric taken at its own best setting) and NeuMF trained
-offline for 20 epochs with the same model code,
-once with this project's RowAdagrad and once with lazy Adam (the paper's
-optimizer). Baselines are tuned on the evaluation split itself, which only
-makes them stronger than they would be in practice.
+Protocol (declared before any run; the figures are in docs/benchmarks.md):
 
-Metrics: HR@10 and NDCG@10 against the 99 evaluation negatives (ties count
-against the held-out item) and over the full catalogue (rank among all items
-the user has not touched). The last line is one JSON object.
+* **Selection** (``--select``). Each user's newest event is removed from the file,
+  so the hold-out at the end of the stream is each user's second-newest event (the
+  validation split) and the newest one is never seen. Each method gets the same
+  number of trials (``--trials``, a seeded random subset of its grid below), one
+  seed each (seed 0), and keeps the trial with the best **full NDCG@10** on
+  validation: the one selection metric. The choice goes to bench/chosen.json.
+* **Test** (``--test``). The whole file, restreamed from scratch with the stream's
+  chosen settings; every baseline refit on everything but the final hold-out
+  (training plus validation) at its chosen configuration. Each method is reported
+  at that one configuration, on every metric.
+* **Intervals.** The stream and each stochastic baseline run with seeds 0..S-1;
+  a user's hit and NDCG are averaged over seeds, then 10,000 bootstrap resamples
+  of users (one fixed set of resamples for every method, so differences are
+  paired) give 95% intervals of each method's mean and of stream minus baseline.
+  A difference is a win or a loss only when its interval excludes 0, else a tie.
+
+Metrics, all at K = 10 with ties counted against the held-out item: HR and NDCG
+against 99 sampled evaluation negatives (the same seeded negatives for every
+method) and over the full catalogue (rank among all items the user has not
+touched). The last line of stdout is one JSON object; progress goes to stderr.
+
+Methods and their grids (``key v1, v2; ...``):
+
+    stream: factors 16, 32, 64; lr 0.01, 0.02, 0.05; negatives 2, 4, 8; negative_alpha 0, 0.5;
+        weight_decay 0, 0.0001, 0.001
+    ease: lam 10, 20, 40, 70, 100, 200, 300, 500, 700, 1000, 2000, 3000
+    als: factors 32, 64, 128; regularization 0.01, 0.1, 1, 10; alpha 1, 5, 20, 40
+    bpr: factors 32, 64, 128; learning_rate 0.003, 0.01, 0.03, 0.1; regularization 0.0001,
+        0.001, 0.01, 0.1
+    neumf_offline: epochs 5, 10, 20, 40; lr 0.005, 0.01, 0.02, 0.05
+    mf: dims 16, 32, 64, 128; reg 0, 1e-05, 0.0001, 0.001, 0.01; lr 0.001, 0.003, 0.01
+
+* stream: the engine with these ``Settings`` overrides, the rest at their defaults.
+* ease: Steck 2019, closed form, computed through the users (Woodbury), exact.
+* als, bpr: implicit's AlternatingLeastSquares (15 iterations) and
+  BayesianPersonalizedRanking (100 iterations).
+* neumf_offline: the same NeuMF code and trainer, default settings but ``lr``,
+  trained in epochs over the training pairs instead of a stream.
+* mf: dot product plus biases (Rendle et al. 2020, "NCF vs MF revisited"), BCE on
+  4 sampled negatives per positive (the stream's sampler), Adam, 40 epochs.
+* popularity: distinct users per item, a reference with no trials.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import textwrap
 import time
-from collections.abc import Callable
-from dataclasses import replace
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncf_stream.engine import Engine
-from ncf_stream.evaluate import Scorer, evaluate
+from ncf_stream.evaluate import CatalogueScorer, full_ranks, sampled_ranks
+from ncf_stream.events import Events
+from ncf_stream.ids import IdMap
 from ncf_stream.readers import read_events
+from ncf_stream.sampler import NegativeSampler, SamplerConfig
 from ncf_stream.settings import Settings
 from ncf_stream.source import MemorySource
-from ncf_stream.store import StoreView
+from ncf_stream.store import InteractionStore, StoreView
 from ncf_stream.trainer import Trainer, TrainerConfig
 
-Result = dict[str, float]
+K = 10
+METRICS = ("hr10", "ndcg10", "full_hr10", "full_ndcg10")
+SELECT_METRIC = "full_ndcg10"
+EVAL_SEED = 0  # the evaluation negatives: one set for every method, so comparisons are paired
+SELECT_SEED = 0
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 20261203
+CHOSEN = Path(__file__).with_name("chosen.json")
+
+Config = dict[str, Any]
+Ranks = dict[str, np.ndarray]  # "sampled" / "full" -> (users,) rank of each hold-out
+
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    "stream": {"factors": [16, 32, 64], "lr": [0.01, 0.02, 0.05], "negatives": [2, 4, 8],
+               "negative_alpha": [0.0, 0.5], "weight_decay": [0.0, 1e-4, 1e-3]},
+    "ease": {"lam": [10, 20, 40, 70, 100, 200, 300, 500, 700, 1000, 2000, 3000]},
+    "als": {"factors": [32, 64, 128], "regularization": [0.01, 0.1, 1.0, 10.0],
+            "alpha": [1.0, 5.0, 20.0, 40.0]},
+    "bpr": {"factors": [32, 64, 128], "learning_rate": [0.003, 0.01, 0.03, 0.1],
+            "regularization": [1e-4, 1e-3, 1e-2, 0.1]},
+    "neumf_offline": {"epochs": [5, 10, 20, 40], "lr": [0.005, 0.01, 0.02, 0.05]},
+    "mf": {"dims": [16, 32, 64, 128], "reg": [0.0, 1e-5, 1e-4, 1e-3, 1e-2],
+           "lr": [1e-3, 3e-3, 1e-2]},
+}
+# Methods whose result depends on a seed: these run once per seed in test mode.
+STOCHASTIC = {"stream", "als", "bpr", "neumf_offline", "mf"}
+ALS_ITERATIONS, BPR_ITERATIONS = 15, 100
+MF_EPOCHS, MF_NEGATIVES, MF_BATCH = 40, 4, 4096
 
 
-def summarize(scorer: Scorer, view: StoreView) -> Result:
-    r = evaluate(scorer, view, ks=(10,))
-    return {"hr10": r["sampled"].hr[10], "ndcg10": r["sampled"].ndcg[10],
-            "full_hr10": r["full"].hr[10], "full_ndcg10": r["full"].ndcg[10]}
+def grid_text() -> str:
+    """The grids as the module docstring states them (a test holds the two equal)."""
+    return "\n".join(
+        textwrap.fill(f"{method}: " + "; ".join(f"{k} " + ", ".join(f"{v:g}" for v in vs)
+                                                for k, vs in grid.items()),
+                      width=96, initial_indent="    ", subsequent_indent="        ")
+        for method, grid in GRIDS.items())
 
 
-def stream(events, poll: int, replay_samples: int) -> tuple[Engine, dict[str, float]]:
-    """The daemon's loop over the file: consume and train, then idle replay for a budget."""
-    settings = Settings(device="cpu", checkpoint_dir=None)
-    engine = Engine(settings, MemorySource(events, batch_size=poll))
+def trials(method: str, n: int) -> list[Config]:
+    """``n`` distinct configurations of a method's grid, a seeded random subset.
+
+    Seeded by the method's name, so adding a method does not change another's trials."""
+    grid = GRIDS[method]
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    if n > len(points):
+        raise SystemExit(f"--trials {n}: {method}'s grid has only {len(points)} points")
+    rng = np.random.default_rng(zlib.crc32(method.encode()))
+    return [points[i] for i in sorted(rng.choice(len(points), n, replace=False))]
+
+
+# ---- the split ----------------------------------------------------------------------------
+
+
+def drop_newest(events: Events) -> Events:
+    """Every event but each user's newest, the one the store would hold out.
+
+    Newest as the store orders them: largest ts, a tie going to the later arrival.
+    Removing it makes the store's hold-out the second-newest: the validation split.
+    """
+    _, user = np.unique(events.users.astype(str), return_inverse=True)
+    order = np.lexsort((np.arange(len(events)), events.ts, user))  # by user, ts, arrival
+    last = order[np.r_[user[order][1:] != user[order][:-1], True]]
+    keep = np.ones(len(events), dtype=bool)
+    keep[last] = False
+    return events.take(np.flatnonzero(keep))
+
+
+@dataclass(frozen=True)
+class Split:
+    """A stream's final state without any model: the hold-outs every method is ranked
+    on, and the training matrix (everything but them) the baselines fit on."""
+
+    events: Events
+    user_ids: IdMap
+    store: InteractionStore
+    view: StoreView
+    x: sp.csr_matrix  # (users, items) binary: store.training_pairs()
+
+    @classmethod
+    def of(cls, events: Events) -> Split:
+        # Rows in arrival order, as the engine assigns them, so every method's rows agree.
+        user_ids, item_ids = IdMap(), IdMap()
+        store = InteractionStore()
+        store.append(user_ids.rows(events.users), item_ids.rows(events.items), events.ts)
+        users, items = store.training_pairs()
+        x = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                          shape=(store.n_users, store.n_items))
+        return cls(events, user_ids, store, store.view(), x)
+
+    def check_same(self, store: InteractionStore, user_ids: IdMap) -> None:
+        """A method that built its own store must have built this one."""
+        ho, mine = store.holdout(), self.view.holdout
+        if not (np.array_equal(user_ids.all_ids(), self.user_ids.all_ids())
+                and np.array_equal(ho.users, mine.users) and np.array_equal(ho.items, mine.items)):
+            raise RuntimeError("a method's store disagrees with the split")
+
+
+# ---- metrics and intervals --------------------------------------------------------------------
+
+
+def ranks(score_all: CatalogueScorer, view: StoreView) -> Ranks:
+    """Each hold-out's rank among its sampled negatives and among the full catalogue."""
+    rows = np.arange(len(view.holdout.users))
+
+    def pairs(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(score_all(users), items, axis=1)
+
+    return {"sampled": sampled_ranks(pairs, view, rows, seed=EVAL_SEED),
+            "full": full_ranks(score_all, view, rows, catalogue_scorer=True)}
+
+
+def per_user(runs: Sequence[Ranks]) -> dict[str, np.ndarray]:
+    """Each user's HR@10 and NDCG@10 contributions, averaged over runs (seeds)."""
+    out = {}
+    for metric in METRICS:
+        kind = "full" if metric.startswith("full_") else "sampled"
+        gains = []
+        for run in runs:
+            r = run[kind]
+            hit = r < K
+            gains.append(hit.astype(np.float64) if metric.endswith("hr10")
+                         else np.where(hit, 1.0 / np.log2(r + 2.0), 0.0))
+        out[metric] = np.mean(gains, axis=0)
+    return out
+
+
+def resamples(n_users: int, n: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+              ) -> np.ndarray:
+    """(n, n_users) user indices drawn with replacement: one set shared by every interval."""
+    return np.random.default_rng(seed).integers(0, n_users, (n, n_users))
+
+
+def interval(values: np.ndarray, idx: np.ndarray) -> list[float]:
+    """95% percentile bootstrap interval of the mean of per-user ``values``. Pass a paired
+    difference (stream minus baseline, user by user) to get the difference's interval."""
+    means = values[idx].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def verdict(ci: Sequence[float]) -> str:
+    return "win" if ci[0] > 0 else "loss" if ci[1] < 0 else "tie"
+
+
+def summary(values: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        out[m] = round(float(values[m].mean()), 4)
+        out[f"{m}_ci"] = [round(v, 4) for v in interval(values[m], idx)]
+    return out
+
+
+# ---- the methods: each fits on a split and returns users -> (n, n_items) scores ----------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The stream's schedule: events per poll, and samples replayed once it is idle."""
+
+    poll: int
+    replay_samples: int
+
+
+Fitted = tuple[CatalogueScorer, dict[str, float]]  # scores, and what to report of the fit
+
+
+def from_matrix(scores: np.ndarray) -> CatalogueScorer:
+    return lambda users: scores[users]
+
+
+def neumf_scores(trainer: Trainer) -> CatalogueScorer:
+    model = trainer.model.eval()
+    return lambda users: model.score_matrix(torch.from_numpy(users)).numpy()
+
+
+def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget) -> Fitted:
+    """The daemon's loop over the file: consume and train, then idle replay to the budget."""
+    settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed, **cfg)
+    engine = Engine(settings, MemorySource(split.events, batch_size=budget.poll))
     trainer = engine.trainer
     start = time.perf_counter()
-    engine.run(until=lambda: engine.counters.consumed == len(events) and not trainer.pending)
-    pass_s, samples_pass = time.perf_counter() - start, trainer.samples_trained
-    start = time.perf_counter()
-    engine.run(until=lambda: trainer.samples_trained - samples_pass >= replay_samples)
+    engine.run(until=lambda: engine.counters.consumed == len(split.events)
+               and not trainer.pending)
+    pass_s = time.perf_counter() - start
+    start, samples_pass = time.perf_counter(), trainer.samples_trained
+    engine.run(until=lambda: trainer.samples_trained - samples_pass >= budget.replay_samples)
     engine.close()
-    return engine, {"pass_seconds": pass_s, "replay_seconds": time.perf_counter() - start,
-                    "samples_in_pass": samples_pass, "samples_total": trainer.samples_trained}
+    split.check_same(trainer.store, trainer.user_ids)
+    return neumf_scores(trainer), {
+        "pass_seconds": pass_s, "replay_seconds": time.perf_counter() - start,
+        "samples_total": trainer.samples_trained}
 
 
-def train_matrix(trainer: Trainer) -> sp.csr_matrix:
-    users, items = trainer.store.training_pairs()
-    shape = (trainer.store.n_users, trainer.store.n_items)
-    return sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=shape)
+def fit_popularity(split: Split, cfg: Config, seed: int) -> Fitted:
+    counts = np.asarray(split.x.sum(axis=0)).ravel()
+    return lambda users: np.broadcast_to(counts, (len(users), len(counts))), {}
 
 
-def popularity(x: sp.csr_matrix) -> Scorer:
-    counts = np.asarray(x.sum(axis=0)).ravel()
-    return lambda users, items: counts[items]
+def ease_scores(x: sp.csr_matrix, lam: float) -> np.ndarray:
+    """EASE's scores X B for every user (Steck 2019): B = I - P / diag(P), P = (X'X + lam I)^-1.
+
+    With fewer users than items, Woodbury gives P = (I - X' (XX' + lam I)^-1 X) / lam,
+    so only a users x users system is solved: exact, and seconds instead of minutes
+    (ml-latest-small: 610 users, 9.7k items)."""
+    xd = x.toarray().astype(np.float64)
+    xxt = xd @ xd.T
+    kx = np.linalg.solve(xxt + lam * np.eye(len(xd)), xd)  # (XX' + lam I)^-1 X
+    xp = (xd - xxt @ kx) / lam  # X P
+    diag_p = (1.0 - np.einsum("ui,ui->i", xd, kx)) / lam
+    return xd - xp / diag_p  # X (I - P diag(P)^-1): B's diagonal is 0
 
 
-def ease(x: sp.csr_matrix, lam: float) -> Scorer:
-    gram = (x.T @ x).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += lam
-    p = sla.cho_solve(sla.cho_factor(gram, check_finite=False), np.eye(len(gram)),
-                      check_finite=False)
-    b = -p / np.diag(p)
-    b[np.diag_indices_from(b)] = 0.0
-    b = b.astype(np.float32)
-
-    def score(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        full = np.asarray(x[users] @ b)
-        return np.take_along_axis(full, items, axis=1)
-
-    return score
+def fit_ease(split: Split, cfg: Config, seed: int) -> Fitted:
+    return from_matrix(ease_scores(split.x, cfg["lam"])), {}
 
 
-def als(x: sp.csr_matrix, factors: int, reg: float, alpha: float) -> Scorer:
+def _implicit(make: Callable[[], Any], x: sp.csr_matrix) -> CatalogueScorer:
+    from threadpoolctl import threadpool_limits
+
+    # implicit runs its own threads; BLAS threads under them thrash (it warns at init).
+    with threadpool_limits(1, "blas"):
+        model = make()
+        model.fit(x, show_progress=False)
+    uf, itf = np.asarray(model.user_factors), np.asarray(model.item_factors)
+    return from_matrix(uf @ itf.T)  # BPR's item bias is a factor column, 1 on the user side
+
+
+def fit_als(split: Split, cfg: Config, seed: int) -> Fitted:
     from implicit.cpu.als import AlternatingLeastSquares
 
-    model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha,
-                                    iterations=15, random_state=0)
-    model.fit(x, show_progress=False)
-    uf, itf = np.asarray(model.user_factors), np.asarray(model.item_factors)
-    return lambda users, items: np.take_along_axis(uf[users] @ itf.T, items, axis=1)
+    return _implicit(lambda: AlternatingLeastSquares(
+        **cfg, iterations=ALS_ITERATIONS, random_state=seed), split.x), {}
 
 
-def offline_neumf(events, cfg: TrainerConfig, epochs: int) -> tuple[Trainer, float]:
-    """The same model code, trained in epochs over the training pairs (no stream)."""
-    trainer = Trainer(replace(cfg, replay=False))
-    trainer.ingest(events)  # builds the same store and hold-out split; trains nothing
+def fit_bpr(split: Split, cfg: Config, seed: int) -> Fitted:
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    return _implicit(lambda: BayesianPersonalizedRanking(
+        **cfg, iterations=BPR_ITERATIONS, random_state=seed), split.x), {}
+
+
+def fit_neumf_offline(split: Split, cfg: Config, seed: int) -> Fitted:
+    """The same model code and trainer, trained in epochs over the training pairs."""
+    trainer = Trainer(TrainerConfig(lr=cfg["lr"], seed=seed, replay=False))
+    trainer.ingest(split.events)  # builds the store and its hold-outs; trains nothing
+    split.check_same(trainer.store, trainer.user_ids)
     users, items = trainer.store.training_pairs()
-    per_step = cfg.positives_per_step
-    rng = np.random.default_rng(cfg.seed)
-    start = time.perf_counter()
-    for _ in range(epochs):
+    per_step = trainer.cfg.positives_per_step
+    rng = np.random.default_rng(seed)
+    for _ in range(cfg["epochs"]):
         order = rng.permutation(len(users))
         for lo in range(0, len(order), per_step):
             sel = order[lo: lo + per_step]
             trainer.train_pairs(users[sel], items[sel])
-    return trainer, time.perf_counter() - start
+    return neumf_scores(trainer), {}
 
 
-def best(results: dict[str, Result]) -> tuple[str, Result]:
-    name = max(results, key=lambda k: results[k]["hr10"])
-    return name, results[name]
+def fit_mf(split: Split, cfg: Config, seed: int) -> Fitted:
+    """Dot product plus user, item and global biases, BCE on sampled negatives, L2 on
+    the rows each sample touches (Rendle et al. 2020)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_users, n_items, d = split.store.n_users, split.store.n_items, cfg["dims"]
+    p = (torch.randn(n_users, d, generator=gen) * 0.01).requires_grad_()
+    q = (torch.randn(n_items, d, generator=gen) * 0.01).requires_grad_()
+    bu, bi, b = (torch.zeros(n, requires_grad=True) for n in (n_users, n_items, 1))
+    opt = torch.optim.Adam([p, q, bu, bi, b], lr=cfg["lr"])
+    # The stream's sampler: never an item the user trained on; the hold-out is a
+    # negative like any untouched item.
+    sampler = NegativeSampler(split.store, SamplerConfig(k=MF_NEGATIVES, seed=seed))
+    pos_u, pos_i = split.store.training_pairs()
+    rng = np.random.default_rng(seed)
+    for _ in range(MF_EPOCHS):
+        order = rng.permutation(len(pos_u))
+        for lo in range(0, len(order), MF_BATCH):
+            sel = order[lo: lo + MF_BATCH]
+            neg = sampler.sample(pos_u[sel]).ravel()
+            ok = neg >= 0
+            u = torch.from_numpy(np.concatenate([pos_u[sel], np.repeat(pos_u[sel],
+                                                                       MF_NEGATIVES)[ok]]))
+            i = torch.from_numpy(np.concatenate([pos_i[sel], neg[ok]]))
+            y = torch.zeros(len(u))
+            y[: len(sel)] = 1.0
+            pu, qi = p[u], q[i]
+            logits = (pu * qi).sum(1) + bu[u] + bi[i] + b
+            reg = (pu.square().sum(1) + qi.square().sum(1) + bu[u] ** 2 + bi[i] ** 2).mean()
+            loss = F.binary_cross_entropy_with_logits(logits, y) + cfg["reg"] * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        scores = (p @ q.T + bu[:, None] + bi[None, :] + b).numpy()
+    return from_matrix(scores), {}
 
 
-def timed(label: str, fn: Callable[[], Result]) -> Result:
+Fit = Callable[[Split, Config, int], Fitted]
+
+
+def methods(budget: Budget) -> dict[str, Fit]:
+    """Every method with a grid, the stream first."""
+    return {"stream": lambda split, cfg, seed: fit_stream(split, cfg, seed, budget),
+            "ease": fit_ease, "als": fit_als, "bpr": fit_bpr,
+            "neumf_offline": fit_neumf_offline, "mf": fit_mf}
+
+
+def fit_and_rank(label: str, fit: Fit, split: Split, cfg: Config, seed: int,
+                 ) -> tuple[Ranks, dict[str, float]]:
     start = time.perf_counter()
-    out = fn()
-    print(f"  {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+    score_all, info = fit(split, cfg, seed)
+    r = ranks(score_all, split.view)
+    means = {m: float(v.mean()) for m, v in per_user([r]).items()}
+    print(f"  {label} seed {seed} {cfg}: " + ", ".join(f"{m} {v:.4f}" for m, v in means.items())
           + f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return out
+    return r, {**info, **means}
+
+
+# ---- the two modes ----------------------------------------------------------------------------
+
+
+def run_select(events: Events, n_trials: int, budget: Budget) -> dict[str, Any]:
+    split = Split.of(drop_newest(events))
+    print(f"selection: {len(split.events):,} events (each user's newest removed), "
+          f"{len(split.view.holdout.users)} validation hold-outs", file=sys.stderr)
+    chosen: dict[str, Any] = {}
+    for method, fit in methods(budget).items():
+        results = []
+        for cfg in trials(method, n_trials):
+            _, info = fit_and_rank(method, fit, split, cfg, SELECT_SEED)
+            results.append({"config": cfg, **{m: round(info[m], 4) for m in METRICS}})
+        best = max(results, key=lambda r: r[SELECT_METRIC])  # the first of equals
+        chosen[method] = {"config": best["config"], "trials": results}
+        print(f"{method}: chose {best['config']} ({SELECT_METRIC} {best[SELECT_METRIC]:.4f})",
+              file=sys.stderr)
+    return {"metric": SELECT_METRIC, "trials_per_method": n_trials, "seed": SELECT_SEED,
+            "poll": budget.poll, "replay_samples": budget.replay_samples, "methods": chosen}
+
+
+def run_test(events: Events, chosen: dict[str, Any], seeds: list[int],
+             budget: Budget) -> dict[str, Any]:
+    split = Split.of(events)
+    print(f"test: {len(events):,} events, {len(split.view.holdout.users)} hold-outs, "
+          f"{split.view.n_items} items", file=sys.stderr)
+    configs = {m: chosen["methods"][m]["config"] for m in GRIDS}
+    fits: dict[str, Fit] = {**methods(budget), "popularity": fit_popularity}
+    values, stream_info = {}, []
+    for method, fit in fits.items():
+        cfg = configs.get(method, {})
+        runs = []
+        for seed in seeds if method in STOCHASTIC else seeds[:1]:
+            r, info = fit_and_rank(method, fit, split, cfg, seed)
+            runs.append(r)
+            if method == "stream":
+                stream_info.append(info)
+        values[method] = per_user(runs)
+
+    idx = resamples(len(split.view.holdout.users))
+    stream = values.pop("stream")
+    diff = {b: {m: [round(v, 4) for v in interval(stream[m] - vals[m], idx)] for m in METRICS}
+            for b, vals in values.items()}
+    return {
+        "events": len(events), "holdouts": len(split.view.holdout.users),
+        "items": split.view.n_items,
+        "stream": summary(stream, idx),
+        "baselines": {b: summary(vals, idx) for b, vals in values.items()},
+        "diff_ci": diff,
+        "verdict": {b: {m: verdict(ci) for m, ci in d.items()} for b, d in diff.items()},
+        "chosen": configs,
+        "samples_total": [int(i["samples_total"]) for i in stream_info],
+        "replay_seconds": [round(i["replay_seconds"], 1) for i in stream_info],
+        "pass_seconds": [round(i["pass_seconds"], 1) for i in stream_info],
+        "replay_samples": budget.replay_samples, "seeds": seeds,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
     parser.add_argument("--format")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--select", action="store_true",
+                      help="choose each method's configuration on the validation split")
+    mode.add_argument("--test", action="store_true",
+                      help="the chosen configurations on the test split (the default)")
     parser.add_argument("--quick", action="store_true",
-                        help="3M samples of idle replay, one setting per baseline")
+                        help="3M samples; test: 1 seed; select: 1 trial, chosen.json untouched")
+    parser.add_argument("--trials", type=int, help="trials per method (default 8, --quick 1)")
+    parser.add_argument("--seeds", type=int, help="seeds in test mode (default 3, --quick 1)")
     parser.add_argument("--replay-samples", type=int,
                         help="training samples replayed once the stream is idle "
                              "(default 20M, --quick 3M)")
     parser.add_argument("--poll", type=int, default=1000, help="events per poll of the stream")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--chosen", type=Path,
+                        help=f"the chosen configurations (default {CHOSEN.name} beside this "
+                             "script; a --select --quick run writes only where this says)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    replay_samples = args.replay_samples or (3_000_000 if args.quick else 20_000_000)
-
+    budget = Budget(args.poll, args.replay_samples or (3_000_000 if args.quick else 20_000_000))
     events = read_events(args.data, args.format).events
-    engine, timing = stream(events, args.poll, replay_samples)
-    trainer = engine.trainer
-    cfg = trainer.cfg
-    print(f"{len(events):,} events; streamed with {cfg}", file=sys.stderr)
-    view = trainer.store.view()
-    print(f"pass {timing['pass_seconds']:.1f} s, replay {timing['replay_seconds']:.1f} s; "
-          f"{len(view.holdout.users)} hold-outs, {view.n_items} items", file=sys.stderr)
-    trainer.model.eval()
-    results = {"stream": timed("stream", lambda: summarize(trainer.scorer(), view))}
+    start = time.perf_counter()
 
-    x = train_matrix(trainer)
-    lambdas = [500.0] if args.quick else [100.0, 250.0, 500.0, 1000.0]
-    grid = [(64, 0.05, 10.0)] if args.quick else [
-        (f, r, a) for f in (64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)]
-    baselines: dict[str, Result] = {
-        "popularity": timed("popularity", lambda: summarize(popularity(x), view))}
-    ease_runs = {f"ease_l{lam:g}": timed(f"ease lambda={lam:g}",
-                                         lambda lam=lam: summarize(ease(x, lam), view))
-                 for lam in lambdas}
-    als_runs = {f"als_f{f}_r{r:g}_a{a:g}": timed(
-        f"als f={f} reg={r} alpha={a}", lambda f=f, r=r, a=a: summarize(als(x, f, r, a), view))
-        for f, r, a in grid}
-    for label, runs in (("ease", ease_runs), ("als", als_runs)):
-        # Each metric at its own best setting: the strongest this family can be.
-        baselines[label] = {m: max(r[m] for r in runs.values()) for m in next(iter(
-            runs.values()))}
-        baselines[label]["setting"] = best(runs)[0]  # type: ignore[assignment]
-    for label, opt, lr in (("neumf_offline", "adagrad", cfg.lr),
-                           ("neumf_offline_adam", "adam", 1e-3)):
-        off, seconds = offline_neumf(events, replace(cfg, optimizer=opt, lr=lr), args.epochs)
-        if not np.array_equal(off.user_ids.all_ids(), trainer.user_ids.all_ids()):
-            raise RuntimeError("offline and stream runs disagree on ids")
-        off.model.eval()
-        baselines[label] = timed(f"{label} ({args.epochs} epochs, {seconds:.0f} s)",
-                                 lambda off=off: summarize(off.scorer(), view))
-
-    strongest = max(("ease", "als", "neumf_offline", "neumf_offline_adam", "popularity"),
-                    key=lambda k: baselines[k]["hr10"])
-    s = results["stream"]
-    beats = {k: bool(s[k] > max(float(baselines[b][k]) for b in baselines))
-             for k in ("hr10", "full_hr10")}
-    print(json.dumps({
-        "data": Path(args.data).name, "events": len(events),
-        "holdouts": len(view.holdout.users), "items": view.n_items,
-        "stream": {k: round(v, 4) for k, v in s.items()},
-        "baselines": {k: {m: (round(v, 4) if isinstance(v, float) else v) for m, v in r.items()}
-                      for k, r in baselines.items()},
-        "strongest_baseline": strongest,
-        "stream_beats_every_baseline": beats,
-        "replay_samples": replay_samples,
-        "replay_seconds": round(timing["replay_seconds"], 1),
-        "pass_seconds": round(timing["pass_seconds"], 1),
-        "samples_total": timing["samples_total"],
-        "config": {"factors": cfg.model.factors, "mlp_layers": list(cfg.model.mlp_layers),
-                   "lr": cfg.lr, "weight_decay": cfg.weight_decay, "negatives": cfg.negatives,
-                   "fresh_share": cfg.fresh_share},
-    }))
+    if args.select:
+        out = run_select(events, args.trials or (1 if args.quick else 8), budget)
+        path = args.chosen or (None if args.quick else CHOSEN)
+        if path is not None:
+            path.write_text(json.dumps(out, indent=2) + "\n")
+            print(f"wrote {path}", file=sys.stderr)
+        result = {"mode": "select" + ("_quick" if args.quick else ""),
+                  "chosen": {m: c["config"] for m, c in out["methods"].items()},
+                  "validation": {m: {k: v for k, v in max(
+                      c["trials"], key=lambda t: t[SELECT_METRIC]).items() if k != "config"}
+                      for m, c in out["methods"].items()}}
+    else:
+        n_seeds = args.seeds or (1 if args.quick else 3)
+        if n_seeds < 3 and not args.quick:
+            parser.error("--test needs --seeds >= 3 (fewer only with --quick)")
+        chosen = json.loads((args.chosen or CHOSEN).read_text())
+        if chosen["replay_samples"] != budget.replay_samples:
+            print(f"note: configurations chosen at {chosen['replay_samples']:,} samples, "
+                  f"tested at {budget.replay_samples:,}", file=sys.stderr)
+        result = {"mode": "quick" if args.quick else "test",
+                  **run_test(events, chosen, list(range(n_seeds)), budget)}
+    result = {"data": Path(args.data).name, **result,
+              "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
