@@ -57,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(2)
     events = 1_000_000 if args.quick else 3_000_000
     stream = generate(SynthConfig(users=USERS, items=ITEMS, events=events, seed=0, topics=100))
-    settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0,
+    settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, holdout_fraction=1.0,
                         eval_interval_s=0.01, eval_max_users=10_000)
     engine = Engine(settings, MemorySource(stream.to_events(), batch_size=262_144))
     engine.run(until=lambda: engine.counters.consumed == events and not engine.trainer.pending)

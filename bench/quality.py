@@ -266,7 +266,9 @@ def neumf_scores(trainer: Trainer) -> CatalogueScorer:
 
 def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget) -> Fitted:
     """The daemon's loop over the file: consume and train, then idle replay to the budget."""
-    settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed, **cfg)
+    # Every user evaluated (the daemon's default evaluates holdout_fraction of them).
+    settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed,
+                        holdout_fraction=1.0, **cfg)
     engine = Engine(settings, MemorySource(split.events, batch_size=budget.poll))
     trainer = engine.trainer
     start = time.perf_counter()
@@ -332,7 +334,7 @@ def fit_bpr(split: Split, cfg: Config, seed: int) -> Fitted:
 
 def fit_neumf_offline(split: Split, cfg: Config, seed: int) -> Fitted:
     """The same model code and trainer, trained in epochs over the training pairs."""
-    trainer = Trainer(TrainerConfig(lr=cfg["lr"], seed=seed, replay=False))
+    trainer = Trainer(TrainerConfig(lr=cfg["lr"], seed=seed, replay=False, holdout_fraction=1.0))
     trainer.ingest(split.events)  # builds the store and its hold-outs; trains nothing
     split.check_same(trainer.store, trainer.user_ids)
     users, items = trainer.store.training_pairs()

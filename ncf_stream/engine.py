@@ -500,7 +500,7 @@ class Engine:
         m.interactions.set(len(store))
         m.users.set(len(self.trainer.user_ids))
         m.items.set(len(self.trainer.item_ids))
-        m.holdouts.set(int((store.user_counts() >= store.min_history).sum()))
+        m.holdouts.set(len(store.holdout().users))
         m.store_bytes.set(store.nbytes())
         sampler = self.trainer.sampler
         m.negatives.inc(sampler.drawn - self._drawn[0])

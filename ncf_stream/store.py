@@ -4,9 +4,10 @@ An interaction is a distinct (user row, item row) pair; a repeat keeps the
 latest timestamp and is counted as a repeat. Pairs live in a :class:`KeySet`
 as ``user << 32 | item`` keys, so a user's items are one contiguous key range.
 
-**Rolling hold-out.** For every user with at least ``min_history``
-interactions, the newest interaction (largest ts, ties broken by arrival) is
-held out: it is never handed to training while it is the newest. When a newer
+**Rolling hold-out.** For every user marked as evaluated (the trainer marks
+``holdout_fraction`` of users by a hash of their id: :func:`evaluated_users`) with at
+least ``min_history`` interactions, the newest interaction (largest ts, ties broken
+by arrival) is held out: it is never handed to training while it is the newest. When a newer
 one arrives, the previous one is released to training and the new one is held
 out. A late event older than the hold-out goes straight to training. One edge
 is unavoidable online: when a user reaches ``min_history`` through a late
@@ -19,17 +20,28 @@ interaction in the key set, 1-2 for its filter, 28 per user and 8 per item.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ncf_stream.keyset import KeySet, KeyView
+from ncf_stream.keyset import KeySet, KeyView, mix64
 from ncf_stream.settings import check, default
 
 ITEM_BITS = 32
 ITEM_MASK = (1 << ITEM_BITS) - 1
 _I32 = np.iinfo(np.int32)
+
+
+def evaluated_users(ids: Sequence[str], fraction: float) -> np.ndarray:
+    """Whether each user id has a hold-out: ``fraction`` of ids, by a hash of the id
+    (CRC-32, mixed), so the same users on every run and every machine."""
+    if fraction >= 1.0:
+        return np.ones(len(ids), dtype=bool)
+    crc = np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.uint64, count=len(ids))
+    return mix64(crc) < np.uint64(min(fraction, 1.0) * 2.0**64)
 
 
 def pair_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -111,12 +123,15 @@ class InteractionStore:
     def __init__(self, min_history: int = default("min_history")) -> None:
         check("min_history", min_history, "InteractionStore.min_history")
         self.min_history = min_history
+        # A user without the mark never has a hold-out; unmarked rows count as marked, so
+        # a store used alone (and a checkpoint from before the mark) holds every user out.
         self._pairs = KeySet()  # payload: ts as int32 seconds since _t0
         self._users = _Growable(
             count=(np.dtype(np.int32), 0),
             newest_item=(np.dtype(np.int64), -1),
             newest_ts=(np.dtype(np.float64), -np.inf),
             newest_seq=(np.dtype(np.int64), -1),
+            evaluated=(np.dtype(np.bool_), True),
         )
         self._items = _Growable(count=(np.dtype(np.int64), 0))
         self.n_users = 0
@@ -154,6 +169,16 @@ class InteractionStore:
         self.repeats += len(users) - new
         return self._roll_holdouts(users, items, ts, seq, last, count_before, new)
 
+    def mark_evaluated(self, users: np.ndarray, evaluated: np.ndarray) -> None:
+        """Whether each of these (new) users has a hold-out; before their first event."""
+        users = np.asarray(users, dtype=np.int64)
+        if len(users):
+            self._users.ensure(int(users.max()) + 1)
+            self._users["evaluated"][users] = evaluated
+
+    def _has_holdout(self, users: np.ndarray, count: np.ndarray) -> np.ndarray:
+        return (count >= self.min_history) & self._users["evaluated"][users]
+
     def _grow(self, n_users: int, n_items: int) -> None:
         self._users.ensure(n_users)
         self._items.ensure(n_items)
@@ -190,7 +215,7 @@ class InteractionStore:
         # Batch events arrive after everything stored, so a tie in ts goes to them.
         newer = ts[last] >= u["newest_ts"][bu]
         old_item = u["newest_item"][bu]
-        was_active = count_before >= self.min_history
+        was_active = self._has_holdout(bu, count_before)
         released = was_active & newer & (items[last] != old_item)
 
         nu = bu[newer]
@@ -198,7 +223,7 @@ class InteractionStore:
         u["newest_ts"][nu] = ts[last][newer]
         u["newest_seq"][nu] = seq[last][newer]
 
-        active = u["count"][users] >= self.min_history
+        active = self._has_holdout(users, u["count"][users])
         held = active & (items == u["newest_item"][users])
         train_u = np.concatenate([users[~held], bu[released]])
         train_i = np.concatenate([items[~held], old_item[released]])
@@ -238,12 +263,13 @@ class InteractionStore:
 
     def holdout(self) -> HoldOut:
         u = self._users
-        rows = np.flatnonzero(u["count"][: self.n_users] >= self.min_history)
+        every = np.arange(self.n_users)
+        rows = np.flatnonzero(self._has_holdout(every, u["count"][: self.n_users]))
         return HoldOut(rows, u["newest_item"][rows], u["newest_ts"][rows], u["newest_seq"][rows])
 
     def is_holdout(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         u = self._users
-        return (u["count"][users] >= self.min_history) & (u["newest_item"][users] == items)
+        return self._has_holdout(users, u["count"][users]) & (u["newest_item"][users] == items)
 
     def sample_positives(
         self, rng: np.random.Generator, n: int
@@ -259,7 +285,7 @@ class InteractionStore:
     def _holdout_keys(self, users: np.ndarray) -> np.ndarray:
         """Each user's hold-out key, or -1 for a user without one."""
         u = self._users
-        active = u["count"][users] >= self.min_history
+        active = self._has_holdout(users, u["count"][users])
         return np.where(active, pair_keys(users, np.maximum(u["newest_item"][users], 0)), -1)
 
     def training_pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +326,8 @@ class InteractionStore:
             store._grow(n_users, n_items)
             store._pairs = KeySet.from_arrays(z["keys"], z["vals"])
             for name in store._users.cols:
-                store._users[name][:n_users] = z[f"user_{name}"]
+                if f"user_{name}" in z:  # else its default: a checkpoint from before it
+                    store._users[name][:n_users] = z[f"user_{name}"]
             store._items["count"][:n_items] = z["item_count"]
             store.events, store.repeats = events, repeats
             t0 = float(z["t0"][0])

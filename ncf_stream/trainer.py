@@ -30,7 +30,7 @@ from ncf_stream.model import NeuMF, NeuMFConfig
 from ncf_stream.optim import RowAdagrad, RowAdam
 from ncf_stream.sampler import NegativeSampler, SamplerConfig
 from ncf_stream.settings import Settings, check_config, config_values, setting
-from ncf_stream.store import AppendResult, InteractionStore
+from ncf_stream.store import AppendResult, InteractionStore, evaluated_users
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class TrainerConfig:
     fresh_share: float = setting("fresh_share")
     replay: bool = setting("replay")
     min_history: int = setting("min_history")
+    holdout_fraction: float = setting("holdout_fraction")
     seed: int = setting("seed")
     model: NeuMFConfig = field(default_factory=NeuMFConfig)
 
@@ -112,6 +113,9 @@ class Trainer:
 
     def ingest_rows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> AppendResult:
         """Append (user row, item row, time) events, rows from :meth:`rows`."""
+        new = np.arange(self.store.n_users, len(self.user_ids))  # users' first events
+        self.store.mark_evaluated(new, evaluated_users(
+            self.user_ids.ids(new).tolist(), self.cfg.holdout_fraction))
         result = self.store.append(users, items, ts)
         self.model.grow(len(self.user_ids), len(self.item_ids))
         if len(result.train_users):

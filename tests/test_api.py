@@ -37,6 +37,7 @@ EVENTS = 6000
 def daemon() -> Iterator[Daemon]:
     stream = generate(SynthConfig(users=200, items=150, events=EVENTS, seed=9, topics=5))
     s = Settings(http_port=0, grpc_port=0, batch_size=1024, factors=8, mlp_layers=[16, 8],
+                 holdout_fraction=1.0,
                  publish_every_s=0.2, eval_interval_s=3600, eval_max_users=50, max_k=100,
                  device="cpu", shutdown_grace_s=1.0, replay=False)  # stable once consumed
     d = Daemon(s, source=MemorySource(stream.to_events(), batch_size=1500))

@@ -133,7 +133,8 @@ def events_of(users: list[str], items: list[str], ts: list[float]) -> Events:
 
 
 def test_trainer_trains_fresh_first_and_replays_when_idle() -> None:
-    cfg = TrainerConfig(model=TINY, batch_size=50, negatives=4)  # 10 positives a step
+    cfg = TrainerConfig(model=TINY, batch_size=50, negatives=4,  # 10 positives a step
+                        holdout_fraction=1.0)
     trainer = Trainer(cfg)
     n = 30
     trainer.ingest(events_of([f"u{k % 3}" for k in range(n)], [f"i{k}" for k in range(n)],
@@ -149,7 +150,8 @@ def test_trainer_trains_fresh_first_and_replays_when_idle() -> None:
 
 
 def test_trainer_without_replay_stops_when_the_stream_does() -> None:
-    trainer = Trainer(TrainerConfig(model=TINY, batch_size=50, replay=False))
+    trainer = Trainer(TrainerConfig(model=TINY, batch_size=50, replay=False,
+                                    holdout_fraction=1.0))
     trainer.ingest(events_of(["a", "a", "a"], ["x", "y", "z"], [1.0, 2.0, 3.0]))
     stats = trainer.step()
     assert stats is not None and stats.fresh == 2 and stats.replayed == 0
@@ -161,7 +163,8 @@ def test_trainer_without_replay_stops_when_the_stream_does() -> None:
 def test_planted_stream_is_learned(device: str) -> None:
     """Far above popularity on both protocols: fails if learning breaks."""
     stream = generate(SynthConfig(users=600, items=400, events=30_000, seed=4, topics=12))
-    trainer = Trainer(TrainerConfig(batch_size=4096, lr=0.05), device=device)
+    trainer = Trainer(TrainerConfig(batch_size=4096, lr=0.05, holdout_fraction=1.0),
+                      device=device)
     train_stream(trainer, stream.to_events(), poll=2048, replay_steps=300)
     view = trainer.store.view()
     model = evaluate(trainer.scorer(), view)
@@ -179,7 +182,8 @@ def test_trained_parameters_do_not_depend_on_the_hold_out(device: str) -> None:
     u, i, i_alt, ts = swapped_stream(seed=7)
     models = []
     for items in (i, i_alt):
-        trainer = Trainer(TrainerConfig(model=TINY, batch_size=64, negatives=4, alpha=0.75),
+        trainer = Trainer(TrainerConfig(model=TINY, batch_size=64, negatives=4, alpha=0.75,
+                                        holdout_fraction=1.0),
                           device=device)
         events = Events.from_rows([(f"u{a}", f"i{b}", float(t), "", 1.0)
                                    for a, b, t in zip(u.tolist(), items.tolist(), ts.tolist(),

@@ -16,7 +16,7 @@ from scipy import stats
 from ncf_stream.events import Events
 from ncf_stream.ids import IdMap, IdMapMismatch, RowMapper
 from ncf_stream.keyset import KeySet
-from ncf_stream.store import InteractionStore, pair_keys
+from ncf_stream.store import InteractionStore, evaluated_users, pair_keys
 
 Event = tuple[int, int, float]  # (user, item, ts)
 
@@ -305,3 +305,30 @@ def test_fenced_search_agrees_with_searchsorted(keys: list[int], queries: list[i
     assert np.array_equal(level.insertion_points(q), np.searchsorted(level.keys, q))
     expected = np.where(np.isin(q, level.keys), np.searchsorted(level.keys, q), -1)
     assert np.array_equal(level.search(q), expected)
+
+
+def test_a_fraction_of_users_picked_by_id_hash_has_a_hold_out_the_rest_train_at_once() -> None:
+    ids = [f"user-{k}" for k in range(20_000)]
+    picked = evaluated_users(ids, 0.1)
+    assert abs(picked.mean() - 0.1) < 0.01
+    assert np.array_equal(picked, evaluated_users(ids, 0.1))  # the same users every run
+    assert evaluated_users(ids, 1.0).all()
+    assert np.all(picked <= evaluated_users(ids, 0.3))  # a larger share keeps these users
+
+    s = InteractionStore(min_history=2)
+    s.mark_evaluated(np.arange(4), np.array([True, False, True, False]))
+    users = np.repeat(np.arange(4), 3)
+    r = s.append(users, np.tile([7, 8, 9], 4), np.arange(12, dtype=np.float64))
+    assert s.holdout().users.tolist() == [0, 2]
+    # Users 1 and 3 train on every event, their newest included.
+    assert sorted(zip(r.train_users.tolist(), r.train_items.tolist(), strict=True)) == [
+        (0, 7), (0, 8), (1, 7), (1, 8), (1, 9), (2, 7), (2, 8), (3, 7), (3, 8), (3, 9)]
+    assert not s.is_holdout(np.array([1, 3]), np.array([9, 9])).any()
+
+
+def test_the_hold_out_mark_survives_a_checkpoint(tmp_path: Path) -> None:
+    s = InteractionStore(min_history=2)
+    s.mark_evaluated(np.arange(3), np.array([False, True, False]))
+    s.append(np.repeat(np.arange(3), 2), np.tile([1, 2], 3), np.arange(6, dtype=np.float64))
+    s.save(tmp_path / "s.npz")
+    assert InteractionStore.load(tmp_path / "s.npz").holdout().users.tolist() == [1]
