@@ -250,21 +250,6 @@ class KeySet:
             bloom.add(lv.keys)
         self._bloom = bloom  # readers holding the old filter keep a valid one
 
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """``n`` keys drawn uniformly with replacement."""
-        if self._size == 0:
-            raise ValueError("sample() from an empty key set")
-        sizes = np.array([len(lv) for lv in self._keys])
-        flat = rng.integers(0, self._size, n)
-        bounds = np.cumsum(sizes)
-        level = np.searchsorted(bounds, flat, side="right")
-        out = np.empty(n, dtype=np.int64)
-        starts = bounds - sizes
-        for i, lv in enumerate(self._keys):
-            sel = level == i
-            out[sel] = lv.keys[flat[sel] - starts[i]]
-        return out
-
     def sample_excluding(self, rng: np.random.Generator, n: int, run_bits: int,
                          excluded: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Up to ``n`` keys drawn uniformly, with replacement, from the set without one

@@ -4,27 +4,11 @@ percentiles reported only where enough requests carry them, and requests for
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import pytest
+from conftest import bench_module  # tests/conftest.py
 
-LOAD = Path(__file__).resolve().parents[1] / "bench" / "load.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_load", LOAD)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-load = _load()
+load = bench_module("load")
 
 
 def test_min_requests_leaves_ten_above_the_quantile() -> None:

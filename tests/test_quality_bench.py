@@ -4,33 +4,18 @@ bootstrap and its verdicts, the trials, and EASE's closed form through the users
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import bench_module  # tests/conftest.py
 
 from ncf_stream.events import Events
 from ncf_stream.ids import IdMap
 from ncf_stream.store import InteractionStore
 
-QUALITY = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_quality", QUALITY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load()
+quality = bench_module("quality")
 
 
 def _events(rows: list[tuple[str, str, float]]) -> Events:
