@@ -61,7 +61,7 @@ def measure(parser: str, loop: str, requests: int) -> dict[str, float]:
         max_k = 1000
         holder = None
 
-        def recommend(self, user: str, k: int, exclude_seen: bool = True) -> Recommendation:
+        def recommend(self, user: str, k: int, exclude: str = "seen") -> Recommendation:
             return Recommendation(user, [f"item-{i}" for i in range(k)],
                                   [1.0 - i / 100 for i in range(k)], 1, False)
 

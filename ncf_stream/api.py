@@ -9,12 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ncf_stream.errors import BadInput
 from ncf_stream.events import MAX_ID_BYTES
 
 DEFAULT_K = 10  # items per answer when a request does not say
+# What a recommendation leaves out: "seen", every item the user touched (the default);
+# "trained", those but the user's current hold-out, to evaluate through the API (the
+# hold-out would be dropped as seen); "none", nothing.
+Exclude = Literal["seen", "trained", "none"]
+EXCLUDE: tuple[str, ...] = get_args(Exclude)
+
+
+def resolve_exclude(exclude: str | None, exclude_seen: bool) -> Exclude:
+    """A request's exclusion: ``exclude`` when given, else the older ``exclude_seen``."""
+    if exclude is None:
+        return "seen" if exclude_seen else "none"
+    if exclude not in EXCLUDE:
+        raise BadInput(f"exclude must be one of {', '.join(EXCLUDE)}, got {exclude!r}")
+    return exclude  # type: ignore[return-value]
 MAX_BATCH_USERS = 1000
 MAX_SCORE_ITEMS = 10_000
 MAX_BODY_BYTES = 1 << 20

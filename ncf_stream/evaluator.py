@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ncf_stream.evaluate import KS, CatalogueScorer, Report, full_ranks, metrics, sampled_ranks
-from ncf_stream.recommend import candidate_scores, score_rows, seen_items, top_k
+from ncf_stream.recommend import candidate_scores, excluded_items, score_rows, top_k
 from ncf_stream.sampler import EVAL_NEGATIVES
 from ncf_stream.settings import Settings, check_config, config_values, setting
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
@@ -181,7 +181,7 @@ def candidate_recall(snap: Snapshot, users: np.ndarray, candidates: int, k: int 
         for user in block:
             logit = known[user] if user in known else scored[user]
             row = torch.sigmoid(torch.from_numpy(logit)).numpy()
-            seen = seen_items(snap, user)
+            seen = excluded_items(snap, user, "seen")
             cand, probs = candidate_scores(snap, user, k, candidates)
             order = np.argsort(-probs, kind="stable")[:k]  # top_k's answer
             served = cand[order][np.isfinite(probs[order])]

@@ -21,9 +21,11 @@ from ncf_stream.api import (
     DEFAULT_K,
     MAX_BATCH_USERS,
     MAX_SCORE_ITEMS,
+    Exclude,
     StatusSource,
     check_id,
     check_k,
+    resolve_exclude,
 )
 from ncf_stream.errors import BadInput
 from ncf_stream.metrics import ServingMetrics
@@ -67,8 +69,10 @@ class Servicer(pb_grpc.RecommenderServicer):
         return check_k(request.k if request.HasField("k") else DEFAULT_K, self.recommender.max_k)
 
     @staticmethod
-    def _exclude(request: Any) -> bool:
-        return request.exclude_seen if request.HasField("exclude_seen") else True
+    def _exclude(request: Any) -> Exclude:
+        return resolve_exclude(request.exclude if request.HasField("exclude") else None,
+                               request.exclude_seen if request.HasField("exclude_seen")
+                               else True)
 
     def Recommend(self, request: pb.RecommendRequest,
                   context: grpc.ServicerContext) -> pb.RecommendResponse:

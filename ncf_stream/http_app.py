@@ -37,7 +37,9 @@ from ncf_stream.api import (
     MAX_BATCH_USERS,
     MAX_BODY_BYTES,
     MAX_SCORE_ITEMS,
+    Exclude,
     StatusSource,
+    resolve_exclude,
 )
 from ncf_stream.errors import BadInput
 from ncf_stream.evaluator import Evaluator
@@ -74,15 +76,20 @@ def request_models(max_k: int) -> tuple[Any, Any, Any]:
     """The request bodies, with the configured maximum k in their schema."""
     k = Annotated[int, Field(ge=1, le=max_k, description=f"how many items, 1 to {max_k}"),
                   BeforeValidator(_whole)]
-    exclude = Annotated[StrictBool, Field(description="drop items the user has touched")]
+    seen = Annotated[StrictBool, Field(description="drop items the user has touched; "
+                                                   "`exclude` overrides it")]
+    exclude = Annotated[Exclude | None, Field(
+        description="what to leave out: `seen` (every item the user touched), `trained` "
+                    "(those but the user's current hold-out: for evaluating through the API), "
+                    "`none`; default: `seen`, or `none` with `exclude_seen` false")]
     recommend = create_model(
         "RecommendRequest", __base__=_Request,
         user=(Id, Field(description="user id; an unknown user gets popular items")),
-        k=(k, DEFAULT_K), exclude_seen=(exclude, True))
+        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None))
     batch = create_model(
         "BatchRecommendRequest", __base__=_Request,
         users=(list[Id], Field(min_length=1, max_length=MAX_BATCH_USERS)),
-        k=(k, DEFAULT_K), exclude_seen=(exclude, True))
+        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None))
     score = create_model(
         "ScoreRequest", __base__=_Request,
         user=(Id, ...), items=(list[Id], Field(min_length=1, max_length=MAX_SCORE_ITEMS)))
@@ -303,13 +310,15 @@ def create_app(
     @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         user, k = str(req.user), req.k
-        return _recommendation(recommender.recommend(user, k, req.exclude_seen))
+        return _recommendation(recommender.recommend(
+            user, k, resolve_exclude(req.exclude, req.exclude_seen)))
 
     @app.post("/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
     async def recommend_batch(req: BatchRecommendRequest
                         ) -> BatchRecommendResponse:
         users = [str(u) for u in req.users]
-        results = recommender.recommend_many(users, req.k, req.exclude_seen)
+        results = recommender.recommend_many(
+            users, req.k, resolve_exclude(req.exclude, req.exclude_seen))
         return BatchRecommendResponse(results=[_recommendation(r) for r in results])
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)

@@ -1,4 +1,5 @@
-"""Top-k from a snapshot: FAISS candidates, rescored by the full NeuMF, seen items dropped.
+"""Top-k from a snapshot: FAISS candidates, rescored by the full NeuMF, seen items dropped
+(or, on request, only trained ones, or none: :data:`ncf_stream.api.Exclude`).
 
 HTTP and gRPC both call this one class. Everything a request reads comes from
 the snapshot current when it starts, so an answer never mixes two models.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncf_stream.api import DEFAULT_K
+from ncf_stream.api import DEFAULT_K, EXCLUDE, Exclude
 from ncf_stream.errors import BadInput, NcfStreamError
 from ncf_stream.settings import default
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
@@ -54,13 +55,13 @@ class Recommender:
             raise NotReady("no model snapshot is published yet")
         return snap
 
-    def recommend(self, user: str, k: int = DEFAULT_K, exclude_seen: bool = True) -> Recommendation:
+    def recommend(self, user: str, k: int = DEFAULT_K, exclude: Exclude = "seen") -> Recommendation:
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
-        return self.recommend_many([user], k, exclude_seen)[0]
+        return self.recommend_many([user], k, exclude)[0]
 
     def recommend_many(self, users: list[str], k: int = DEFAULT_K,
-                       exclude_seen: bool = True) -> list[Recommendation]:
+                       exclude: Exclude = "seen") -> list[Recommendation]:
         """Top k for each user, all from the same snapshot."""
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
@@ -71,7 +72,7 @@ class Recommender:
             if row is None:
                 out.append(self._cold_start(snap, user, k))
                 continue
-            rows, scores = top_k(snap, row, k, self.candidates, exclude_seen)
+            rows, scores = top_k(snap, row, k, self.candidates, exclude)
             out.append(Recommendation(user, snap.item_ids.ids(rows).tolist(), scores.tolist(),
                                       snap.version, cold_start=False))
         return out
@@ -107,21 +108,21 @@ def score_rows(snap: Snapshot, user_row: int, item_rows: np.ndarray) -> np.ndarr
 
 
 def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
-          exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+          exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
     """(item rows, probabilities) of the user's top k: retrieval, then full rescoring.
 
     With ``candidates`` >= the catalogue this is the exact ranking.
     """
-    cand, probs = candidate_scores(snap, user_row, k, candidates, exclude_seen)
+    cand, probs = candidate_scores(snap, user_row, k, candidates, exclude)
     order = np.argsort(-probs, kind="stable")[:k]
     return cand[order], probs[order]
 
 
 def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
-                     exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
     """What :func:`top_k` ranks: the retrieved item rows (sorted, seen ones dropped)
     and their probabilities under the full NeuMF."""
-    seen = seen_items(snap, user_row) if exclude_seen else np.empty(0, dtype=np.int64)
+    seen = excluded_items(snap, user_row, exclude)
     # Ask for room to drop the seen ones, so k survive whenever k unseen items exist.
     want = min(snap.n_items, max(candidates, k) + len(seen))
     model = snap.model
@@ -137,15 +138,26 @@ def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
 
 
 def exact_top_k(snap: Snapshot, user_row: int, k: int,
-                exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
     """The full model over the whole catalogue: the reference retrieval is measured against."""
-    items = np.arange(snap.n_items)
-    if exclude_seen:
-        items = np.setdiff1d(items, seen_items(snap, user_row), assume_unique=True)
+    items = np.setdiff1d(np.arange(snap.n_items), excluded_items(snap, user_row, exclude),
+                         assume_unique=True)
     probs = score_rows(snap, user_row, items)
     order = np.argsort(-probs, kind="stable")[:k]
     return items[order], probs[order]
 
 
-def seen_items(snap: Snapshot, user_row: int) -> np.ndarray:
-    return snap.store.seen(user_row)
+def excluded_items(snap: Snapshot, user_row: int, exclude: Exclude) -> np.ndarray:
+    """The item rows a request leaves out, sorted (see :data:`Exclude`)."""
+    if exclude == "none":
+        return np.empty(0, dtype=np.int64)
+    seen = snap.store.seen(user_row)
+    if exclude == "seen":
+        return seen
+    if exclude != "trained":
+        raise BadInput(f"exclude must be one of {', '.join(EXCLUDE)}, got {exclude!r}")
+    ho = snap.store.holdout  # users sorted: rows of users with a hold-out
+    at = int(np.searchsorted(ho.users, user_row))
+    if at < len(ho.users) and ho.users[at] == user_row:
+        return seen[seen != ho.items[at]]
+    return seen

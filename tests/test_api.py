@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 import schemathesis
 from conftest import require_program  # tests/conftest.py
@@ -82,6 +83,28 @@ def test_http_and_grpc_agree_on_recommend_and_never_return_seen_items(
         row = daemon.engine.trainer.user_ids.rows([user], add=False)[0]
         seen = set(ids.ids(store.seen(int(row))).tolist())
         assert seen.isdisjoint(i["item"] for i in h["items"]) and len(h["items"]) == 10
+
+
+def test_exclude_trained_keeps_the_hold_out_in_both_protocols(
+    daemon: Daemon, http: httpx.Client, stub: pb_grpc.RecommenderStub
+) -> None:
+    snap = daemon.engine.holder.get()
+    assert snap is not None
+    ho = snap.store.holdout
+    found = 0
+    for row, held in list(zip(ho.users.tolist(), ho.items.tolist(), strict=True))[:40]:
+        user = str(snap.user_ids.ids(np.array([row]))[0])
+        item = str(snap.item_ids.ids(np.array([held]))[0])
+        h = http.post("/v1/recommend", json={"user": user, "k": 20, "exclude": "trained"})
+        g = stub.Recommend(pb.RecommendRequest(user=user, k=20, exclude="trained"))
+        items = [i["item"] for i in h.json()["items"]]
+        assert items == [i.item for i in g.items]
+        found += item in items
+        seen = http.post("/v1/recommend", json={"user": user, "k": 20}).json()["items"]
+        assert item not in [i["item"] for i in seen]
+    assert found > 0
+    bad = http.post("/v1/recommend", json={"user": "1", "exclude": "everything"})
+    assert bad.status_code == 422
 
 
 def test_integer_user_ids_mean_their_string(http: httpx.Client) -> None:
@@ -242,6 +265,7 @@ def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
     (pb.ScoreRequest(user="nobody", items=["1"]), grpc.StatusCode.NOT_FOUND),
     (pb.ScoreRequest(user="1"), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendBatchRequest(users=[]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", exclude="everything"), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_grpc_errors(stub: pb_grpc.RecommenderStub, request_: object,
                      code: grpc.StatusCode) -> None:

@@ -10,6 +10,7 @@ import torch
 from conftest import SMALL  # tests/conftest.py; the `trained` fixture is there too
 
 import ncf_stream.retrieval as retrieval
+from ncf_stream.errors import BadInput
 from ncf_stream.evaluate import evaluate
 from ncf_stream.evaluator import (
     EvalConfig,
@@ -38,6 +39,36 @@ def test_candidate_path_equals_exact_when_c_covers_the_catalogue(trained) -> Non
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
+def test_excluding_trained_items_keeps_the_hold_out_as_the_full_ranking_does(trained) -> None:
+    """exclude="trained" ranks the hold-out among every item the user has not trained on:
+    the full-catalogue protocol, here through the served path, against brute force."""
+    trainer, holder, _ = trained
+    snap = holder.get()
+    ho = snap.store.holdout
+    rec = Recommender(holder, candidates=snap.n_items)
+    found = 0
+    for user_row, held in list(zip(ho.users.tolist(), ho.items.tolist(), strict=True))[:60]:
+        scores = snap_scores(snap, user_row)
+        trained_on = np.setdiff1d(trainer.store.seen(user_row), [held])
+        scores[trained_on] = -np.inf
+        want = np.argsort(-scores, kind="stable")[:10]
+        user = str(snap.user_ids.ids(np.array([user_row]))[0])
+        got = snap.item_rows(rec.recommend(user, 10, exclude="trained").items)
+        assert np.array_equal(got, want)
+        found += held in got.tolist()
+        seen = snap.item_rows(rec.recommend(user, 10).items)
+        assert held not in seen.tolist()  # the default drops it as seen
+    assert found > 0  # the hold-out does come back where the model ranks it in the top 10
+    with pytest.raises(BadInput, match="exclude must be one of"):
+        rec.recommend("0", 10, exclude="everything")  # type: ignore[arg-type]
+
+
+def snap_scores(snap, user_row: int) -> np.ndarray:
+    items = torch.arange(snap.n_items)
+    with torch.no_grad():
+        return snap.model(torch.full_like(items, user_row), items).double().numpy()
+
+
 def test_seen_items_never_come_back_when_excluded(trained) -> None:
     trainer, holder, _ = trained
     snap = holder.get()
@@ -50,7 +81,7 @@ def test_seen_items_never_come_back_when_excluded(trained) -> None:
         rows = snap.item_ids.rows(items, add=False)
         assert not trainer.store.contains(np.full(len(rows), row), rows).any()
         assert len(items) == 30
-    with_seen = rec.recommend("0", 30, exclude_seen=False).items
+    with_seen = rec.recommend("0", 30, exclude="none").items
     seen = set(snap.item_ids.ids(trainer.store.seen(snap.user_row("0"))).tolist())
     assert seen & set(with_seen)  # a well-trained model ranks what the user liked
 

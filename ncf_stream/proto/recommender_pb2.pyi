@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user", "k", "exclude_seen")
+    __slots__ = ("user", "k", "exclude_seen", "exclude")
     USER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     user: str
     k: int
     exclude_seen: bool
-    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
+    exclude: str
+    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item", "score")
@@ -37,14 +39,16 @@ class RecommendResponse(_message.Message):
     def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
-    __slots__ = ("users", "k", "exclude_seen")
+    __slots__ = ("users", "k", "exclude_seen", "exclude")
     USERS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_seen: bool
-    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
+    exclude: str
+    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ...) -> None: ...
 
 class RecommendBatchResponse(_message.Message):
     __slots__ = ("results",)
