@@ -96,7 +96,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +122,17 @@ def progress(text: str) -> None:
 
 
 @contextlib.contextmanager
-def daemon(bootstrap: str, topic: str, name: str) -> Iterator[tuple[int, int]]:
-    """A daemon reading ``topic`` from the beginning in a consumer group of its own."""
+def daemon(bootstrap: str, topic: str, name: str,
+           settings: Mapping[str, str] | None = None) -> Iterator[tuple[int, int]]:
+    """A daemon reading ``topic`` from the beginning in a consumer group of its own;
+    ``settings``: more ``NCF_STREAM_*`` environment variables (bench/quality_daemon.py)."""
     http_port, grpc_port = free_port(), free_port()
     log = open(f"/tmp/ncf-load-{topic}-{name}.log", "w")  # noqa: SIM115 - closed below
     checkpoints = tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-")
     env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
            "NCF_STREAM_CHECKPOINT_DIR": checkpoints.name,
-           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-{name}", "NCF_STREAM_DEVICE": "cpu"}
+           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-{name}", "NCF_STREAM_DEVICE": "cpu",
+           **(settings or {})}
     proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log, text=True)

@@ -3,6 +3,7 @@
     python bench/quality.py DATA --select [--trials N] [--quick]   # writes bench/chosen.json
     python bench/quality.py DATA --test [--seeds S]                 # reads it
     python bench/quality.py DATA --quick                            # a one-seed test run
+    python bench/quality.py DATA --daemon [--quick]                 # via ncf-stream serve's API
 
 The stream is the daemon's loop (:class:`ncf_stream.engine.Engine`, an in-memory
 source instead of Kafka): the file in time order, polls of ``--poll`` events
@@ -264,8 +265,10 @@ def neumf_scores(trainer: Trainer) -> CatalogueScorer:
     return lambda users: model.score_matrix(torch.from_numpy(users)).numpy()
 
 
-def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget) -> Fitted:
-    """The daemon's loop over the file: consume and train, then idle replay to the budget."""
+def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget,
+               keep: list[Engine] | None = None) -> Fitted:
+    """The daemon's loop over the file: consume and train, then idle replay to the budget.
+    ``keep`` receives the closed engine (bench/quality_daemon.py serves from it)."""
     # Every user evaluated (the daemon's default evaluates holdout_fraction of them).
     settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed,
                         holdout_fraction=1.0, **cfg)
@@ -278,6 +281,8 @@ def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget) -> Fitted:
     start, samples_pass = time.perf_counter(), trainer.samples_trained
     engine.run(until=lambda: trainer.samples_trained - samples_pass >= budget.replay_samples)
     engine.close()
+    if keep is not None:
+        keep.append(engine)
     split.check_same(trainer.store, trainer.user_ids)
     return neumf_scores(trainer), {
         "pass_seconds": pass_s, "replay_seconds": time.perf_counter() - start,
@@ -473,6 +478,9 @@ def main() -> None:
                       help="choose each method's configuration on the validation split")
     mode.add_argument("--test", action="store_true",
                       help="the chosen configurations on the test split (the default)")
+    mode.add_argument("--daemon", action="store_true",
+                      help="the stream's test figures through a real daemon's HTTP API against "
+                           "the in-process stream (bench/quality_daemon.py)")
     parser.add_argument("--quick", action="store_true",
                         help="3M samples; test: 1 seed; select: 1 trial, chosen.json untouched")
     parser.add_argument("--trials", type=int, help="trials per method (default 8, --quick 1)")
@@ -490,7 +498,13 @@ def main() -> None:
     events = read_events(args.data, args.format).events
     start = time.perf_counter()
 
-    if args.select:
+    if args.daemon:
+        from quality_daemon import run_daemon  # the bench folder is on sys.path
+
+        chosen = json.loads((args.chosen or CHOSEN).read_text())
+        result = {"mode": "daemon" + ("_quick" if args.quick else ""),
+                  **run_daemon(sys.modules[__name__], args.data, events, chosen, budget)}
+    elif args.select:
         out = run_select(events, args.trials or (1 if args.quick else 8), budget)
         path = args.chosen or (None if args.quick else CHOSEN)
         if path is not None:
