@@ -41,7 +41,7 @@ def evaluated_users(ids: Sequence[str], fraction: float) -> np.ndarray:
     if fraction >= 1.0:
         return np.ones(len(ids), dtype=bool)
     crc = np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.uint64, count=len(ids))
-    return mix64(crc) < np.uint64(min(fraction, 1.0) * 2.0**64)
+    return mix64(crc) < np.uint64(fraction * 2.0**64)
 
 
 def pair_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,10 +22,13 @@ import pytest
 from kafka import KafkaConsumer
 
 from consumers.broker import create_topics, existing_or_local
+from consumers.daemon import Daemon
 from ncf_stream.events import Events
 from ncf_stream.model import NeuMFConfig
+from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import MemorySource
+from ncf_stream.source import EventSource, MemorySource
+from ncf_stream.store import split_keys
 from ncf_stream.synth import SynthConfig, generate
 from ncf_stream.trainer import Trainer, TrainerConfig
 
@@ -83,6 +88,39 @@ def swapped_stream(seed: int, n_users: int = 40, n_items: int = 60,
     i_alt = i.copy()
     i_alt[last] = alt
     return u, i, i_alt, np.arange(len(u), dtype=np.float64)
+
+
+@contextlib.contextmanager
+def running(settings: Settings, source: EventSource | None = None,
+            ) -> Iterator[tuple[Daemon, threading.Thread]]:
+    """A daemon serving on a thread of its own (Kafka unless ``source``), stopped on exit."""
+    daemon = Daemon(settings, source)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon, thread
+    finally:
+        daemon.stop()
+        thread.join(30)
+
+
+def same_content(got: Trainer, want: Trainer) -> None:
+    """The same store by external ids, whatever order partitions interleaved in."""
+    def pairs(t: Trainer) -> set[tuple[str, str]]:
+        keys, _ = t.store._pairs.arrays()
+        users, items = split_keys(keys)
+        return set(zip(t.user_ids.ids(users).tolist(), t.item_ids.ids(items).tolist(),
+                       strict=True))
+
+    def holdouts(t: Trainer) -> dict[str, str]:
+        h = t.store.holdout()
+        return dict(zip(t.user_ids.ids(h.users).tolist(), t.item_ids.ids(h.items).tolist(),
+                        strict=True))
+
+    assert pairs(got) == pairs(want)
+    assert holdouts(got) == holdouts(want)
+    assert got.store.events == want.store.events  # no event applied twice
+    assert got.store.repeats == want.store.repeats
 
 
 def bench_module(name: str) -> ModuleType:

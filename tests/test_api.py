@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
-from conftest import require_program  # tests/conftest.py
+from conftest import require_program, running  # tests/conftest.py
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given
@@ -299,25 +299,19 @@ def test_daemon_on_an_empty_stream_is_alive_but_not_ready() -> None:
     from ncf_stream.events import Events
 
     s = Settings(http_port=0, grpc_port=0, device="cpu", shutdown_grace_s=0.5)
-    d = Daemon(s, source=MemorySource(Events.from_rows([])))
-    thread = threading.Thread(target=d.run, daemon=True)
-    thread.start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{d.http_port}", timeout=5) as c:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    assert c.get("/healthz").status_code == 200
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-            time.sleep(0.5)  # several idle loop turns
-            assert thread.is_alive()
-            r = c.get("/readyz")
-            assert r.status_code == 503 and r.json()["error"] == "not_ready"
-            r = c.post("/v1/recommend", json={"user": "1"})
-            assert r.status_code == 503
-    finally:
-        d.stop()
-        thread.join(10)
+    with running(s, source=MemorySource(Events.from_rows([]))) as (d, thread), \
+            httpx.Client(base_url=f"http://127.0.0.1:{d.http_port}", timeout=5) as c:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert c.get("/healthz").status_code == 200
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        time.sleep(0.5)  # several idle loop turns
+        assert thread.is_alive()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"] == "not_ready"
+        r = c.post("/v1/recommend", json={"user": "1"})
+        assert r.status_code == 503

@@ -7,17 +7,15 @@ and took the daemon down.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import Counter
 
 import httpx
 import pytest
-from conftest import kcat_publish  # tests/conftest.py
+from conftest import kcat_publish, running  # tests/conftest.py
 
 from consumers.broker import create_topics
-from consumers.daemon import Daemon
 from consumers.kafka_source import KafkaSource
 from ncf_stream.settings import Settings
 
@@ -71,10 +69,7 @@ def test_a_topic_of_mixed_codecs_is_served(kafka_bootstrap: str) -> None:
     s = Settings(kafka_bootstrap=kafka_bootstrap, kafka_topic=topic,
                  kafka_dlq_topic=f"{topic}.dlq", kafka_group_id=f"{topic}-g", http_port=0,
                  grpc_port=0, device="cpu", eval_interval_s=3600, shutdown_grace_s=1.0)
-    daemon = Daemon(s)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
+    with running(s) as (daemon, thread):
         with httpx.Client(base_url=f"http://127.0.0.1:{daemon.http_port}", timeout=10) as c:
             deadline = time.monotonic() + 90
             while True:
@@ -90,6 +85,3 @@ def test_a_topic_of_mixed_codecs_is_served(kafka_bootstrap: str) -> None:
             assert status["events_consumed"] == total and status["events_rejected"] == 0
             reply = c.post("/v1/recommend", json={"user": "kcat-lz4-u5", "k": 5}).json()
         assert reply["cold_start"] is False and len(reply["items"]) == 5
-    finally:
-        daemon.stop()
-        thread.join(30)

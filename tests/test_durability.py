@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import running, same_content  # tests/conftest.py
 from kafka import KafkaConsumer, KafkaProducer
 from malformed import MALFORMED  # tests/malformed.py
 
@@ -31,7 +32,6 @@ from ncf_stream.events import Reason
 from ncf_stream.faults import KILL_AT_ENV
 from ncf_stream.readers import read_events
 from ncf_stream.settings import Settings
-from ncf_stream.store import split_keys
 from ncf_stream.synth import SynthConfig, generate, write
 from ncf_stream.trainer import Trainer, TrainerConfig
 
@@ -74,25 +74,6 @@ def wait_status(port: int, until, timeout: float = 90.0) -> dict:
 # Where a kill -9 must lose nothing (ncf_stream.faults), in an order that keeps every run
 # consuming before it dies: the stream is still flowing, or a backlog is waiting.
 KILLS = ("checkpoint-written:1", "ingest:3", "checkpoint-renamed:1", "publish:2", "ingest:4")
-
-
-def same_content(got: Trainer, want: Trainer) -> None:
-    """The same store by external ids, whatever order partitions interleaved in."""
-    def pairs(t: Trainer) -> set[tuple[str, str]]:
-        keys, _ = t.store._pairs.arrays()
-        users, items = split_keys(keys)
-        return set(zip(t.user_ids.ids(users).tolist(), t.item_ids.ids(items).tolist(),
-                       strict=True))
-
-    def holdouts(t: Trainer) -> dict[str, str]:
-        h = t.store.holdout()
-        return dict(zip(t.user_ids.ids(h.users).tolist(), t.item_ids.ids(h.items).tolist(),
-                        strict=True))
-
-    assert pairs(got) == pairs(want)
-    assert holdouts(got) == holdouts(want)
-    assert got.store.events == want.store.events  # no event applied twice
-    assert got.store.repeats == want.store.repeats
 
 
 def test_kill_9_at_every_crash_point_applies_every_event_exactly_once(
@@ -208,10 +189,7 @@ def test_ten_percent_bad_records_all_dead_lettered_counters_exact(
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     publish(mixed, s, topic, producer=producer)
     producer.close()
-    daemon = Daemon(s)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
+    with running(s) as (daemon, _thread):
         status = wait_status(daemon.http_port, lambda st: st["events_consumed"] >= len(mixed))
         assert status["events_consumed"] == len(mixed)
         assert status["events_rejected"] == len(bad)
@@ -221,9 +199,6 @@ def test_ten_percent_bad_records_all_dead_lettered_counters_exact(
             assert reg.get_sample_value("ncf_stream_events_rejected_total",
                                         {"reason": reason.value}) == want.get(reason.value, 0)
         assert daemon.engine.trainer.store.events == good_n
-    finally:
-        daemon.stop()
-        thread.join(15)
     consumer = KafkaConsumer(f"{topic}.dlq", bootstrap_servers=kafka_bootstrap,
                              auto_offset_reset="earliest", consumer_timeout_ms=3000)
     dead = list(consumer)
@@ -246,10 +221,7 @@ def test_a_killed_source_process_is_rebuilt_serving_goes_on_nothing_lost(
                  shutdown_grace_s=1.0)
     messages = file_messages(path, None, None, False, lambda _: None)
     publish(messages[: n // 2], s, topic)
-    daemon = Daemon(s)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
+    with running(s) as (daemon, _thread):
         url = f"http://127.0.0.1:{daemon.http_port}"
         wait_status(daemon.http_port, lambda st: st["snapshot_events"] >= n // 2)
         child = daemon.engine.source._proc  # type: ignore[union-attr]
@@ -265,7 +237,4 @@ def test_a_killed_source_process_is_rebuilt_serving_goes_on_nothing_lost(
         reg = daemon.metrics.registry
         assert reg.get_sample_value("ncf_stream_source_restarts_total", {"reason": "poll"}) == 1
         assert daemon.engine.source._proc.pid != child.pid  # type: ignore[union-attr]
-    finally:
-        daemon.stop()
-        thread.join(30)
     same_state(daemon.engine.trainer, reference(path))

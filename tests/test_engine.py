@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import running  # tests/conftest.py
 
 from ncf_stream.engine import Engine, Resume, TrainedWatermark
 from ncf_stream.events import Events
@@ -211,38 +212,31 @@ def test_a_failed_source_is_rebuilt_where_the_state_is_and_nothing_is_lost_or_do
 def test_the_daemon_serves_its_last_snapshot_while_the_source_is_down() -> None:
     import httpx
 
-    from consumers.daemon import Daemon
 
     events = stream(3000)
     # Fails once everything is consumed; then refused for a while (0.5 + 1 + 2 s).
     flaky = Flaky(events, ["fail-after-8", "refuse", "refuse", "refuse"])
     s = Settings(**SMALL, replay=False, http_port=0, grpc_port=0, shutdown_grace_s=0.5)
-    daemon = Daemon(s, source=flaky)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{daemon.http_port}", timeout=10) as c:
-            deadline = time.monotonic() + 60
-            while daemon.engine.status().ingest == "ok" or daemon.engine.holder.get() is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            # Down for 3.5 s (three refused rebuilds): these checks come well within it.
-            degraded = c.get("/healthz").json()
-            assert degraded["status"] == "degraded" and "connection reset" in degraded["reason"]
-            assert c.get("/v1/status").json()["ingest"] == "degraded"
-            assert c.get("/readyz").status_code == 200
-            answered = 0
-            while daemon.engine.status().ingest == "degraded":
-                assert time.monotonic() < deadline
-                r = c.post("/v1/recommend", json={"user": str(events.users[0]), "k": 5})
-                assert r.status_code == 200 and r.json()["items"]
-                answered += 1
-            assert answered > 10 and thread.is_alive()
-            assert c.get("/healthz").json() == {"status": "ok"}
-            assert flaky.calls == 5
-    finally:
-        daemon.stop()
-        thread.join(15)
+    with running(s, source=flaky) as (daemon, thread), \
+            httpx.Client(base_url=f"http://127.0.0.1:{daemon.http_port}", timeout=10) as c:
+        deadline = time.monotonic() + 60
+        while daemon.engine.status().ingest == "ok" or daemon.engine.holder.get() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Down for 3.5 s (three refused rebuilds): these checks come well within it.
+        degraded = c.get("/healthz").json()
+        assert degraded["status"] == "degraded" and "connection reset" in degraded["reason"]
+        assert c.get("/v1/status").json()["ingest"] == "degraded"
+        assert c.get("/readyz").status_code == 200
+        answered = 0
+        while daemon.engine.status().ingest == "degraded":
+            assert time.monotonic() < deadline
+            r = c.post("/v1/recommend", json={"user": str(events.users[0]), "k": 5})
+            assert r.status_code == 200 and r.json()["items"]
+            answered += 1
+        assert answered > 10 and thread.is_alive()
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert flaky.calls == 5
 
 
 def test_model_age_counts_from_new_events_not_from_replay_publishes() -> None:

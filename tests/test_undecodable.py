@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from collections import Counter
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import kafka.codec
 import pytest
-from conftest import kcat_publish, read_topic  # tests/conftest.py
+from conftest import kcat_publish, read_topic, running, same_content  # tests/conftest.py
 
 from consumers.broker import create_topics
 from consumers.daemon import Daemon
@@ -27,7 +26,6 @@ from consumers.kafka_source import KafkaSource
 from ncf_stream import checkpoint
 from ncf_stream.events import Events, Reason
 from ncf_stream.settings import Settings
-from ncf_stream.store import split_keys
 from ncf_stream.trainer import Trainer, TrainerConfig
 
 pytestmark = pytest.mark.slow
@@ -127,13 +125,6 @@ def test_opted_in_the_undecodable_range_is_dead_lettered_and_the_rest_consumed(
     assert body["detail"].startswith("UnsupportedCodecError")
 
 
-def store_pairs(trainer: Trainer) -> Counter[tuple[str, str]]:
-    keys, _ = trainer.store._pairs.arrays()
-    users, items = split_keys(keys)
-    return Counter(zip(trainer.user_ids.ids(users).tolist(),
-                       trainer.item_ids.ids(items).tolist(), strict=True))
-
-
 def test_the_daemon_serves_through_a_blocked_partition_then_dead_letters_it_on_request(
         kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -153,10 +144,7 @@ def test_the_daemon_serves_through_a_blocked_partition_then_dead_letters_it_on_r
         s = settings(kafka_bootstrap, topic, http_port=0, grpc_port=0, device="cpu",
                      eval_interval_s=3600, replay=False, shutdown_grace_s=1.0,
                      checkpoint_dir=str(ckpt), **kw)
-        daemon = Daemon(s)
-        thread = threading.Thread(target=daemon.run, daemon=True)
-        thread.start()
-        try:
+        with running(s) as (daemon, thread):
             url = f"http://127.0.0.1:{daemon.http_port}"
             deadline = time.monotonic() + 90
             with httpx.Client(base_url=url, timeout=5) as c:
@@ -178,9 +166,6 @@ def test_the_daemon_serves_through_a_blocked_partition_then_dead_letters_it_on_r
                     assert time.monotonic() < deadline, st
                     time.sleep(0.1)
             return daemon, st
-        finally:
-            daemon.stop()
-            thread.join(30)
 
     with caplog.at_level(logging.ERROR, logger="ncf_stream.engine"):
         daemon, st = run("blocked")
@@ -206,5 +191,4 @@ def test_the_daemon_serves_through_a_blocked_partition_then_dead_letters_it_on_r
     restored = Trainer(TrainerConfig(replay=False))
     assert checkpoint.load_latest(str(ckpt), restored) is not None
     for got in (daemon.engine.trainer, restored):
-        assert store_pairs(got) == store_pairs(want)
-        assert (got.store.events, got.store.repeats) == (want.store.events, want.store.repeats)
+        same_content(got, want)
