@@ -173,10 +173,11 @@ class Engine:
             IndexConfig.from_settings(s),
             every_s=s.publish_every_s, every_events=s.publish_every_events,
             index_refresh_s=s.index_refresh_s)
-        self.recommender = Recommender(self.holder, s.candidates, s.max_k)
+        self.recommender = Recommender(self.holder, s.candidates, s.max_k, s.exact_items)
         self.evaluator = Evaluator(
             self.holder, EvalConfig.from_settings(s), on_report=self._export_eval)
-        self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates, seed=s.seed)
+        self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates,
+                                    exact_items=s.exact_items, seed=s.seed)
         self.counters = Counters()
         # Next offset per partition that the state includes: the checkpoint's, then
         # advanced by every ingested batch. The source starts here.

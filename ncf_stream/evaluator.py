@@ -36,7 +36,13 @@ import numpy as np
 import torch
 
 from ncf_stream.evaluate import KS, CatalogueScorer, Report, full_ranks, metrics, sampled_ranks
-from ncf_stream.recommend import candidate_scores, excluded_items, score_rows, top_k
+from ncf_stream.recommend import (
+    candidate_scores,
+    excluded_items,
+    score_rows,
+    served_candidates,
+    top_k,
+)
 from ncf_stream.sampler import EVAL_NEGATIVES
 from ncf_stream.settings import Settings, check_config, config_values, setting
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
@@ -69,6 +75,7 @@ class EvalConfig:
     full_max_pairs: int = setting("eval_full_max_pairs")
     duty: float = setting("eval_duty")
     candidates: int = setting("candidates")  # as served: candidate recall measures these
+    exact_items: int = setting("exact_items")
     history: int = 100  # reports kept for GET /v1/eval
     # The quick first evaluation: this many hold-outs (at most max_users), and at most
     # this many (user, item) pairs for each of the full-catalogue ranking and the exact
@@ -293,7 +300,9 @@ class Evaluator:
                                pause=pause)
             full = metrics(ranks, "full", KS)
         users = self.recall_rows(snap, quick, rows)
-        recall = candidate_recall(snap, users, cfg.candidates, pause=pause, logits=kept)
+        recall = candidate_recall(
+            snap, users, served_candidates(snap.n_items, cfg.candidates, cfg.exact_items),
+            pause=pause, logits=kept)
         seconds = time.perf_counter() - start
         report = EvalReport(snap.version, time.time(), len(rows), n_full, seconds,
                             pause.busy if pause is not None else seconds, sampled, full,
@@ -409,6 +418,7 @@ class OnlineHitRate:
     fraction: float = setting("online_fraction")
     max_per_second: float = 50.0  # each probe is a retrieval; cap their cost at full ingest
     candidates: int = setting("candidates")
+    exact_items: int = setting("exact_items")
     seed: int = setting("seed")
     hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
     probes: int = 0
@@ -440,7 +450,8 @@ class OnlineHitRate:
         if user >= snap.n_users:  # new since the snapshot: served as cold start
             served = snap.popular[:kmax]
         else:
-            served, _ = top_k(snap, user, kmax, self.candidates)
+            served, _ = top_k(snap, user, kmax, served_candidates(
+                snap.n_items, self.candidates, self.exact_items))
         self.probes += 1
         if item >= snap.n_items:
             return

@@ -140,6 +140,7 @@ class NeuMF(nn.Module):
         cap = cfg.initial_capacity
         self.users = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.items = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
+        self.item_hidden: torch.Tensor | None = None  # frozen copies only (frozen_copy)
 
     def grow(self, n_users: int, n_items: int) -> None:
         """Make rows [0, n_users) and [0, n_items) exist; new rows get fresh init."""
@@ -157,6 +158,11 @@ class NeuMF(nn.Module):
         copy.tower.eval().requires_grad_(False)
         copy.users = Table(self.users.weight[: self.users.rows].clone(), self.users.rows)
         copy.items = Table(self.items.weight[: self.items.rows].clone(), self.items.rows)
+        # Each item's half of the first MLP layer, computed once per snapshot: a query
+        # then costs the layers after the first per item (user_logits), which makes
+        # scoring the whole catalogue as cheap as a flat index search.
+        copy.item_hidden = copy.tower.first_item(copy.items.weight[: copy.n_items,
+                                                                   self.cfg.factors:])
         return copy
 
     @property
@@ -183,6 +189,27 @@ class NeuMF(nn.Module):
         return torch.sigmoid(self(users.to(self.device), items.to(self.device)))
 
     @torch.no_grad()
+    def user_logits(self, user: int, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of one user against item rows (default: the catalogue), (n,).
+
+        The user's halves are computed once; the items' first-layer halves come from
+        the snapshot's cache when there is one. Equal to ``forward`` up to float rounding.
+        """
+        f, tower = self.cfg.factors, self.tower
+        u = self.users.weight[user]
+        hidden = self.item_hidden
+        if items is None:
+            rows = self.items.weight[: self.n_items]
+            c = hidden if hidden is not None else tower.first_item(rows[:, f:])
+        else:
+            items = items.to(self.device)
+            rows = self.items.weight[items]
+            c = hidden[items] if hidden is not None else tower.first_item(rows[:, f:])
+        a = tower.first_user(u[f:])
+        gmf = rows[:, :f] @ (u[:f] * tower.out_gmf.weight[0])
+        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf
+
+    @torch.no_grad()
     def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
                      max_elements: int = 1 << 20) -> torch.Tensor:
         """Logits of every user against every item (default: the catalogue): (U, I).
@@ -200,7 +227,8 @@ class NeuMF(nn.Module):
         tower = self.tower
         gmf = (u_rows[:, :f] * tower.out_gmf.weight[0]) @ item_rows[:, :f].T  # (U, I)
         a = tower.first_user(u_rows[:, f:])  # (U, H)
-        c = tower.first_item(item_rows[:, f:])  # (I, H)
+        c = (self.item_hidden if items is None and self.item_hidden is not None
+             else tower.first_item(item_rows[:, f:]))  # (I, H)
         out = torch.empty(len(users), len(item_rows), device=self.device)
         step = max(1, max_elements // max(1, len(item_rows) * a.shape[1]))
         for lo in range(0, len(users), step):

@@ -44,9 +44,11 @@ class Scores:
 
 class Recommender:
     def __init__(self, holder: SnapshotHolder, candidates: int = default("candidates"),
-                 max_k: int = default("max_k")) -> None:
+                 max_k: int = default("max_k"), exact_items: int = default("exact_items"),
+                 ) -> None:
         self.holder = holder
         self.candidates = candidates
+        self.exact_items = exact_items
         self.max_k = max_k
 
     def snapshot(self) -> Snapshot:
@@ -72,7 +74,8 @@ class Recommender:
             if row is None:
                 out.append(self._cold_start(snap, user, k))
                 continue
-            rows, scores = top_k(snap, row, k, self.candidates, exclude)
+            rows, scores = top_k(snap, row, k, served_candidates(
+                snap.n_items, self.candidates, self.exact_items), exclude)
             out.append(Recommendation(user, snap.item_ids.ids(rows).tolist(), scores.tolist(),
                                       snap.version, cold_start=False))
         return out
@@ -98,13 +101,16 @@ class Recommender:
         return Scores(user, out, snap.version)
 
 
+def served_candidates(n_items: int, candidates: int, exact_items: int) -> int:
+    """How many candidates a request asks for: the whole catalogue (the exact ranking)
+    while it has at most ``exact_items`` items, else ``candidates``."""
+    return n_items if n_items <= exact_items else candidates
+
+
 def score_rows(snap: Snapshot, user_row: int, item_rows: np.ndarray) -> np.ndarray:
     """Probabilities of one user against the given item rows."""
-    model = snap.model
-    with torch.no_grad():
-        items = torch.from_numpy(np.asarray(item_rows, dtype=np.int64)).to(model.device)
-        users = torch.full_like(items, user_row)
-        return torch.sigmoid(model(users, items)).float().cpu().numpy()
+    items = torch.from_numpy(np.asarray(item_rows, dtype=np.int64))
+    return torch.sigmoid(snap.model.user_logits(user_row, items)).float().cpu().numpy()
 
 
 def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
@@ -114,17 +120,31 @@ def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
     With ``candidates`` >= the catalogue this is the exact ranking.
     """
     cand, probs = candidate_scores(snap, user_row, k, candidates, exclude)
+    return best(cand, probs, k)
+
+
+def best(items: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most probable of ``items`` (sorted rows), ties broken by row: a partition
+    finds the k-th probability, and only what reaches it is sorted."""
+    if len(items) > k:
+        kth = np.partition(probs, len(probs) - k)[len(probs) - k]
+        keep = probs >= kth  # NaN compares False: never kept ahead of a number
+        if keep.sum() >= k:
+            items, probs = items[keep], probs[keep]
     order = np.argsort(-probs, kind="stable")[:k]
-    return cand[order], probs[order]
+    return items[order], probs[order]
 
 
 def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
                      exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
     """What :func:`top_k` ranks: the retrieved item rows (sorted, seen ones dropped)
-    and their probabilities under the full NeuMF."""
+    and their probabilities under the full NeuMF. Asked for the whole catalogue, it
+    scores every item without the index (the exact ranking)."""
     seen = excluded_items(snap, user_row, exclude)
     # Ask for room to drop the seen ones, so k survive whenever k unseen items exist.
     want = min(snap.n_items, max(candidates, k) + len(seen))
+    if want == snap.n_items:
+        return _exact(snap, user_row, seen)
     model = snap.model
     query = model.retrieval_queries(torch.tensor([user_row], device=model.device), snap.a_ref)
     _, found = snap.index.search(query.cpu().numpy(), want)
@@ -139,12 +159,17 @@ def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
 
 def exact_top_k(snap: Snapshot, user_row: int, k: int,
                 exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
-    """The full model over the whole catalogue: the reference retrieval is measured against."""
-    items = np.setdiff1d(np.arange(snap.n_items), excluded_items(snap, user_row, exclude),
-                         assume_unique=True)
-    probs = score_rows(snap, user_row, items)
-    order = np.argsort(-probs, kind="stable")[:k]
-    return items[order], probs[order]
+    """The full model over the whole catalogue: what retrieval is measured against."""
+    return best(*_exact(snap, user_row, excluded_items(snap, user_row, exclude)), k)
+
+
+def _exact(snap: Snapshot, user_row: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every item row but the excluded ones, and its probability."""
+    probs = torch.sigmoid(snap.model.user_logits(user_row)).float().cpu().numpy()
+    eligible = np.ones(len(probs), dtype=bool)
+    eligible[excluded] = False
+    items = np.flatnonzero(eligible)
+    return items, probs[items]
 
 
 def excluded_items(snap: Snapshot, user_row: int, exclude: Exclude) -> np.ndarray:

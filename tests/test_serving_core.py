@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -20,7 +21,14 @@ from ncf_stream.evaluator import (
     catalogue_scorer,
     snapshot_scorer,
 )
-from ncf_stream.recommend import NotReady, Recommender, UnknownUser, exact_top_k, top_k
+from ncf_stream.recommend import (
+    NotReady,
+    Recommender,
+    UnknownUser,
+    best,
+    exact_top_k,
+    top_k,
+)
 from ncf_stream.retrieval import CandidateIndex, IndexConfig
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
@@ -37,6 +45,43 @@ def test_candidate_path_equals_exact_when_c_covers_the_catalogue(trained) -> Non
         got = top_k(snap, row, 20, candidates=snap.n_items)
         want = exact_top_k(snap, row, 20)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_a_small_catalogue_is_ranked_exactly_whatever_the_index_finds(trained) -> None:
+    """Up to exact_items the served top k is the full model's, even from an index whose
+    vectors are noise; with exact_items=0 the same request is served from that index."""
+    _, holder, _ = trained
+    snap = holder.get()
+    vectors, _ = snap.model.retrieval_items()
+    noise = np.random.default_rng(0).normal(size=vectors.shape).astype(np.float32)
+    noisy = SnapshotHolder()
+    noisy.set(dataclasses.replace(snap, index=CandidateIndex(noise)))
+    exact = Recommender(noisy, candidates=10, exact_items=snap.n_items)
+    from_index = Recommender(noisy, candidates=10, exact_items=snap.n_items - 1)
+    differs = 0
+    for user in map(str, range(0, 300, 13)):
+        row = snap.user_row(user)
+        if row is None:
+            continue
+        want = snap.item_ids.ids(exact_top_k(snap, row, 10)[0]).tolist()
+        assert exact.recommend(user, 10).items == want
+        differs += from_index.recommend(user, 10).items != want
+    assert differs > 0
+
+
+def test_best_k_breaks_ties_by_row_and_ranks_nan_last() -> None:
+    """recommend.best against a full stable sort, on scores with many ties and NaNs."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 60))
+        probs = rng.integers(0, 5, n).astype(np.float32) / 4
+        probs[rng.random(n) < (0.5 if trial % 2 else 0.1)] = np.nan
+        items = np.sort(rng.choice(1000, n, replace=False))
+        k = int(rng.integers(1, 70))
+        order = np.argsort(-probs, kind="stable")[:k]  # NaN sorts last
+        got = best(items, probs, k)
+        assert np.array_equal(got[0], items[order])
+        np.testing.assert_array_equal(got[1], probs[order])
 
 
 def test_excluding_trained_items_keeps_the_hold_out_as_the_full_ranking_does(trained) -> None:
