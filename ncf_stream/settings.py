@@ -167,6 +167,11 @@ class Settings(BaseSettings):
         0.0, ge=0.0,
         description="Negative sampling: 0 uniform, 0.75 word2vec's smoothed popularity "
                     "(count^alpha).")
+    loss: Literal["bce", "softmax"] = Field(
+        "bce",
+        description="bce: the paper's binary cross-entropy, each positive and negative on its "
+                    "own. softmax: each positive against its own negatives, logits corrected "
+                    "by -log q of the draw distribution (sampled softmax).")
     optimizer: Literal["adagrad", "adam"] = Field(
         "adagrad",
         description="For the embedding rows: adagrad (RowAdagrad) or adam (lazy Adam); both "

@@ -18,6 +18,7 @@ loss stays a device tensor until someone asks for it).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class TrainerConfig:
     negatives: int = setting("negatives")
     alpha: float = setting("negative_alpha")
     optimizer: str = setting("optimizer")
+    loss: str = setting("loss")
     lr: float = setting("lr")
     weight_decay: float = setting("weight_decay")
     tower_lr: float = setting("tower_lr")
@@ -158,6 +160,8 @@ class Trainer:
     def train_pairs(self, pos_users: np.ndarray, pos_items: np.ndarray) -> torch.Tensor:
         """One optimization step on positives plus freshly sampled negatives."""
         k = self.cfg.negatives
+        if self.cfg.loss == "softmax":
+            return self._softmax_step(pos_users, pos_items, self.sampler.sample(pos_users, k))
         neg = self.sampler.sample(pos_users, k).ravel()
         neg_users = np.repeat(pos_users, k)
         ok = neg >= 0  # -1: the user has touched every item
@@ -167,14 +171,43 @@ class Trainer:
         labels[: len(pos_users)] = 1.0
         return self.train_batch(users, items, labels)
 
+    def _softmax_step(self, pos_users: np.ndarray, pos_items: np.ndarray,
+                      neg: np.ndarray) -> torch.Tensor:
+        """Sampled softmax: each positive against its own k negatives, every logit
+        corrected by -log q (q: the negatives' draw distribution), as TensorFlow's
+        sampled_softmax_loss, so the loss estimates a softmax over the catalogue."""
+        b, k = neg.shape
+        ok = np.concatenate([np.ones((b, 1), dtype=bool), neg >= 0], axis=1)
+        items = np.concatenate([pos_items[:, None], neg], axis=1)
+        items = np.where(ok, items, pos_items[:, None]).ravel()  # a placeholder, masked
+        users = np.repeat(pos_users, 1 + k)
+        log_q = np.log(np.maximum(self.sampler.weights(items), 1e-12)).astype(np.float32)
+        dev = self.device
+        mask = torch.from_numpy(ok).to(dev)
+        correction = torch.from_numpy(log_q.reshape(b, 1 + k)).to(dev)
+        target = torch.zeros(b, dtype=torch.long, device=dev)
+
+        def loss_of(logits: torch.Tensor) -> torch.Tensor:
+            grouped = (logits.view(b, 1 + k) - correction).masked_fill(~mask, float("-inf"))
+            return F.cross_entropy(grouped, target, reduction="sum")
+
+        return self._step(users, items, loss_of, int(ok.sum()))
+
     def train_batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray) -> torch.Tensor:
         """One step on aligned (user row, item row, label) arrays; returns the mean loss."""
+        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        return self._step(users, items, lambda logits: F.binary_cross_entropy_with_logits(
+            logits, y, reduction="sum"), len(users))
+
+    def _step(self, users: np.ndarray, items: np.ndarray,
+              loss_of: Callable[[torch.Tensor], torch.Tensor], samples: int) -> torch.Tensor:
+        """One optimization step: ``loss_of`` the (user, item) logits, summed so a row's
+        gradient does not shrink as the batch grows; returns the loss per sample."""
         dev = self.device
         uu, u_inv = unique_inverse(users)
         ii, i_inv = unique_inverse(items)
-        uu_t, u_inv_t, ii_t, i_inv_t, y = (
-            torch.from_numpy(a).to(dev, non_blocking=True)
-            for a in (uu, u_inv, ii, i_inv, labels))
+        uu_t, u_inv_t, ii_t, i_inv_t = (
+            torch.from_numpy(a).to(dev, non_blocking=True) for a in (uu, u_inv, ii, i_inv))
         # The batch's rows as leaves. Their gradients are summed per unique row with
         # index_add_ below: autograd's own index backward (index_put_ with
         # accumulate) is 13x slower on CPU.
@@ -182,9 +215,7 @@ class Trainer:
         i_rows = self.model.items.weight.index_select(0, ii_t)
         u_batch = u_rows.index_select(0, u_inv_t).requires_grad_()
         i_batch = i_rows.index_select(0, i_inv_t).requires_grad_()
-        logits = self.model.logits_from_rows(u_batch, i_batch)
-        # Summed, so a row's gradient does not shrink as the batch grows.
-        loss = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        loss = loss_of(self.model.logits_from_rows(u_batch, i_batch))
         self.opt_tower.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_tower.step()
@@ -193,9 +224,9 @@ class Trainer:
             assert batch.grad is not None
             grad = torch.zeros_like(old).index_add_(0, inv, batch.grad)
             opt.step(rows, grad, old)
-        self.samples_trained += len(users)
+        self.samples_trained += samples
         self.steps += 1
-        return loss.detach() / len(users)
+        return loss.detach() / samples
 
     def scorer(self, batch_pairs: int = 1 << 20):
         """A scorer for :mod:`ncf_stream.evaluate`: logits of (users, items) rows."""

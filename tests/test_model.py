@@ -73,6 +73,30 @@ def test_retrieval_vectors_give_the_logit_exactly_at_the_reference_user() -> Non
     torch.testing.assert_close(approx, exact, rtol=0, atol=1e-6)
 
 
+def test_one_user_against_many_items_equals_the_pairwise_forward() -> None:
+    """user_logits (the user's halves once, the items' first-layer halves cached on a
+    frozen copy) against forward over the same pairs, for a subset and the catalogue."""
+    model = NeuMF(NeuMFConfig(factors=6, mlp_layers=(8, 6, 4)), seed=3)
+    model.grow(5, 40)
+    with torch.no_grad():  # away from the near-zero init, so every term matters
+        for table in (model.users, model.items):
+            table.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    frozen = model.frozen_copy()
+    assert model.item_hidden is None and frozen.item_hidden is not None
+    some = torch.tensor([7, 0, 39, 7, 12])
+    for m in (model, frozen):
+        for user in range(5):
+            with torch.no_grad():
+                want_all = m(torch.full((40,), user), torch.arange(40))
+            torch.testing.assert_close(m.user_logits(user), want_all, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m.user_logits(user, some), want_all[some],
+                                       rtol=1e-5, atol=1e-5)
+    # The cache belongs to the snapshot: training the live model leaves it as it was.
+    with torch.no_grad():
+        model.items.weight[:40] += 1.0
+    assert not torch.allclose(model.user_logits(0), frozen.user_logits(0))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_step_equals_dense_adagrad_reference(device: str) -> None:
     """Trainer.train_batch (unique rows, summed duplicates, RowAdagrad) against the
@@ -107,6 +131,50 @@ def test_sparse_step_equals_dense_adagrad_reference(device: str) -> None:
     torch.testing.assert_close(trainer.model.items.weight[:5], i_tab.detach())
     for a, b in zip(trainer.model.tower.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_softmax_step_equals_a_dense_sampled_softmax_reference() -> None:
+    """loss="softmax": each positive against its own negatives, logits minus log q of
+    the draw weights, a negative the sampler could not find masked out; the same step
+    computed densely by hand from the same draws."""
+    cfg = TrainerConfig(model=TINY, lr=0.1, tower_lr=0.01, loss="softmax", negatives=3,
+                        alpha=0.75)
+    trainer = Trainer(cfg)
+    trainer.store.append(np.array([0, 0, 1, 2, 2, 3]), np.array([0, 1, 1, 2, 3, 4]),
+                         np.arange(6.0))
+    trainer.model.grow(6, 5)
+    ref = copy.deepcopy(trainer.model.tower)
+    u_tab = torch.nn.Parameter(trainer.model.users.weight[:6].clone())
+    i_tab = torch.nn.Parameter(trainer.model.items.weight[:5].clone())
+    opt_tables = torch.optim.Adagrad([u_tab, i_tab], lr=0.1, eps=1e-8)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        ref.load_state_dict(trainer.model.tower.state_dict())
+        pos_u, pos_i = rng.integers(0, 6, 8), rng.integers(0, 5, 8)
+        neg = rng.integers(0, 5, (8, 3))
+        neg[rng.random((8, 3)) < 0.2] = -1  # none found
+        trainer._softmax_step(pos_u, pos_i, neg)
+
+        cands = np.where(neg >= 0, neg, 0)
+        items = torch.from_numpy(np.concatenate([pos_i[:, None], cands], 1))
+        weights = trainer.sampler.weights(items.numpy().ravel()).reshape(8, 4)
+        users = torch.from_numpy(pos_u)[:, None].expand(8, 4)
+        pu, qi = u_tab[users], i_tab[items]
+        logits = ref(pu[..., :4].reshape(-1, 4) * qi[..., :4].reshape(-1, 4),
+                     pu[..., 4:].reshape(-1, 3), qi[..., 4:].reshape(-1, 3)).view(8, 4)
+        logits = logits - torch.from_numpy(np.log(np.maximum(weights, 1e-12))).float()
+        logits[:, 1:] = logits[:, 1:].masked_fill(torch.from_numpy(neg < 0), float("-inf"))
+        loss = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long), reduction="sum")
+        opt_tables.zero_grad()
+        ref.zero_grad()
+        loss.backward()
+        opt_tables.step()
+        # The tower's gradients, not its Adam step: Adam turns a rounding-size gradient
+        # of a nearly dead ReLU unit into a full-size step.
+        for a, b in zip(trainer.model.tower.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(trainer.model.users.weight[:6], u_tab.detach())
+        torch.testing.assert_close(trainer.model.items.weight[:5], i_tab.detach())
 
 
 def test_optimizer_state_grows_with_the_table() -> None:
