@@ -36,6 +36,7 @@ import torch
 
 from ncf_stream.errors import NcfStreamError
 from ncf_stream.faults import crash_point
+from ncf_stream.history import RecentItems
 from ncf_stream.ids import IdMap
 from ncf_stream.source import Partition
 from ncf_stream.store import InteractionStore
@@ -91,16 +92,23 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
 
 def _write_state(directory: Path, trainer: Trainer) -> None:
     model = trainer.model
-    torch.save({
+    weights: dict[str, Any] = {
         "users": model.users.weight[: model.n_users].cpu(),
         "items": model.items.weight[: model.n_items].cpu(),
         "tower": {k: v.cpu() for k, v in model.tower.state_dict().items()},
-    }, directory / "model.pt")
-    torch.save({
+    }
+    optim: dict[str, Any] = {
         "users": trainer.opt_users.state_dict(), "items": trainer.opt_items.state_dict(),
         "tower": trainer.opt_tower.state_dict(),
         "steps": trainer.steps, "samples": trainer.samples_trained,
-    }, directory / "optim.pt")
+    }
+    if model.context is not None and model.recent is not None:  # the history input
+        assert trainer.opt_context is not None
+        weights["context"] = model.context.weight[: model.context.rows].cpu()
+        weights |= {k: torch.from_numpy(v.copy()) for k, v in model.recent.arrays().items()}
+        optim["context"] = trainer.opt_context.state_dict()
+    torch.save(weights, directory / "model.pt")
+    torch.save(optim, directory / "optim.pt")
     trainer.store.save(directory / "store.npz")
     trainer.user_ids.save(directory / "users.npz")
     trainer.item_ids.save(directory / "items.npz")
@@ -157,7 +165,14 @@ def _apply(state: dict[str, Any], trainer: Trainer) -> None:
     with torch.no_grad():
         model.users.weight[: len(weights["users"])] = weights["users"].to(model.device)
         model.items.weight[: len(weights["items"])] = weights["items"].to(model.device)
+        if model.context is not None:
+            model.context.weight[: len(weights["context"])] = weights["context"].to(model.device)
+            model.recent = RecentItems.from_arrays(weights["recent_items"].numpy(),
+                                                   weights["recent_ts"].numpy())
+            model.recent.ensure(len(weights["users"]))
     model.tower.load_state_dict(weights["tower"])
+    if trainer.opt_context is not None:
+        trainer.opt_context.load_state_dict(optim["context"])
     trainer.opt_users.load_state_dict(optim["users"])
     trainer.opt_items.load_state_dict(optim["items"])
     trainer.opt_tower.load_state_dict(optim["tower"])
@@ -166,8 +181,10 @@ def _apply(state: dict[str, Any], trainer: Trainer) -> None:
 
 def _shape(trainer: Trainer) -> dict[str, Any]:
     m = trainer.model.cfg
-    return {"factors": m.factors, "mlp_layers": list(m.mlp_layers),
-            "optimizer": trainer.cfg.optimizer, "min_history": trainer.cfg.min_history}
+    shape = {"factors": m.factors, "mlp_layers": list(m.mlp_layers),
+             "optimizer": trainer.cfg.optimizer, "min_history": trainer.cfg.min_history}
+    # Only when on, so checkpoints of the paper's model written before it still load.
+    return shape | ({"history_length": m.history_length} if m.history_length else {})
 
 
 def _next_seq(root: Path) -> int:

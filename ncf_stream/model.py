@@ -9,6 +9,10 @@ only. Each side keeps its GMF and MLP embeddings side by side in one table
 (``[gmf | mlp]`` columns), so a step gathers and updates one table per side.
 The dense part (MLP tower and output layer) is an ordinary ``nn.Module``.
 
+With ``history_length`` > 0 a user's row is joined by the decayed mean of the
+context rows (a third table) of their recent items: :mod:`ncf_stream.history`,
+:meth:`NeuMF.user_rows`. Everything that scores a user goes through that method.
+
 Retrieval: :meth:`NeuMF.retrieval_items` and :meth:`NeuMF.retrieval_queries`
 give vectors whose inner product approximates the whole logit (the GMF half
 exactly, since h_G . (p * q) = (h_G * p) . q; the MLP half to first order), so
@@ -21,10 +25,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ncf_stream.errors import ConfigError
+from ncf_stream.history import RecentItems, bag_offsets
 from ncf_stream.settings import Settings, check_config, config_values, setting
 
 
@@ -36,6 +43,8 @@ class NeuMFConfig:
     factors: int = setting("factors")
     mlp_layers: tuple[int, ...] = setting("mlp_layers")
     dropout: float = setting("dropout")
+    history_length: int = setting("history_length")
+    history_decay: float = setting("history_decay")
     # Gaussian init as the paper (sigma 0.01): small enough that early scores sit
     # near 0.5 and new rows start neutral.
     init_std: float = 0.01
@@ -141,11 +150,45 @@ class NeuMF(nn.Module):
         self.users = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.items = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.item_hidden: torch.Tensor | None = None  # frozen copies only (frozen_copy)
+        # The history input (ncf_stream.history): a user's row plus the decayed mean of
+        # the context rows of their recent items. None: the paper's model.
+        self.context: Table | None = None
+        self.recent: RecentItems | None = None
+        if cfg.history_length:
+            self.context = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
+            self.recent = RecentItems(cfg.history_length, cap)
+        self._decay = cfg.history_decay ** np.arange(cfg.history_length, dtype=np.float32)
 
     def grow(self, n_users: int, n_items: int) -> None:
         """Make rows [0, n_users) and [0, n_items) exist; new rows get fresh init."""
         self.users.ensure(n_users, self.cfg.init_std, self._gen)
         self.items.ensure(n_items, self.cfg.init_std, self._gen)
+        if self.context is not None and self.recent is not None:
+            self.context.ensure(n_items, self.cfg.init_std, self._gen)
+            self.recent.ensure(n_users)
+
+    def history_weights(self, valid: np.ndarray) -> np.ndarray:
+        """Weights (n, L) of each row's valid history entries (newest first): decay^rank,
+        counting valid entries only, summing to 1 per row; 0 for a row without any."""
+        rank = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+        w = np.where(valid, self._decay[rank], np.float32(0))
+        total = w.sum(1, keepdims=True)
+        return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
+    def user_rows(self, users: torch.Tensor) -> torch.Tensor:
+        """Users' effective rows: the user row plus, with the history input, the
+        weighted mean of their recent items' context rows. (B,) -> (B, row_dim)."""
+        rows = self.users.weight[users]
+        if self.context is None or self.recent is None or len(users) == 0:
+            return rows
+        recent = self.recent.of(users.cpu().numpy())
+        valid = recent >= 0
+        w = self.history_weights(valid)
+        ctx = F.embedding_bag(
+            torch.from_numpy(recent[valid]).to(self.device), self.context.weight,
+            torch.from_numpy(bag_offsets(valid)).to(self.device), mode="sum",
+            per_sample_weights=torch.from_numpy(w[valid]).to(self.device))
+        return rows + ctx
 
     @torch.no_grad()
     def frozen_copy(self) -> NeuMF:
@@ -163,6 +206,11 @@ class NeuMF(nn.Module):
         # scoring the whole catalogue as cheap as a flat index search.
         copy.item_hidden = copy.tower.first_item(copy.items.weight[: copy.n_items,
                                                                    self.cfg.factors:])
+        copy.context, copy.recent, copy._decay = None, None, self._decay
+        if self.context is not None and self.recent is not None:
+            copy.context = Table(self.context.weight[: self.context.rows].clone(),
+                                 self.context.rows)
+            copy.recent = self.recent.copy()
         return copy
 
     @property
@@ -181,7 +229,10 @@ class NeuMF(nn.Module):
         return self.tower(u_gmf * i_gmf, u_mlp, i_mlp)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_rows(self.users.weight[users], self.items.weight[items])
+        if self.context is None:
+            return self.logits_from_rows(self.users.weight[users], self.items.weight[items])
+        unique, inverse = torch.unique(users, return_inverse=True)  # one history per user
+        return self.logits_from_rows(self.user_rows(unique)[inverse], self.items.weight[items])
 
     @torch.no_grad()
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -196,7 +247,7 @@ class NeuMF(nn.Module):
         the snapshot's cache when there is one. Equal to ``forward`` up to float rounding.
         """
         f, tower = self.cfg.factors, self.tower
-        u = self.users.weight[user]
+        u = self.user_rows(torch.tensor([user], device=self.device))[0]
         hidden = self.item_hidden
         if items is None:
             rows = self.items.weight[: self.n_items]
@@ -223,7 +274,7 @@ class NeuMF(nn.Module):
         users = users.to(self.device)
         item_rows = self.items.weight[: self.n_items] if items is None else (
             self.items.weight[items.to(self.device)])
-        u_rows = self.users.weight[users]
+        u_rows = self.user_rows(users)
         tower = self.tower
         gmf = (u_rows[:, :f] * tower.out_gmf.weight[0]) @ item_rows[:, :f].T  # (U, I)
         a = tower.first_user(u_rows[:, f:])  # (U, H)
@@ -249,7 +300,11 @@ class NeuMF(nn.Module):
         """
         f, tower = self.cfg.factors, self.tower
         with torch.no_grad():
-            a_ref = tower.first_user(self.users.weight[: self.n_users, f:]).mean(0)
+            # The mean user, from at most 65,536 of them (evenly spaced rows): with the
+            # history input an effective row costs a gather over the user's history.
+            sample = torch.arange(0, self.n_users, max(1, self.n_users // 65_536),
+                                  device=self.device)
+            a_ref = tower.first_user(self.user_rows(sample)[:, f:]).mean(0)
             c = tower.first_item(self.items.weight[: self.n_items, f:])
         parts = []
         for lo in range(0, self.n_items, chunk):
@@ -264,7 +319,7 @@ class NeuMF(nn.Module):
         """(B, factors + hidden + 1) queries matching :meth:`retrieval_items`."""
         f = self.cfg.factors
         with torch.no_grad():
-            rows = self.users.weight[users]
+            rows = self.user_rows(users)
             a = self.tower.first_user(rows[:, f:]) - a_ref
             ones = torch.ones(len(rows), 1, device=rows.device)
             return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)

@@ -58,6 +58,7 @@ class AppendResult:
 
     train_users: np.ndarray  # (m,) int64: fresh positives in arrival order, then released hold-outs
     train_items: np.ndarray  # (m,) int64
+    train_ts: np.ndarray  # (m,) float64: each one's event time
     new: int  # distinct interactions added
     repeats: int  # events whose (user, item) was already stored or repeated in the batch
     released: int  # earlier hold-outs released to training by a newer event
@@ -154,7 +155,7 @@ class InteractionStore:
             raise ValueError("users, items and ts must have the same length")
         if len(users) == 0:
             empty = np.empty(0, dtype=np.int64)
-            return AppendResult(empty, empty, 0, 0, 0, 0)
+            return AppendResult(empty, empty, np.empty(0), 0, 0, 0, 0)
         if users.min() < 0 or items.min() < 0 or items.max() > ITEM_MASK:
             raise ValueError("user and item rows must be >= 0 (and items < 2**32)")
         if self._t0 is None:
@@ -214,7 +215,7 @@ class InteractionStore:
         bu = users[last]  # sorted unique users, aligned with count_before
         # Batch events arrive after everything stored, so a tie in ts goes to them.
         newer = ts[last] >= u["newest_ts"][bu]
-        old_item = u["newest_item"][bu]
+        old_item, old_ts = u["newest_item"][bu], u["newest_ts"][bu]
         was_active = self._has_holdout(bu, count_before)
         released = was_active & newer & (items[last] != old_item)
 
@@ -227,7 +228,8 @@ class InteractionStore:
         held = active & (items == u["newest_item"][users])
         train_u = np.concatenate([users[~held], bu[released]])
         train_i = np.concatenate([items[~held], old_item[released]])
-        return AppendResult(train_u, train_i, new, len(users) - new,
+        train_ts = np.concatenate([ts[~held], old_ts[released]])
+        return AppendResult(train_u, train_i, train_ts, new, len(users) - new,
                             int(released.sum()), int(held.sum()))
 
     # ---- queries -------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ncf_stream.events import Events
+from ncf_stream.history import bag_offsets
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.model import NeuMF, NeuMFConfig
 from ncf_stream.optim import RowAdagrad, RowAdam
@@ -90,7 +91,10 @@ class Trainer:
         self.opt_tower = torch.optim.Adam(self.model.tower.parameters(), lr=cfg.tower_lr,
                                           fused=True)
         self.rng = np.random.default_rng(cfg.seed + 1)
-        self._fresh: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self.opt_context = (None if self.model.context is None else
+                            rows_opt(self.model.context, cfg.lr, weight_decay=cfg.weight_decay))
+        # Fresh positives: (users, items, event times) in arrival order.
+        self._fresh: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()
         self._pending = 0
         self.samples_trained = 0
         self.steps = 0
@@ -120,59 +124,75 @@ class Trainer:
             self.user_ids.ids(new).tolist(), self.cfg.holdout_fraction))
         result = self.store.append(users, items, ts)
         self.model.grow(len(self.user_ids), len(self.item_ids))
+        if self.model.recent is not None:
+            self.model.recent.add(result.train_users, result.train_items, result.train_ts)
         if len(result.train_users):
-            self._fresh.append((result.train_users, result.train_items))
+            self._fresh.append((result.train_users, result.train_items,
+                                np.round(result.train_ts)))  # whole seconds, as stored
             self._pending += len(result.train_users)
         return result
 
-    def _take_fresh(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        users, items, taken = [], [], 0
+    def _take_fresh(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        taken = 0
         while self._fresh and taken < n:
-            u, i = self._fresh.popleft()
-            if taken + len(u) > n:
+            part = self._fresh.popleft()
+            if taken + len(part[0]) > n:
                 cut = n - taken
-                self._fresh.appendleft((u[cut:], i[cut:]))
-                u, i = u[:cut], i[:cut]
-            users.append(u)
-            items.append(i)
-            taken += len(u)
+                self._fresh.appendleft((part[0][cut:], part[1][cut:], part[2][cut:]))
+                part = (part[0][:cut], part[1][:cut], part[2][:cut])
+            parts.append(part)
+            taken += len(part[0])
         self._pending -= taken
-        if not users:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        return np.concatenate(users), np.concatenate(items)
+        if not parts:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0)
+        u, i, t = (np.concatenate(column) for column in zip(*parts, strict=True))
+        return u, i, t
 
     def step(self) -> StepStats | None:
         """Train one micro-batch; None when there is nothing to train on."""
         slots = self.cfg.positives_per_step
         replay = self.cfg.replay and len(self.store) > 0
-        fresh_u, fresh_i = self._take_fresh(int(slots * self.cfg.fresh_share) if replay else slots)
+        fresh_u, fresh_i, fresh_t = self._take_fresh(
+            int(slots * self.cfg.fresh_share) if replay else slots)
+        users, items, ts = fresh_u, fresh_i, fresh_t
         if replay:
             rep_u, rep_i = self.store.sample_positives(self.rng, slots - len(fresh_u))
             users, items = np.concatenate([fresh_u, rep_u]), np.concatenate([fresh_i, rep_i])
-        else:
-            users, items = fresh_u, fresh_i
+            if self.model.recent is not None:  # only the history input needs their times
+                ts = np.concatenate([fresh_t, self.store.last_ts(rep_u, rep_i)])
         if len(users) == 0:
             return None
-        loss = self.train_pairs(users, items)
+        loss = self.train_pairs(users, items, ts)
         return StepStats(len(fresh_u), len(users) - len(fresh_u), len(users) *
                          (1 + self.cfg.negatives), loss)
 
-    def train_pairs(self, pos_users: np.ndarray, pos_items: np.ndarray) -> torch.Tensor:
-        """One optimization step on positives plus freshly sampled negatives."""
+    def train_pairs(self, pos_users: np.ndarray, pos_items: np.ndarray,
+                    pos_ts: np.ndarray | None = None) -> torch.Tensor:
+        """One optimization step on positives plus freshly sampled negatives.
+
+        ``pos_ts``: the positives' event times, which the history input needs (each
+        positive sees only the history that preceded it)."""
         k = self.cfg.negatives
+        history = None
+        if self.model.recent is not None:
+            if pos_ts is None:
+                pos_ts = self.store.last_ts(pos_users, pos_items)
+            history = self._history(pos_users, pos_items, pos_ts)
         if self.cfg.loss == "softmax":
-            return self._softmax_step(pos_users, pos_items, self.sampler.sample(pos_users, k))
+            return self._softmax_step(pos_users, pos_items, self.sampler.sample(pos_users, k),
+                                      history)
         neg = self.sampler.sample(pos_users, k).ravel()
-        neg_users = np.repeat(pos_users, k)
         ok = neg >= 0  # -1: the user has touched every item
-        users = np.concatenate([pos_users, neg_users[ok]])
+        positive = np.concatenate([np.arange(len(pos_users)),
+                                   np.repeat(np.arange(len(pos_users)), k)[ok]])
         items = np.concatenate([pos_items, neg[ok]])
-        labels = np.zeros(len(users), dtype=np.float32)
+        labels = np.zeros(len(positive), dtype=np.float32)
         labels[: len(pos_users)] = 1.0
-        return self.train_batch(users, items, labels)
+        return self.train_batch(pos_users[positive], items, labels, history, positive)
 
     def _softmax_step(self, pos_users: np.ndarray, pos_items: np.ndarray,
-                      neg: np.ndarray) -> torch.Tensor:
+                      neg: np.ndarray, history: _History | None = None) -> torch.Tensor:
         """Sampled softmax: each positive against its own k negatives, every logit
         corrected by -log q (q: the negatives' draw distribution), as TensorFlow's
         sampled_softmax_loss, so the loss estimates a softmax over the catalogue."""
@@ -180,7 +200,8 @@ class Trainer:
         ok = np.concatenate([np.ones((b, 1), dtype=bool), neg >= 0], axis=1)
         items = np.concatenate([pos_items[:, None], neg], axis=1)
         items = np.where(ok, items, pos_items[:, None]).ravel()  # a placeholder, masked
-        users = np.repeat(pos_users, 1 + k)
+        positive = np.repeat(np.arange(b), 1 + k)
+        users = pos_users[positive]
         log_q = np.log(np.maximum(self.sampler.weights(items), 1e-12)).astype(np.float32)
         dev = self.device
         mask = torch.from_numpy(ok).to(dev)
@@ -191,16 +212,22 @@ class Trainer:
             grouped = (logits.view(b, 1 + k) - correction).masked_fill(~mask, float("-inf"))
             return F.cross_entropy(grouped, target, reduction="sum")
 
-        return self._step(users, items, loss_of, int(ok.sum()))
+        return self._step(users, items, loss_of, int(ok.sum()), history, positive)
 
-    def train_batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray) -> torch.Tensor:
-        """One step on aligned (user row, item row, label) arrays; returns the mean loss."""
+    def train_batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
+                    history: _History | None = None, positive: np.ndarray | None = None,
+                    ) -> torch.Tensor:
+        """One step on aligned (user row, item row, label) arrays; returns the mean loss.
+        With the history input, ``positive[j]`` is the positive whose history sample j
+        sees (see :meth:`train_pairs`)."""
         y = torch.from_numpy(labels).to(self.device, non_blocking=True)
         return self._step(users, items, lambda logits: F.binary_cross_entropy_with_logits(
-            logits, y, reduction="sum"), len(users))
+            logits, y, reduction="sum"), len(users), history, positive)
 
     def _step(self, users: np.ndarray, items: np.ndarray,
-              loss_of: Callable[[torch.Tensor], torch.Tensor], samples: int) -> torch.Tensor:
+              loss_of: Callable[[torch.Tensor], torch.Tensor], samples: int,
+              history: _History | None = None, positive: np.ndarray | None = None,
+              ) -> torch.Tensor:
         """One optimization step: ``loss_of`` the (user, item) logits, summed so a row's
         gradient does not shrink as the batch grows; returns the loss per sample."""
         dev = self.device
@@ -215,7 +242,12 @@ class Trainer:
         i_rows = self.model.items.weight.index_select(0, ii_t)
         u_batch = u_rows.index_select(0, u_inv_t).requires_grad_()
         i_batch = i_rows.index_select(0, i_inv_t).requires_grad_()
-        loss = loss_of(self.model.logits_from_rows(u_batch, i_batch))
+        if history is not None:
+            assert positive is not None
+            u_in = u_batch + history.mix(torch.from_numpy(positive).to(dev))
+        else:
+            u_in = u_batch
+        loss = loss_of(self.model.logits_from_rows(u_in, i_batch))
         self.opt_tower.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_tower.step()
@@ -224,9 +256,30 @@ class Trainer:
             assert batch.grad is not None
             grad = torch.zeros_like(old).index_add_(0, inv, batch.grad)
             opt.step(rows, grad, old)
+        if history is not None:
+            assert self.opt_context is not None and history.leaf.grad is not None
+            self.opt_context.step(history.rows, history.leaf.grad, history.old)
         self.samples_trained += samples
         self.steps += 1
         return loss.detach() / samples
+
+    def _history(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> _History:
+        """Each positive's history input: its user's recent items from before it (event
+        time <= its own, itself excluded), as one leaf of context rows and one bag per
+        positive."""
+        model, dev = self.model, self.device
+        assert model.context is not None and model.recent is not None
+        recent = model.recent.of(users)
+        valid = ((recent >= 0) & (model.recent.ts[users] <= ts[:, None])
+                 & (recent != items[:, None]))
+        weights = model.history_weights(valid)
+        rows, bag = unique_inverse(recent[valid])
+        rows_t = torch.from_numpy(rows).to(dev)
+        old = model.context.weight.index_select(0, rows_t)
+        return _History(rows_t, old, old.clone().requires_grad_(),
+                        torch.from_numpy(bag).to(dev),
+                        torch.from_numpy(bag_offsets(valid)).to(dev),
+                        torch.from_numpy(weights[valid]).to(dev))
 
     def scorer(self, batch_pairs: int = 1 << 20):
         """A scorer for :mod:`ncf_stream.evaluate`: logits of (users, items) rows."""
@@ -247,8 +300,28 @@ class Trainer:
         return score
 
 
+@dataclass
+class _History:
+    """One step's history input (Trainer._history)."""
+
+    rows: torch.Tensor  # unique context rows the step touches
+    old: torch.Tensor  # their values before the step
+    leaf: torch.Tensor  # the same values, requiring grad
+    bag: torch.Tensor  # leaf index of each history entry, positives end to end
+    offsets: torch.Tensor  # (positives,) where each positive's entries start
+    weights: torch.Tensor  # each entry's weight (a positive's sum to 1, or it has none)
+
+    def mix(self, positive: torch.Tensor) -> torch.Tensor:
+        """(samples, row_dim): the history of each sample's positive."""
+        per_positive = F.embedding_bag(self.bag, self.leaf, self.offsets, mode="sum",
+                                       per_sample_weights=self.weights)
+        return per_positive.index_select(0, positive)
+
+
 def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)``, 5x faster: one unstable argsort."""
+    if len(values) == 0:
+        return values, np.empty(0, dtype=np.int64)
     order = np.argsort(values)
     sorted_values = values[order]
     first = np.r_[True, sorted_values[1:] != sorted_values[:-1]]

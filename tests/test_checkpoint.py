@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,32 @@ def test_restore_is_exact(tmp_path: Path, optimizer: str) -> None:
                    else sa[k] == sb[k] for k in sa)
     assert after.steps == before.steps
     after.step()  # it trains on from there
+
+
+def test_restore_is_exact_with_the_history_input(tmp_path: Path) -> None:
+    """The context rows, their optimizer state and every user's recent items come back;
+    the restored trainer then takes the same step as the one that never stopped."""
+    cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, history_length=4))
+    trainer = Trainer(cfg)
+    trainer.ingest(generate(SynthConfig(users=80, items=60, events=2000, seed=1,
+                                        topics=3)).to_events())
+    while trainer.pending:  # the engine checkpoints what is trained (its watermark)
+        trainer.step()
+    checkpoint.save(tmp_path, trainer, OFFSETS, {})
+    after = Trainer(cfg)
+    assert checkpoint.load_latest(tmp_path, after) is not None
+    assert after.model.recent is not None and trainer.model.recent is not None
+    users = np.arange(trainer.model.n_users)
+    assert np.array_equal(after.model.recent.of(users), trainer.model.recent.of(users))
+    assert np.array_equal(after.model.recent.ts[users], trainer.model.recent.ts[users])
+    rows = torch.from_numpy(users)
+    assert torch.equal(after.model.score_matrix(rows), trainer.model.score_matrix(rows))
+    for t in (trainer, after):  # the same replay draws and negatives on both
+        t.rng, t.sampler.rng = np.random.default_rng(5), np.random.default_rng(6)
+        t.step()
+    assert torch.equal(after.model.score_matrix(rows), trainer.model.score_matrix(rows))
+    # Without the history input, the same checkpoint is another model: refused.
+    assert checkpoint.load_latest(tmp_path, Trainer(CFG)) is None
 
 
 def test_keeps_the_last_n_and_writes_atomically(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ One contract suite for every device: CUDA cases skip without a GPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -242,15 +243,17 @@ def test_planted_stream_is_learned(device: str) -> None:
     assert model["full"].hr[10] > 1.5 * popular["full"].hr[10]
 
 
+@pytest.mark.parametrize("history", [0, 3])
 @pytest.mark.parametrize("device", DEVICES)
-def test_trained_parameters_do_not_depend_on_the_hold_out(device: str) -> None:
+def test_trained_parameters_do_not_depend_on_the_hold_out(device: str, history: int) -> None:
     """Swap every user's hold-out for another item the user never touched: the fresh
     positives, the replayed ones and the negatives are the same, so training is
     bit-identical."""
     u, i, i_alt, ts = swapped_stream(seed=7)
     models = []
     for items in (i, i_alt):
-        trainer = Trainer(TrainerConfig(model=TINY, batch_size=64, negatives=4, alpha=0.75,
+        model = dataclasses.replace(TINY, history_length=history)  # the hold-out never enters
+        trainer = Trainer(TrainerConfig(model=model, batch_size=64, negatives=4, alpha=0.75,
                                         holdout_fraction=1.0),
                           device=device)
         events = Events.from_rows([(f"u{a}", f"i{b}", float(t), "", 1.0)
@@ -264,3 +267,8 @@ def test_trained_parameters_do_not_depend_on_the_hold_out(device: str) -> None:
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(),
                                  strict=True):
         assert torch.equal(x, y), name
+    for name in ("users", "items", "context"):
+        ta, tb = getattr(a.model, name), getattr(b.model, name)
+        assert (ta is None) == (tb is None) == (name == "context" and not history)
+        if ta is not None:
+            assert torch.equal(ta.weight[: ta.rows], tb.weight[: tb.rows]), name
