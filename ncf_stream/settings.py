@@ -253,18 +253,19 @@ class Settings(BaseSettings):
     nprobe: int = Field(
         32, ge=1, description="IVF lists probed per query: probes trade recall for time.")
     candidates: int = Field(
-        1600, ge=1,
+        800, ge=1,
         description="Candidates retrieved from the index and rescored by the full NeuMF, for "
-                    "catalogues above exact_items (bench/retrieval.py: recall@10 0.97 at 800 "
-                    "and 0.99 at 1600 with 200k items, p99 2.2 ms at 800).")
+                    "catalogues above exact_items: the smallest C tried with recall@10 >= 0.95 "
+                    "at every size served from candidates (bench/retrieval.py: 0.97 at 200k "
+                    "items, p99 2.2 ms; 0.99 at 1600, p99 3.5 ms).")
     exact_items: int = Field(
         100_000, ge=0,
         description="Catalogues up to this many items are ranked exactly: every item scored "
                     "by the full NeuMF (each item's first-layer half cached per snapshot). "
-                    "bench/retrieval.py: exact p50 / p99 0.35 / 0.53 ms at 10k items (faster "
-                    "than candidates), 2.5 / 5.4 ms at 100k (candidates: recall@10 0.86 at "
-                    "800, 0.93 at 1600), 5.1 / 8.6 ms at 200k. Larger catalogues are served "
-                    "from index candidates. 0: always candidates.")
+                    "bench/retrieval.py: exact p50 / p99 0.35-0.46 / 0.53-0.70 ms at 10k items "
+                    "(faster than candidates), 2.5-2.6 / 3.7-5.4 ms at 100k (candidates: "
+                    "recall@10 0.86 at 800, 0.93 at 1600), 5.1 / 6.5-8.6 ms at 200k. Larger "
+                    "catalogues are served from index candidates. 0: always candidates.")
     max_k: int = Field(1000, ge=1, description="The largest k a request may ask for.")
 
     # ---- Evaluation -----------------------------------------------------------------------------
