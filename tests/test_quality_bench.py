@@ -5,6 +5,8 @@ bootstrap and its verdicts, the trials, and EASE's closed form through the users
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from conftest import bench_module  # tests/conftest.py
 
 from ncf_stream.events import Events
 from ncf_stream.ids import IdMap
+from ncf_stream.settings import Settings
 from ncf_stream.store import InteractionStore
 
 quality = bench_module("quality")
@@ -132,3 +135,12 @@ def test_ease_through_the_users_equals_the_closed_form() -> None:
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
     assert quality.ease_scores(x, lam) == pytest.approx(xd @ b, abs=1e-9)
+
+
+def test_the_quality_profile_is_the_chosen_stream_configuration() -> None:
+    """deploy/quality.toml, what users run, is what bench/quality.py measured."""
+    root = Path(__file__).resolve().parents[1]
+    chosen = json.loads((root / "bench" / "chosen.json").read_text())
+    profile = Settings.load(root / "deploy" / "quality.toml")
+    want = chosen["methods"]["stream"]["config"]
+    assert {name: getattr(profile, name) for name in want} == want
