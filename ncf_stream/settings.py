@@ -255,16 +255,18 @@ class Settings(BaseSettings):
     candidates: int = Field(
         800, ge=1,
         description="Candidates retrieved from the index and rescored by the full NeuMF, for "
-                    "catalogues above exact_items: the smallest C tried with recall@10 >= 0.95 "
-                    "at every size served from candidates (bench/retrieval.py: 0.97 at 200k "
-                    "items, p99 2.2 ms; 0.99 at 1600, p99 3.5 ms).")
+                    "catalogues above exact_items (bench/retrieval.py: recall@10 0.99 at 10k "
+                    "items, 0.86 at 100k, 0.97 at 200k; 3200 gives 0.98 at 100k for about "
+                    "twice the query time).")
     exact_items: int = Field(
-        100_000, ge=0,
+        20_000, ge=0,
         description="Catalogues up to this many items are ranked exactly: every item scored "
-                    "by the full NeuMF (each item's first-layer half cached per snapshot). "
-                    "bench/retrieval.py: exact p50 / p99 0.35-0.46 / 0.53-0.70 ms at 10k items "
-                    "(faster than candidates), 2.5-2.6 / 3.7-5.4 ms at 100k (candidates: "
-                    "recall@10 0.86 at 800, 0.93 at 1600), 5.1 / 6.5-8.6 ms at 200k. Larger "
+                    "by the full NeuMF (each item's first-layer half cached per snapshot), "
+                    "recall 1 by construction. Alone it costs ~0.025 ms per 1k items "
+                    "(bench/retrieval.py: 0.35-0.46 ms p50 at 10k, 2.5 ms at 100k, against "
+                    "0.5 and 1.3 ms for candidates at 800); under ingest on 2 cores "
+                    "(bench/load.py --quick) it matched the candidate path's p99 at 20k items "
+                    "(11.6-12.0 against 12.1 ms) and blew up at 100k (p99 0.5-2.9 s). Larger "
                     "catalogues are served from index candidates. 0: always candidates.")
     max_k: int = Field(1000, ge=1, description="The largest k a request may ask for.")
 
