@@ -8,7 +8,11 @@ fresh positives first, up to ``fresh_share`` of the positive slots, the rest
 **replayed** from the store, so the model keeps learning between bursts and
 does not forget; with no fresh events a step is all replay. Each positive gets
 ``negatives`` sampled items the user never touched. Loss: binary
-cross-entropy, as in the paper.
+cross-entropy, as in the paper, or (``loss`` softmax) a sampled softmax over
+each positive and its negatives. With the history input, each positive and its
+negatives see the user's recent items from before the positive's event time
+(:meth:`Trainer._history`), so a step needs the positives' times: fresh ones
+carry theirs, replayed ones are looked up in the store.
 
 On CUDA the tables, optimizer state and tower live on the device; a step moves
 only the batch's row indices and labels there, and reads nothing back (the
