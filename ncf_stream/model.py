@@ -191,8 +191,11 @@ class NeuMF(nn.Module):
         return rows + ctx
 
     @torch.no_grad()
-    def frozen_copy(self) -> NeuMF:
-        """An independent copy for readers: live rows only, eval mode, no grad."""
+    def frozen_copy(self, item_hidden: bool = True) -> NeuMF:
+        """An independent copy for readers: live rows only, eval mode, no grad.
+
+        ``item_hidden``: cache each item's first-layer half (see below); worth its
+        cost per snapshot only where whole catalogues are scored per query."""
         copy = NeuMF.__new__(NeuMF)
         nn.Module.__init__(copy)
         copy.cfg, copy.device, copy._gen = self.cfg, self.device, self._gen
@@ -204,8 +207,8 @@ class NeuMF(nn.Module):
         # Each item's half of the first MLP layer, computed once per snapshot: a query
         # then costs the layers after the first per item (user_logits), which makes
         # scoring the whole catalogue as cheap as a flat index search.
-        copy.item_hidden = copy.tower.first_item(copy.items.weight[: copy.n_items,
-                                                                   self.cfg.factors:])
+        copy.item_hidden = copy.tower.first_item(
+            copy.items.weight[: copy.n_items, self.cfg.factors:]) if item_hidden else None
         copy.context, copy.recent, copy._decay = None, None, self._decay
         if self.context is not None and self.recent is not None:
             copy.context = Table(self.context.weight[: self.context.rows].clone(),

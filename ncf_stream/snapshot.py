@@ -142,7 +142,8 @@ class Publisher:
     def publish(self, events: int) -> PublishStats:
         """Take a snapshot now (on the training thread, between steps) and swap it in."""
         start = time.perf_counter()
-        model = self.trainer.model.frozen_copy()
+        live = self.trainer.model
+        model = live.frozen_copy(item_hidden=live.n_items <= self.index_config.exact_items)
         self.version += 1
         rebuilt = self._refresh_index(model)
         assert self._index is not None and self._a_ref is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -149,9 +148,8 @@ def test_served_scores_use_the_whole_recent_history() -> None:
     assert frozen.recent is not None and frozen.recent.of(np.array([0]))[0].tolist() == [2, 1, 3]
 
 
-@pytest.mark.parametrize("history_decay", [1.0])
-def test_a_plain_mean_at_decay_one(history_decay: float) -> None:
-    cfg = NeuMFConfig(factors=2, mlp_layers=(4, 2), history_length=4, history_decay=history_decay)
+def test_a_plain_mean_at_decay_one() -> None:
+    cfg = NeuMFConfig(factors=2, mlp_layers=(4, 2), history_length=4, history_decay=1.0)
     trainer = Trainer(TrainerConfig(model=cfg, holdout_fraction=1.0))
     ingest(trainer, np.zeros(4, dtype=np.int64), np.arange(4), np.arange(4.0))
     frozen = trainer.model.frozen_copy()

@@ -69,6 +69,25 @@ def test_a_small_catalogue_is_ranked_exactly_whatever_the_index_finds(trained) -
     assert differs > 0
 
 
+def test_only_exactly_ranked_catalogues_pay_for_the_item_cache(trained) -> None:
+    """A snapshot caches the items' first-layer halves while the catalogue is at most
+    exact_items (it is scored whole per query); above, none, and answers are the same."""
+    trainer, _, _ = trained
+    n = trainer.model.n_items
+    snaps = []
+    for exact_items in (n, n - 1):
+        h = SnapshotHolder()
+        publisher = Publisher(trainer, h, IndexConfig(exact_items=exact_items))
+        publisher.publish(0)
+        publisher.close()
+        snaps.append(h.get())
+    cached, uncached = snaps
+    assert cached.model.item_hidden is not None and uncached.model.item_hidden is None
+    for row in range(0, cached.n_users, 29):
+        torch.testing.assert_close(cached.model.user_logits(row), uncached.model.user_logits(row),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_best_k_breaks_ties_by_row_and_ranks_nan_last() -> None:
     """recommend.best against a full stable sort, on scores with many ties and NaNs."""
     rng = np.random.default_rng(0)
