@@ -7,11 +7,13 @@
 
 The stream is the daemon's loop (:class:`ncf_stream.engine.Engine`, an in-memory
 source instead of Kafka): the file in time order, polls of ``--poll`` events
-ingested and trained as they come, then idle replay of ``--replay-samples``
-training samples (positives and negatives). Replay runs at duty 1.0: there
-are no queries to yield to, and the budget is in samples, so the duty changes only
-wall time. Every split is the store's rolling hold-out: each user's newest
-interaction (users with >= 2), never trained on.
+ingested and trained as they come, then idle replay until ``--replay-samples``
+training samples (positives and negatives) are replayed. The budget is the daemon's
+own ``replay_ratio`` (replayed per fresh sample), set to give that many samples on
+the split's training pairs, so ``ncf-stream serve`` stops at the same count
+(``--daemon``). Replay runs at duty 1.0: there are no queries to yield to, and the
+budget is in samples, so the duty changes only wall time. Every split is the
+store's rolling hold-out: each user's newest interaction (users with >= 2), never trained on.
 
 Protocol (declared before any run; the figures are in docs/benchmarks.md):
 
@@ -263,6 +265,13 @@ class Budget:
     poll: int
     replay_samples: int
 
+    def replay_ratio(self, split: Split, negatives: int) -> float:
+        """The daemon's ``replay_ratio`` that replays ``replay_samples`` on ``split``: every
+        event but the final hold-outs is trained once fresh (a repeat too), with its
+        negatives."""
+        fresh = len(split.events) - len(split.view.holdout.users)
+        return self.replay_samples / (fresh * (1 + negatives))
+
 
 Fitted = tuple[CatalogueScorer, dict[str, float]]  # scores, and what to report of the fit
 
@@ -276,21 +285,28 @@ def neumf_scores(trainer: Trainer) -> CatalogueScorer:
     return lambda users: model.score_matrix(torch.from_numpy(users)).numpy()
 
 
+def stream_settings(split: Split, cfg: Config, seed: int, budget: Budget) -> Settings:
+    """The daemon's settings for the stream: ``cfg`` and the replay budget. Every user is
+    evaluated (the daemon's default evaluates holdout_fraction of them)."""
+    negatives = cfg.get("negatives", Settings.model_fields["negatives"].default)
+    return Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed,
+                    holdout_fraction=1.0, **cfg,
+                    replay_ratio=budget.replay_ratio(split, negatives))
+
+
 def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget,
                keep: list[Engine] | None = None) -> Fitted:
     """The daemon's loop over the file: consume and train, then idle replay to the budget.
     ``keep`` receives the closed engine (bench/quality_daemon.py serves from it)."""
-    # Every user evaluated (the daemon's default evaluates holdout_fraction of them).
-    settings = Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed,
-                        holdout_fraction=1.0, **cfg)
+    settings = stream_settings(split, cfg, seed, budget)
     engine = Engine(settings, MemorySource(split.events, batch_size=budget.poll))
     trainer = engine.trainer
     start = time.perf_counter()
     engine.run(until=lambda: engine.counters.consumed == len(split.events)
                and not trainer.pending)
     pass_s = time.perf_counter() - start
-    start, samples_pass = time.perf_counter(), trainer.samples_trained
-    engine.run(until=lambda: trainer.samples_trained - samples_pass >= budget.replay_samples)
+    start = time.perf_counter()
+    engine.run(until=lambda: trainer.replay_budget == 0)
     engine.close()
     if keep is not None:
         keep.append(engine)

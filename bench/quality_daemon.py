@@ -19,11 +19,11 @@ holds it against that in-process figure:
    as quality.py reads it), then ``python -m consumers.cli serve`` (a subprocess,
    bench/load.py's ``daemon``) with the same configuration and seed as
    ``NCF_STREAM_*`` variables, every user held out (``holdout_fraction`` 1.0),
-   ``replay_duty`` 1.0 (no queries to yield to), a fresh checkpoint directory, a
+   ``replay_duty`` 1.0 (no queries to yield to), the same ``replay_ratio`` (so it
+   stops replaying at the in-process run's budget), a fresh checkpoint directory, a
    group of its own, and a snapshot every ``PUBLISH_EVERY_S``. The bench waits
-   until every event is consumed, then until ``ncf_stream_train_samples_total``
-   reaches the in-process run's total samples (pass plus replay), then for a
-   snapshot published after that point. It checks that the daemon holds the store
+   until every event is consumed, then until ``ncf_stream_replay_budget_samples``
+   is 0, then for the publisher to take in the last steps. It checks that the daemon holds the store
    built in-process (events consumed, none rejected, users, items, interactions,
    hold-outs), then scores through HTTP only:
 
@@ -37,10 +37,10 @@ holds it against that in-process figure:
      not matter). Ties count against the hold-out; a non-finite or null score is
      never a hit.
 
-   The daemon keeps replaying while it is scored, so later ``/v1/score`` answers
-   may come from newer snapshots: ``daemon_info.model_versions`` and
-   ``samples_at_snapshot`` (read just after the snapshot appeared: an upper bound
-   of its samples) / ``samples_after_scoring`` say how far apart.
+   Its training has stopped by then, and the run fails if any answer comes from
+   another snapshot or the sample count moves while it is scored. Both runs train
+   the same fresh positives and stop at the same replay budget, so their sample
+   counts differ by at most a step or two (``samples``).
 3. **Comparison**: per-user hits and NDCG through quality.py's ``per_user``, paired
    bootstrap intervals (quality.py's resamples) of daemon minus in-process, and
    whether they lie within the equivalence margins: +-0.01 sampled HR@10 and +-10%
@@ -78,6 +78,7 @@ from ncf_stream.evaluate import ranks_against
 from ncf_stream.events import Events
 from ncf_stream.ids import IdMap
 from ncf_stream.sampler import EVAL_NEGATIVES, eval_negatives
+from ncf_stream.settings import Settings
 from ncf_stream.threads import trainer_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,11 +236,13 @@ def wait_for(what: str, test: Any, timeout: float, every: float = 0.2) -> Any:
         time.sleep(every)
 
 
-def daemon_settings(cfg: Mapping[str, Any], seed: int, checkpoint_dir: str) -> dict[str, str]:
-    env = {f"NCF_STREAM_{k.upper()}": str(v) for k, v in cfg.items()}
-    return {**env, "NCF_STREAM_SEED": str(seed), "NCF_STREAM_HOLDOUT_FRACTION": "1.0",
-            "NCF_STREAM_REPLAY_DUTY": "1.0", "NCF_STREAM_DEVICE": "cpu",
-            "NCF_STREAM_CHECKPOINT_DIR": checkpoint_dir,
+def daemon_settings(settings: Settings, cfg: Mapping[str, Any],
+                    checkpoint_dir: str) -> dict[str, str]:
+    """In-process ``settings`` as ``NCF_STREAM_*`` variables: ``cfg``'s and what
+    quality.py's stream sets (seed, hold-outs, duty, the replay budget)."""
+    names = [*cfg, "seed", "holdout_fraction", "replay_duty", "replay_ratio", "device"]
+    env = {f"NCF_STREAM_{k.upper()}": str(getattr(settings, k)) for k in names}
+    return {**env, "NCF_STREAM_CHECKPOINT_DIR": checkpoint_dir,
             "NCF_STREAM_PUBLISH_EVERY_S": str(PUBLISH_EVERY_S)}
 
 
@@ -252,9 +255,10 @@ def produce(data: str, bootstrap: str, topic: str, n: int) -> None:
         raise RuntimeError(f"produce failed (rc {out.returncode}): {out.stdout} {out.stderr}")
 
 
-def through_daemon(data: str, split: Any, h: Holdouts, cfg: Mapping[str, Any], seed: int,
-                   target_samples: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Publish, serve, wait for the sample budget, and rank every hold-out through HTTP."""
+def through_daemon(data: str, split: Any, h: Holdouts,
+                   env: dict[str, str]) -> tuple[dict[str, np.ndarray], dict]:
+    """Publish, serve, wait until the replay budget is spent and published, and rank
+    every hold-out through HTTP."""
     n = len(split.events)
     t: dict[str, Any] = {}
     with existing_or_local() as bootstrap:
@@ -266,22 +270,24 @@ def through_daemon(data: str, split: Any, h: Holdouts, cfg: Mapping[str, Any], s
         t["produce_seconds"] = round(time.monotonic() - start, 1)
         progress(f"published {n:,} events to {topic} with the producer CLI")
         with tempfile.TemporaryDirectory(prefix="ncf-quality-ckpt-") as ckpt, load.daemon(
-                bootstrap, topic, "quality", daemon_settings(cfg, seed, ckpt)) as (port, _):
+                bootstrap, topic, "quality", env | {"NCF_STREAM_CHECKPOINT_DIR": ckpt}) as (
+                    port, _):
             start = time.monotonic()
             api = Api(port)
             try:
                 wait_for("the whole stream consumed", lambda: (s := load.status(port))
                          and s["events_consumed"] >= n, timeout=600)
                 t["consume_seconds"] = round(time.monotonic() - start, 1)
-                progress(f"consumed {n:,} events; training to {target_samples:,} samples")
-                wait_for(f"{target_samples:,} samples", lambda: api.metric(
-                    "ncf_stream_train_samples_total") >= target_samples, timeout=900, every=0.05)
-                at_budget = int(api.metric("ncf_stream_train_samples_total"))
-                version = api.call("GET", "/v1/status")["model_version"]
+                progress(f"consumed {n:,} events; replaying to the budget")
+                wait_for("the replay budget spent", lambda: api.metric(
+                    "ncf_stream_replay_budget_samples") == 0, timeout=900, every=0.1)
                 t["train_seconds"] = round(time.monotonic() - start, 1)
-                wait_for("a snapshot after the budget", lambda: api.call(
-                    "GET", "/v1/status")["model_version"] > version, timeout=60, every=0.02)
-                at_snapshot = int(api.metric("ncf_stream_train_samples_total"))
+                samples = int(api.metric("ncf_stream_train_samples_total"))
+                # Training has stopped; the publisher takes in the last steps within its
+                # period (a training slice may still be finishing: wait two).
+                time.sleep(2 * PUBLISH_EVERY_S + 1.0)
+                if int(api.metric("ncf_stream_train_samples_total")) != samples:
+                    raise RuntimeError("the daemon trained on after its replay budget")
                 start = time.monotonic()
                 status = api.call("GET", "/v1/status")
                 holdout_gauge = api.metric("ncf_stream_holdouts")
@@ -317,9 +323,10 @@ def through_daemon(data: str, split: Any, h: Holdouts, cfg: Mapping[str, Any], s
                 after = int(api.metric("ncf_stream_train_samples_total"))
             finally:
                 api.close()
-    info = {"samples_at_budget": at_budget, "samples_at_snapshot": at_snapshot,
-            "samples_after_scoring": after,
-            "model_versions": [min(versions), max(versions)], **t}
+    if after != samples or min(versions) != max(versions):
+        raise RuntimeError(f"the daemon's model moved while scored: samples {samples:,} -> "
+                           f"{after:,}, snapshots {min(versions)}..{max(versions)}")
+    info = {"samples": samples, "model_version": versions[0], **t}
     return ranks, info
 
 
@@ -345,7 +352,8 @@ def run_daemon(q: ModuleType, data: str, events: Events, chosen: Mapping[str, An
     progress(f"in-process: {ip_info}")
 
     start = time.perf_counter()
-    daemon_ranks, d_info = through_daemon(data, split, h, cfg, seed, ip_info["samples"])
+    env = daemon_settings(q.stream_settings(split, cfg, seed, budget), cfg, "")
+    daemon_ranks, d_info = through_daemon(data, split, h, env)
     d_seconds = time.perf_counter() - start
     progress(f"daemon: {d_info}")
 
@@ -372,9 +380,7 @@ def run_daemon(q: ModuleType, data: str, events: Events, chosen: Mapping[str, An
         "diff_ci": diff, "served_minus_exact_ci": served_diff,
         "margins": {"hr10": SAMPLED_MARGIN, "full_hr10": round(full_margin, 4)},
         "equivalent": equivalent,
-        "samples": {"in_process": ip_info["samples"],
-                    "daemon_at_snapshot": d_info["samples_at_snapshot"],
-                    "daemon_after_scoring": d_info["samples_after_scoring"]},
+        "samples": {"in_process": ip_info["samples"], "daemon": d_info["samples"]},
         "daemon_info": d_info, "in_process_info": ip_info,
         "wall_seconds": {"in_process": round(ip_seconds, 1), "daemon": round(d_seconds, 1)},
     }

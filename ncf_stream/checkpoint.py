@@ -101,6 +101,7 @@ def _write_state(directory: Path, trainer: Trainer) -> None:
         "users": trainer.opt_users.state_dict(), "items": trainer.opt_items.state_dict(),
         "tower": trainer.opt_tower.state_dict(),
         "steps": trainer.steps, "samples": trainer.samples_trained,
+        "fresh_samples": trainer.fresh_samples,
     }
     if model.context is not None and model.recent is not None:  # the history input
         assert trainer.opt_context is not None
@@ -177,6 +178,9 @@ def _apply(state: dict[str, Any], trainer: Trainer) -> None:
     trainer.opt_items.load_state_dict(optim["items"])
     trainer.opt_tower.load_state_dict(optim["tower"])
     trainer.steps, trainer.samples_trained = int(optim["steps"]), int(optim["samples"])
+    # Checkpoints from before the replay budget count every sample as fresh: a budget
+    # set on them starts full rather than spent.
+    trainer.fresh_samples = int(optim.get("fresh_samples", optim["samples"]))
 
 
 def _shape(trainer: Trainer) -> dict[str, Any]:

@@ -202,6 +202,7 @@ class Engine:
         # it grows even if this loop stops (what the stale-model alert needs).
         self._fresh_at = time.time()
         self.metrics.engine.model_age.set_function(lambda: time.time() - self._fresh_at)
+        self.metrics.engine.replay_budget.set_function(lambda: self.trainer.replay_budget)
         self._idle_since: float | None = None  # start of the current idle period
         self._idle_replay_s = 0.0  # the trainer thread's CPU spent replaying within it
         self.health = SourceHealth()

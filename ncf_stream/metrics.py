@@ -69,6 +69,10 @@ class EngineMetrics:
         self.train_steps = Counter(f"{PREFIX}_train_steps", "Optimizer steps", registry=r)
         self.replayed = Counter(f"{PREFIX}_replayed_positives",
                                 "Positives replayed from the store", registry=r)
+        self.replay_budget = Gauge(
+            f"{PREFIX}_replay_budget_samples",
+            "Replay samples left before idle replay stops until new events earn more "
+            "(replay_ratio; +Inf without one); computed at scrape time", registry=r)
         self.loss = Gauge(f"{PREFIX}_train_loss", "Mean BCE loss of recent steps", registry=r)
         self.diverged = Counter(
             f"{PREFIX}_train_diverged",

@@ -54,6 +54,7 @@ class TrainerConfig:
     tower_lr: float = setting("tower_lr")
     fresh_share: float = setting("fresh_share")
     replay: bool = setting("replay")
+    replay_ratio: float | None = setting("replay_ratio")
     min_history: int = setting("min_history")
     holdout_fraction: float = setting("holdout_fraction")
     seed: int = setting("seed")
@@ -101,6 +102,7 @@ class Trainer:
         self._fresh: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()
         self._pending = 0
         self.samples_trained = 0
+        self.fresh_samples = 0  # of samples_trained: the replay budget is a multiple of it
         self.steps = 0
 
     @property
@@ -156,7 +158,7 @@ class Trainer:
     def step(self) -> StepStats | None:
         """Train one micro-batch; None when there is nothing to train on."""
         slots = self.cfg.positives_per_step
-        replay = self.cfg.replay and len(self.store) > 0
+        replay = self.cfg.replay and len(self.store) > 0 and self.replay_budget > 0
         fresh_u, fresh_i, fresh_t = self._take_fresh(
             int(slots * self.cfg.fresh_share) if replay else slots)
         users, items, ts = fresh_u, fresh_i, fresh_t
@@ -168,8 +170,18 @@ class Trainer:
         if len(users) == 0:
             return None
         loss = self.train_pairs(users, items, ts)
+        self.fresh_samples += len(fresh_u) * (1 + self.cfg.negatives)
         return StepStats(len(fresh_u), len(users) - len(fresh_u), len(users) *
                          (1 + self.cfg.negatives), loss)
+
+    @property
+    def replay_budget(self) -> float:
+        """Replay samples left before replay stops until new events earn more (inf: no
+        budget). A step may overrun it by one batch."""
+        if self.cfg.replay_ratio is None:
+            return float("inf")
+        replayed = self.samples_trained - self.fresh_samples
+        return max(0.0, self.cfg.replay_ratio * self.fresh_samples - replayed)
 
     def train_pairs(self, pos_users: np.ndarray, pos_items: np.ndarray,
                     pos_ts: np.ndarray | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import swapped_stream, train_stream  # tests/conftest.py
 
+from ncf_stream import checkpoint
 from ncf_stream.evaluate import evaluate
 from ncf_stream.events import Events
 from ncf_stream.model import NeuMF, NeuMFConfig
@@ -225,6 +227,36 @@ def test_trainer_without_replay_stops_when_the_stream_does() -> None:
     stats = trainer.step()
     assert stats is not None and stats.fresh == 2 and stats.replayed == 0
     assert trainer.step() is None
+
+
+def test_replay_stops_at_its_budget_and_new_events_earn_more(tmp_path: Path) -> None:
+    cfg = TrainerConfig(model=TINY, batch_size=50, negatives=4,  # 10 positives a step
+                        holdout_fraction=1.0, replay_ratio=2.0)
+    trainer = Trainer(cfg)
+    trainer.ingest(events_of(["a"] * 11, [f"i{k}" for k in range(11)],
+                             [float(k) for k in range(11)]))
+    first = trainer.step()  # nothing earned yet: all fresh
+    assert first is not None and (first.fresh, first.replayed) == (10, 0)
+    replayed = 0
+    while (stats := trainer.step()) is not None:
+        assert stats.fresh == 0
+        replayed += stats.samples
+        assert replayed < 100 + 50  # 2 x 50 fresh samples, overrun by one step at most
+    assert replayed >= 100 and trainer.replay_budget == 0
+    assert trainer.samples_trained - trainer.fresh_samples == replayed
+    checkpoint.save(tmp_path, trainer, {}, {})
+    after = Trainer(cfg)
+    assert checkpoint.load_latest(tmp_path, after) is not None
+    assert after.step() is None  # spent across a restart too
+    after.ingest(events_of(["a"] * 5, [f"j{k}" for k in range(5)],
+                           [20.0 + k for k in range(5)]))
+    earned = after.step()  # i10 (released) and j0..j3; j4 is the new hold-out
+    assert earned is not None and (earned.fresh, earned.replayed) == (5, 0)
+    assert after.replay_budget == 2.0 * (50 + 25) - replayed
+    while (stats := after.step()) is not None:
+        assert stats.fresh == 0
+        replayed += stats.samples
+    assert 150 <= replayed < 150 + 50
 
 
 @pytest.mark.slow
