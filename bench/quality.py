@@ -469,6 +469,9 @@ def run_select(events: Events, n_trials: int, budget: Budget,
             results.append({"config": cfg, **{m: round(info[m], 4) for m in METRICS}})
         best = max(results, key=lambda r: r[SELECT_METRIC])  # the first of equals
         chosen[method] = {"config": best["config"], "trials": results}
+        if method == "stream":  # the budget as the daemon states it (deploy/quality.toml)
+            chosen[method]["replay_ratio"] = round(budget.replay_ratio(
+                split, stream_settings(split, best["config"], 0, budget).negatives), 1)
         print(f"{method}: chose {best['config']} ({SELECT_METRIC} {best[SELECT_METRIC]:.4f})",
               file=sys.stderr)
     return {"metric": SELECT_METRIC, "trials_per_method": n_trials, "seed": SELECT_SEED,

@@ -142,5 +142,6 @@ def test_the_quality_profile_is_the_chosen_stream_configuration() -> None:
     root = Path(__file__).resolve().parents[1]
     chosen = json.loads((root / "bench" / "chosen.json").read_text())
     profile = Settings.load(root / "deploy" / "quality.toml")
-    want = chosen["methods"]["stream"]["config"]
+    stream = chosen["methods"]["stream"]
+    want = {**stream["config"], "replay_ratio": stream["replay_ratio"]}
     assert {name: getattr(profile, name) for name in want} == want
