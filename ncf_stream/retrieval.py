@@ -13,6 +13,15 @@ One class, choices inside it (CONVENTIONS.md, item 1): a flat index below
 above it (sub-linear search; its coarse quantizer is trained once and kept,
 so a refresh only re-assigns vectors), on the GPU when CUDA and faiss-gpu are
 both present, else on the CPU.
+
+The IVF index searches by L2 distance over vectors made to have equal norms
+(Bachrach et al. 2014, the MIPS-to-NN reduction: [x, sqrt(M^2 - |x|^2)] for the
+items, [q, 0] for the query), which orders items exactly as the inner product
+does. An inner-product IVF assigns items to cells by their inner product with
+the centroids, which favours long vectors, so the probed cells missed most of
+the true top items: at 200k items and 32 probes it found 0.40 of the model's
+exact top 10 against 0.72 with the reduction, and 0.58 against 0.91 at 128
+probes (a converged model of the quality profile, 2026-12-03).
 """
 
 from __future__ import annotations
@@ -66,9 +75,14 @@ class CandidateIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.size, self.dim = vectors.shape
         self.kind = "ivf" if self.size >= cfg.ivf_threshold else "flat"
+        self.max_norm = 0.0  # M of the L2 reduction (IVF only)
         if self.kind == "flat":
             index: faiss.Index = faiss.IndexFlatIP(self.dim)
         else:
+            norms = np.linalg.norm(vectors, axis=1)
+            self.max_norm = float(norms.max(initial=0.0))
+            extra = np.sqrt(np.maximum(self.max_norm ** 2 - norms ** 2, 0.0))
+            vectors = np.hstack([vectors, extra[:, None].astype(np.float32)])
             index = self._ivf(vectors, quantizer)
         index.add(vectors)
         self.device = "cpu"
@@ -77,15 +91,16 @@ class CandidateIndex:
         self.index = index
 
     def _ivf(self, vectors: np.ndarray, quantizer: faiss.Index | None) -> faiss.Index:
+        """An L2 IVF over the reduced ``vectors`` (dim + 1 columns)."""
         nlist = self.config.nlist or int(4 * np.sqrt(self.size))
-        if quantizer is None or quantizer.d != self.dim:
-            quantizer = faiss.IndexFlatIP(self.dim)
-            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        dim = vectors.shape[1]
+        if quantizer is None or quantizer.d != dim:
+            quantizer = faiss.IndexFlatL2(dim)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
             sample = vectors[np.random.default_rng(0).permutation(self.size)[: 64 * nlist]]
             ivf.train(sample)
         else:  # reuse trained centroids: a refresh only re-assigns vectors
-            ivf = faiss.IndexIVFFlat(quantizer, self.dim, quantizer.ntotal,
-                                     faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, quantizer.ntotal, faiss.METRIC_L2)
             ivf.is_trained = True
         ivf.nprobe = self.config.nprobe
         self.quantizer = quantizer
@@ -109,5 +124,10 @@ class CandidateIndex:
         if k <= 0:
             empty = np.empty((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        scores, rows = self.index.search(queries, k)
-        return scores, rows
+        if self.kind == "flat":
+            return self.index.search(queries, k)
+        reduced = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
+        dist, rows = self.index.search(reduced, k)
+        # |[q, 0] - [x, e]|^2 = |q|^2 + M^2 - 2 q.x: back to inner products
+        sq = np.einsum("ij,ij->i", queries, queries)[:, None]
+        return (sq + self.max_norm ** 2 - dist) / 2, rows

@@ -220,7 +220,12 @@ def test_flat_and_ivf_indexes_find_the_true_top(trained) -> None:
     ivf = CandidateIndex(vectors, IndexConfig(ivf_threshold=1, nlist=8, nprobe=8))
     assert (flat.kind, ivf.kind) == ("flat", "ivf")
     assert np.array_equal(flat.search(q, 10)[1], truth)
-    assert np.array_equal(ivf.search(q, 10)[1], truth)  # nprobe = nlist: exhaustive
+    scores, rows = ivf.search(q, 10)  # nprobe = nlist: exhaustive
+    assert np.array_equal(rows, truth)
+    # Searched by L2 over the norm-equalised vectors, answered as inner products.
+    want = np.take_along_axis(q @ vectors.T, truth, axis=1)
+    assert np.allclose(scores, want, rtol=1e-4, atol=1e-3)
+    assert np.allclose(flat.search(q, 10)[0], want, rtol=1e-5, atol=1e-4)
     reused = CandidateIndex(vectors * 2, IndexConfig(ivf_threshold=1, nprobe=8), ivf.quantizer)
     assert reused.quantizer is ivf.quantizer
     assert np.array_equal(reused.search(q, 10)[1], truth)
