@@ -1,11 +1,15 @@
 """Retrieval: FAISS candidates + full rescoring against the exact full-catalogue ranking.
 
     python bench/retrieval.py [--quick] [--sizes 10000,100000,1000000]
+                              [--profile deploy/quality.toml] [--max-samples N]
 
-For each catalogue size: a synthetic stream is ingested and the model trained
-for a budget of samples (2M, `--quick`; 20M); a snapshot is published (timed:
-weights copy + index build); then for
-a sample of users, in one run:
+For each catalogue size: a synthetic stream is ingested and the model (the
+defaults, or the settings of ``--profile``) trained until it converges: in
+rounds of one pass's worth of samples, until its HR@10 (99 sampled negatives) on
+a fixed set of up to 2,000 hold-outs rises by less than 0.002 over two rounds, or
+``--max-samples`` (``--quick``: one 2M-sample round, not converged). A
+snapshot is published (timed: weights copy + index build); then for a sample
+of users, in one run:
 
 * recall@10 of the candidate path (top C by the retrieval inner product: GMF exact,
   MLP to first order; rescored by the
@@ -27,36 +31,67 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ncf_stream.evaluate import sampled_ranks
 from ncf_stream.recommend import exact_top_k, top_k
-from ncf_stream.settings import default
+from ncf_stream.settings import Settings, default
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
 from ncf_stream.trainer import Trainer, TrainerConfig
 
 CANDIDATES = (200, 400, 800, 1600, 3200)
 CANDIDATES_DEFAULT = default("candidates")  # p50/p99 of the candidate path are at this C
+CONVERGED = 0.002  # HR@10 rising by less than this over two rounds
+EVAL_USERS = 2000  # the full-catalogue HR would cost a 100k-item catalogue per user
 
 
-def build(items: int, train_samples: int, device: str,
-          seed: int = 0) -> tuple[Trainer, Publisher, float]:
+def build(items: int, settings: Settings, rounds: Rounds, device: str,
+          seed: int = 0) -> tuple[Trainer, Publisher, dict[str, Any]]:
     events = max(200_000, 3 * items)
     stream = generate(SynthConfig(users=max(5000, items // 10), items=items, events=events,
                                   seed=seed, topics=max(20, items // 2000)))
-    trainer = Trainer(TrainerConfig(), device=device)
+    cfg = TrainerConfig.from_settings(settings.model_copy(update={"holdout_fraction": 1.0}))
+    trainer = Trainer(cfg, device=device)
     ev = stream.to_events()
     for lo in range(0, events, 262_144):
         trainer.ingest(ev.take(np.arange(lo, min(lo + 262_144, events))))
-    start, before = time.perf_counter(), trainer.samples_trained
-    while trainer.samples_trained - before < train_samples:
-        trainer.step()
-    return trainer, Publisher(trainer, SnapshotHolder()), time.perf_counter() - start
+    start = time.perf_counter()
+    curve = converge(trainer, rounds.size or trainer.pending * (1 + cfg.negatives), rounds.most)
+    fit = {"train_samples": trainer.samples_trained, "train_seconds": round(
+        time.perf_counter() - start, 1),
+        "hr10_by_round": curve, "converged": len(curve) >= 3 and curve[-1] - curve[-3] < CONVERGED}
+    return trainer, Publisher(trainer, SnapshotHolder()), fit
+
+
+@dataclass(frozen=True)
+class Rounds:
+    size: int | None  # samples per round; None: one pass over the stream's positives
+    most: int  # samples in all
+
+
+def converge(trainer: Trainer, round_samples: int, most: int) -> list[float]:
+    """Train in rounds until HR@10 on a fixed sample of hold-outs rises by less than
+    CONVERGED over two rounds, or ``most`` samples; the HR@10 after each round."""
+    view = trainer.store.view()
+    rows = np.random.default_rng(2).permutation(len(view.holdout.users))[:EVAL_USERS]
+    curve: list[float] = []
+    while trainer.samples_trained < most:
+        target = min(most, trainer.samples_trained + round_samples)
+        while trainer.samples_trained < target:
+            trainer.step()
+        curve.append(round(float(np.mean(sampled_ranks(trainer.scorer(), view, rows) < 10)), 4))
+        print(f"  {trainer.samples_trained:,} samples: HR@10 {curve[-1]}", file=sys.stderr)
+        if len(curve) >= 3 and curve[-1] - curve[-3] < CONVERGED:
+            break
+    return curve
 
 
 def latencies(fn, users: np.ndarray) -> np.ndarray:
@@ -68,8 +103,9 @@ def latencies(fn, users: np.ndarray) -> np.ndarray:
     return np.array(out) * 1000
 
 
-def measure(items: int, train_samples: int, n_users: int, device: str) -> dict[str, object]:
-    trainer, publisher, train_s = build(items, train_samples, device)
+def measure(items: int, settings: Settings, rounds: Rounds, n_users: int,
+            device: str) -> dict[str, Any]:
+    trainer, publisher, fit = build(items, settings, rounds, device)
     start = time.perf_counter()
     publisher.publish(0)
     first_publish = time.perf_counter() - start
@@ -103,8 +139,8 @@ def measure(items: int, train_samples: int, n_users: int, device: str) -> dict[s
         "exact_p50_ms": round(float(np.percentile(exact_ms, 50)), 3),
         "exact_p99_ms": round(float(np.percentile(exact_ms, 99)), 3),
         "speedup_p50": round(float(np.percentile(exact_ms, 50) / np.percentile(cand_ms, 50)), 1),
-        "train_samples": train_samples, "train_seconds": round(train_s, 1),
-        "publish_seconds": round(publish, 3), "first_publish_seconds": round(first_publish, 3),
+        **fit, "publish_seconds": round(publish, 3),
+        "first_publish_seconds": round(first_publish, 3),
     }
 
 
@@ -114,21 +150,27 @@ def main() -> None:
     parser.add_argument("--sizes", help="comma-separated catalogue sizes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model trains and scores (the index follows faiss)")
+    parser.add_argument("--profile", help="a settings file (TOML) for the model, e.g. "
+                                          "deploy/quality.toml; default: the defaults")
+    parser.add_argument("--max-samples", type=float, default=200e6,
+                        help="the most training samples per catalogue size")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes
              else [10_000, 100_000, 1_000_000])
-    # Training budgets in samples (about 2 s and 20 s of this machine's trainer).
-    train_samples, n_users = (2_000_000, 60) if args.quick else (20_000_000, 300)
+    settings = Settings.load(args.profile)
+    rounds, n_users = ((Rounds(2_000_000, 2_000_000), 60) if args.quick
+                       else (Rounds(None, int(args.max_samples)), 300))
     results = []
     for items in sizes:
-        r = measure(items, train_samples, n_users, args.device)
+        r = measure(items, settings, rounds, n_users, args.device)
         print(json.dumps(r), file=sys.stderr)
         results.append(r)
     from_index = [r for r in results if r["served"] == "candidates"]
     chosen = next((c for c in CANDIDATES
                    if all(r["recall_by_candidates"][str(c)] >= 0.95 for r in from_index)), None)
-    print(json.dumps({"sizes": results, "candidates_for_recall_0_95": chosen}))
+    print(json.dumps({"profile": args.profile or "defaults", "sizes": results,
+                      "candidates_for_recall_0_95": chosen}))
 
 
 if __name__ == "__main__":
