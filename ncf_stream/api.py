@@ -31,6 +31,8 @@ def resolve_exclude(exclude: str | None, exclude_seen: bool) -> Exclude:
     return exclude  # type: ignore[return-value]
 MAX_BATCH_USERS = 1000
 MAX_SCORE_ITEMS = 10_000
+# exclude_items and include_only: candidate lists of a few thousand items, scored whole.
+MAX_FILTER_ITEMS = 10_000
 MAX_BODY_BYTES = 1 << 20
 
 

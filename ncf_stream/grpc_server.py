@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from ncf_stream.api import (
     DEFAULT_K,
     MAX_BATCH_USERS,
+    MAX_FILTER_ITEMS,
     MAX_SCORE_ITEMS,
     Exclude,
     StatusSource,
@@ -31,7 +32,7 @@ from ncf_stream.errors import BadInput
 from ncf_stream.metrics import ServingMetrics
 from ncf_stream.proto import recommender_pb2 as pb
 from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
-from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.recommend import Filters, NotReady, Recommendation, Recommender, UnknownUser
 from ncf_stream.threads import reader_thread
 
 SERVICE = "ncf_stream.v1.Recommender"
@@ -74,12 +75,23 @@ class Servicer(pb_grpc.RecommenderServicer):
                                request.exclude_seen if request.HasField("exclude_seen")
                                else True)
 
+    @staticmethod
+    def _filters(request: Any) -> Filters:
+        """A repeated field cannot be absent, so an empty ``include_only`` means none."""
+        for name in ("exclude_items", "include_only"):
+            if len(getattr(request, name)) > MAX_FILTER_ITEMS:
+                raise BadInput(f"'{name}' must hold at most {MAX_FILTER_ITEMS} ids")
+        return Filters(tuple(check_id(i, "exclude_items[]") for i in request.exclude_items),
+                       tuple(check_id(i, "include_only[]") for i in request.include_only)
+                       if len(request.include_only) else None)
+
     def Recommend(self, request: pb.RecommendRequest,
                   context: grpc.ServicerContext) -> pb.RecommendResponse:
         with self._call("Recommend", context):
             user = check_id(request.user, "user")
             return _response(self.recommender.recommend(user, self._k(request),
-                                                        self._exclude(request)))
+                                                        self._exclude(request),
+                                                        self._filters(request)))
         raise AssertionError("unreachable")  # abort() raises
 
     def RecommendBatch(self, request: pb.RecommendBatchRequest,
@@ -89,7 +101,8 @@ class Servicer(pb_grpc.RecommenderServicer):
                 raise BadInput(f"'users' must hold 1 to {MAX_BATCH_USERS} ids")
             users = [check_id(u, "users[]") for u in request.users]
             results = self.recommender.recommend_many(users, self._k(request),
-                                                      self._exclude(request))
+                                                      self._exclude(request),
+                                                      self._filters(request))
             return pb.RecommendBatchResponse(results=[_response(r) for r in results])
         raise AssertionError("unreachable")
 

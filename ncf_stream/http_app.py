@@ -36,6 +36,7 @@ from ncf_stream.api import (
     DEFAULT_K,
     MAX_BATCH_USERS,
     MAX_BODY_BYTES,
+    MAX_FILTER_ITEMS,
     MAX_SCORE_ITEMS,
     Exclude,
     StatusSource,
@@ -45,7 +46,7 @@ from ncf_stream.errors import BadInput
 from ncf_stream.evaluator import Evaluator
 from ncf_stream.events import MAX_ID_BYTES
 from ncf_stream.metrics import ServingMetrics
-from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.recommend import Filters, NotReady, Recommendation, Recommender, UnknownUser
 from ncf_stream.status_page import PAGE, History
 
 
@@ -82,14 +83,23 @@ def request_models(max_k: int) -> tuple[Any, Any, Any]:
         description="what to leave out: `seen` (every item the user touched), `trained` "
                     "(those but the user's current hold-out: for evaluating through the API), "
                     "`none`; default: `seen`, or `none` with `exclude_seen` false")]
+    excluded = Annotated[list[Id] | None, Field(
+        max_length=MAX_FILTER_ITEMS,
+        description="items never to recommend; unknown ids are ignored")]
+    only = Annotated[list[Id] | None, Field(
+        min_length=1, max_length=MAX_FILTER_ITEMS,
+        description="rank these items only, each scored by the full model; unknown ids "
+                    "are ignored; default: the whole catalogue")]
     recommend = create_model(
         "RecommendRequest", __base__=_Request,
         user=(Id, Field(description="user id; an unknown user gets popular items")),
-        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None))
+        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None),
+        exclude_items=(excluded, None), include_only=(only, None))
     batch = create_model(
         "BatchRecommendRequest", __base__=_Request,
         users=(list[Id], Field(min_length=1, max_length=MAX_BATCH_USERS)),
-        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None))
+        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None),
+        exclude_items=(excluded, None), include_only=(only, None))
     score = create_model(
         "ScoreRequest", __base__=_Request,
         user=(Id, ...), items=(list[Id], Field(min_length=1, max_length=MAX_SCORE_ITEMS)))
@@ -262,6 +272,11 @@ def _recommendation(r: Recommendation) -> RecommendResponse:
         model_version=r.model_version, cold_start=r.cold_start)
 
 
+def _filters(req: Any) -> Filters:
+    return Filters(tuple(str(i) for i in req.exclude_items or ()),
+                   None if req.include_only is None else tuple(str(i) for i in req.include_only))
+
+
 def create_app(
     recommender: Recommender,
     status: StatusSource,
@@ -311,14 +326,14 @@ def create_app(
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         user, k = str(req.user), req.k
         return _recommendation(recommender.recommend(
-            user, k, resolve_exclude(req.exclude, req.exclude_seen)))
+            user, k, resolve_exclude(req.exclude, req.exclude_seen), _filters(req)))
 
     @app.post("/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
     async def recommend_batch(req: BatchRecommendRequest
                         ) -> BatchRecommendResponse:
         users = [str(u) for u in req.users]
         results = recommender.recommend_many(
-            users, req.k, resolve_exclude(req.exclude, req.exclude_seen))
+            users, req.k, resolve_exclude(req.exclude, req.exclude_seen), _filters(req))
         return BatchRecommendResponse(results=[_recommendation(r) for r in results])
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)

@@ -3,9 +3,10 @@
 Serving and evaluation read snapshots only, never the live model: training
 never waits for a request and a request never sees half an update. A snapshot
 holds a frozen copy of the weights, a candidate index over its item vectors,
-an immutable view of the store (seen pairs, hold-outs, popularity), the id
-maps bounded by the rows that existed when it was taken, a version and the
-number of consumed events it includes.
+an immutable view of the store (seen pairs, hold-outs, popularity), the rows
+of the items marked unavailable (:mod:`ncf_stream.catalogue`), the id maps
+bounded by the rows that existed when it was taken, a version and the number
+of consumed events it includes.
 
 The publisher runs on the training thread between steps (so the copy is never
 torn) every ``every_s`` seconds or ``every_events`` events. A flat index is
@@ -20,12 +21,13 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 import torch
 
+from ncf_stream.catalogue import Catalogue
 from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
 from ncf_stream.model import NeuMF
@@ -51,8 +53,10 @@ class Snapshot:
     store: StoreView
     user_ids: IdMap  # live maps; rows >= n_users / n_items did not exist yet
     item_ids: IdMap
-    popular: np.ndarray  # item rows, most popular first
+    popular: np.ndarray  # item rows, most popular first (unavailable ones left out)
     popularity: np.ndarray  # their share of all interactions
+    # Sorted rows of the items marked unavailable: never recommended.
+    unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def n_users(self) -> int:
@@ -106,8 +110,10 @@ class Publisher:
                  index_config: IndexConfig | None = None,
                  every_s: float = default("publish_every_s"),
                  every_events: int = default("publish_every_events"),
-                 index_refresh_s: float = default("index_refresh_s")) -> None:
+                 index_refresh_s: float = default("index_refresh_s"),
+                 catalogue: Catalogue | None = None) -> None:
         self.trainer, self.holder = trainer, holder
+        self.catalogue = catalogue or Catalogue()
         self.index_config = index_config or IndexConfig()
         self.every_s, self.every_events = every_s, every_events
         self.index_refresh_s = index_refresh_s
@@ -147,14 +153,19 @@ class Publisher:
         self.version += 1
         rebuilt = self._refresh_index(model)
         assert self._index is not None and self._a_ref is not None
+        unavailable = self.catalogue.availability.rows(self.trainer.item_ids, model.n_items)
         counts = self.trainer.store.item_counts()
-        popular = np.argsort(-counts, kind="stable")[:POPULAR_KEPT]
+        popular = np.argsort(-counts, kind="stable")
+        if len(unavailable):
+            popular = popular[~np.isin(popular, unavailable)]
+        popular = popular[:POPULAR_KEPT]
         total = max(int(counts.sum()), 1)
         snapshot = Snapshot(
             version=self.version, published_at=time.time(), events=events, model=model,
             index=self._index, index_version=self._index_version, a_ref=self._a_ref,
             store=self.trainer.store.view(), user_ids=self.trainer.user_ids,
             item_ids=self.trainer.item_ids, popular=popular, popularity=counts[popular] / total,
+            unavailable=unavailable,
         )
         crash_point("publish")
         self.holder.set(snapshot)

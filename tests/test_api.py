@@ -107,6 +107,29 @@ def test_exclude_trained_keeps_the_hold_out_in_both_protocols(
     assert bad.status_code == 422
 
 
+def test_filters_on_both_protocols(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    top = [i["item"] for i in http.post("/v1/recommend", json={"user": "3", "k": 20}).json()[
+        "items"]]
+    for body in ({"exclude_items": top[:5]}, {"include_only": [*top[3:9], "no-such-item"]},
+                 {"exclude_items": [top[4], 12345], "include_only": top[3:9]}):
+        h = http.post("/v1/recommend", json={"user": "3", "k": 4, **body})
+        assert h.status_code == 200, h.text
+        g = stub.Recommend(pb.RecommendRequest(user="3", k=4, **{
+            key: [str(v) for v in value] for key, value in body.items()}))
+        items = [i["item"] for i in h.json()["items"]]
+        assert items == [i.item for i in g.items]
+        assert not set(items) & set(map(str, body.get("exclude_items", [])))
+        want = [i for i in top if i in body.get("include_only", top)
+                and i not in body.get("exclude_items", [])]
+        assert items == want[:4]  # the exact ranking, restricted
+    hb = http.post("/v1/recommend/batch", json={"users": ["3", "x"], "k": 3,
+                                                "include_only": top[:2]}).json()
+    gb = stub.RecommendBatch(pb.RecommendBatchRequest(users=["3", "x"], k=3,
+                                                      include_only=top[:2]))
+    assert [len(r["items"]) for r in hb["results"]] == [len(r.items) for r in gb.results] == [
+        2, 2]
+
+
 def test_integer_user_ids_mean_their_string(http: httpx.Client) -> None:
     a = http.post("/v1/recommend", json={"user": 17, "k": 3}).json()
     b = http.post("/v1/recommend", json={"user": "17", "k": 3}).json()
@@ -194,6 +217,12 @@ def test_grpc_reflection_lists_the_services(channel: grpc.Channel) -> None:
     ("/v1/score", {"user": "no-such-user", "items": ["1"]}, 404, "unknown_user"),
     ("/v1/score", {"user": "1", "items": []}, 422, "invalid_request"),
     ("/v1/recommend/batch", {"users": []}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "include_only": []}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "include_only": [""]}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "include_only": "1"}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "exclude_items": [True]}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "exclude_items": ["1"] * 10_001}, 422, "invalid_request"),
+    ("/v1/recommend/batch", {"users": ["1"], "include_only": [None]}, 422, "invalid_request"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(http: httpx.Client, path: str, body: object,
                                                status: int, kind: str) -> None:
@@ -266,6 +295,11 @@ def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
     (pb.ScoreRequest(user="1"), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendBatchRequest(users=[]), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendRequest(user="1", exclude="everything"), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", include_only=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", exclude_items=["1"] * 10_001),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendBatchRequest(users=["1"], exclude_items=["u" * 300]),
+     grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_grpc_errors(stub: pb_grpc.RecommenderStub, request_: object,
                      code: grpc.StatusCode) -> None:

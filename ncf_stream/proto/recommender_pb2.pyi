@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user", "k", "exclude_seen", "exclude")
+    __slots__ = ("user", "k", "exclude_seen", "exclude", "exclude_items", "include_only")
     USER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ONLY_FIELD_NUMBER: _ClassVar[int]
     user: str
     k: int
     exclude_seen: bool
     exclude: str
-    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ...) -> None: ...
+    exclude_items: _containers.RepeatedScalarFieldContainer[str]
+    include_only: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ..., exclude_items: _Optional[_Iterable[str]] = ..., include_only: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item", "score")
@@ -39,16 +43,20 @@ class RecommendResponse(_message.Message):
     def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
-    __slots__ = ("users", "k", "exclude_seen", "exclude")
+    __slots__ = ("users", "k", "exclude_seen", "exclude", "exclude_items", "include_only")
     USERS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ONLY_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_seen: bool
     exclude: str
-    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ...) -> None: ...
+    exclude_items: _containers.RepeatedScalarFieldContainer[str]
+    include_only: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ..., exclude_items: _Optional[_Iterable[str]] = ..., include_only: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendBatchResponse(_message.Message):
     __slots__ = ("results",)
