@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from ncf_stream import checkpoint
 from ncf_stream.api import Status
-from ncf_stream.catalogue import Catalogue
+from ncf_stream.catalogue import Catalogue, RecentCounts
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
@@ -169,7 +169,8 @@ class Engine:
         self.device = resolve_device(s.device)
         self.trainer = Trainer(TrainerConfig.from_settings(s), self.device)
         self.holder = SnapshotHolder()
-        self.catalogue = Catalogue()  # item availability: stream state, never trained on
+        # Item availability and recent popularity: stream state for serving, never trained on.
+        self.catalogue = Catalogue(popular_window_s=s.popular_window_s)
         self.counters = Counters()
         # Next offset per partition that the state includes: the checkpoint's, then
         # advanced by every ingested batch. The source starts here.
@@ -181,6 +182,11 @@ class Engine:
                 self.counters = Counters(**{k: v for k, v in restored.counters.items()
                                             if k in Counters.__dataclass_fields__})
                 self.catalogue = restored.catalogue
+                if self.catalogue.recent.window_s != s.popular_window_s:
+                    log.warning("popular_window_s changed from %s to %s: recent popularity "
+                                "starts over", self.catalogue.recent.window_s,
+                                s.popular_window_s)
+                    self.catalogue.recent = RecentCounts(s.popular_window_s)
         self.publisher = Publisher(
             self.trainer, self.holder,
             IndexConfig.from_settings(s),
@@ -366,6 +372,7 @@ class Engine:
         # store, training or the online hit rate; the next snapshot publishes it.
         self.catalogue.availability.apply(batch.availability)
         users, items = self.trainer.rows(batch.events)
+        self.catalogue.recent.add(items, batch.events.ts)
         self.online.observe(self.holder.get(), users, items)  # before training on them
         result = self.trainer.ingest_rows(users, items, batch.events.ts)
         crash_point("ingest")

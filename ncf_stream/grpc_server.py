@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ncf_stream.api import (
     DEFAULT_K,
+    DEFAULT_PAGE,
     MAX_BATCH_USERS,
     MAX_FILTER_ITEMS,
     MAX_SCORE_ITEMS,
@@ -26,6 +27,7 @@ from ncf_stream.api import (
     StatusSource,
     check_id,
     check_k,
+    check_page,
     resolve_exclude,
 )
 from ncf_stream.errors import BadInput
@@ -117,6 +119,29 @@ class Servicer(pb_grpc.RecommenderServicer):
             return pb.ScoreResponse(user=s.user, model_version=s.model_version, scores=[
                 pb.ItemScore(item=i, known=v is not None, score=v or 0.0)
                 for i, v in zip(items, s.scores, strict=True)])
+        raise AssertionError("unreachable")
+
+    def Popular(self, request: pb.PopularRequest,
+                context: grpc.ServicerContext) -> pb.PopularResponse:
+        with self._call("Popular", context):
+            p = self.recommender.popular(self._k(request))
+            return pb.PopularResponse(
+                items=[pb.PopularItem(item=i, count=c) for i, c in zip(p.items, p.counts,
+                                                                       strict=True)],
+                window_seconds=p.window_s, model_version=p.model_version)
+        raise AssertionError("unreachable")
+
+    def UserItems(self, request: pb.UserItemsRequest,
+                  context: grpc.ServicerContext) -> pb.UserItemsResponse:
+        with self._call("UserItems", context):
+            user = check_id(request.user, "user")
+            offset, limit = check_page(request.offset if request.HasField("offset") else 0,
+                                       request.limit if request.HasField("limit")
+                                       else DEFAULT_PAGE)
+            r = self.recommender.known_items(user, offset, limit)
+            return pb.UserItemsResponse(
+                user=r.user, total=r.total, model_version=r.model_version,
+                items=[pb.KnownItem(item=i, ts=t) for i, t in zip(r.items, r.ts, strict=True)])
         raise AssertionError("unreachable")
 
     def Status(self, request: pb.StatusRequest,

@@ -15,7 +15,8 @@ describes every response, so schemathesis can hold the server to it.
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, params
+from fastapi import FastAPI, Query, Request, params
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -34,9 +35,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ncf_stream.api import (
     DEFAULT_K,
+    DEFAULT_PAGE,
     MAX_BATCH_USERS,
     MAX_BODY_BYTES,
     MAX_FILTER_ITEMS,
+    MAX_OFFSET,
+    MAX_PAGE,
     MAX_SCORE_ITEMS,
     Exclude,
     StatusSource,
@@ -125,6 +129,31 @@ class BatchRecommendResponse(BaseModel):
 class ScoreResponse(BaseModel):
     user: str
     scores: list[float | None] = Field(description="null: the item is unknown to the model")
+    model_version: int
+
+
+class PopularItem(BaseModel):
+    item: str
+    count: int = Field(description="interaction events with the item in the window")
+
+
+class PopularResponse(BaseModel):
+    items: list[PopularItem]
+    window_seconds: float = Field(description="the window, in seconds of event time")
+    model_version: int
+
+
+class KnownItem(BaseModel):
+    item: str
+    ts: float = Field(description="the user's last event with the item (seconds since the "
+                                  "epoch, whole seconds)")
+
+
+class KnownItemsResponse(BaseModel):
+    user: str
+    items: list[KnownItem] = Field(description="newest first")
+    total: int = Field(description="the user's items in all pages")
+    offset: int
     model_version: int
 
 
@@ -340,6 +369,28 @@ def create_app(
     async def score(req: ScoreRequest) -> ScoreResponse:
         s = recommender.score(str(req.user), [str(i) for i in req.items])
         return ScoreResponse(user=s.user, scores=s.scores, model_version=s.model_version)
+
+    @app.get("/v1/popular", response_model=PopularResponse, responses=ERRORS)
+    async def popular(k: Annotated[int, Query(ge=1, le=max_k, description=(
+            f"how many items, 1 to {max_k}"))] = DEFAULT_K) -> PopularResponse:
+        """The items with the most interaction events over the recent window."""
+        p = recommender.popular(k)
+        return PopularResponse(
+            items=[PopularItem(item=i, count=c) for i, c in zip(p.items, p.counts, strict=True)],
+            window_seconds=p.window_s, model_version=p.model_version)
+
+    @app.get("/v1/users/{user}/items", response_model=KnownItemsResponse, responses=ERRORS)
+    async def known_items(
+        user: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_BYTES)],
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    ) -> KnownItemsResponse:
+        """The user's items, newest first, a page at a time; 404 for an unknown user."""
+        r = recommender.known_items(user, offset, limit)
+        return KnownItemsResponse(
+            user=r.user, items=[KnownItem(item=i, ts=t) for i, t in zip(r.items, r.ts,
+                                                                         strict=True)],
+            total=r.total, offset=offset, model_version=r.model_version)
 
     @app.get("/v1/status", response_model=StatusResponse)
     async def get_status() -> StatusResponse:

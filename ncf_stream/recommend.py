@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncf_stream.api import DEFAULT_K, EXCLUDE, Exclude
+from ncf_stream.api import DEFAULT_K, DEFAULT_PAGE, EXCLUDE, Exclude, check_page
 from ncf_stream.errors import BadInput, NcfStreamError
 from ncf_stream.settings import default
 from ncf_stream.snapshot import POPULAR_KEPT, Snapshot, SnapshotHolder
@@ -52,6 +52,23 @@ class Filters:
 
 
 NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class Popular:
+    items: list[str]  # most interacted-with first, unavailable ones left out
+    counts: list[int]  # interaction events in the window
+    window_s: float
+    model_version: int
+
+
+@dataclass(frozen=True)
+class KnownItems:
+    user: str
+    items: list[str]  # this page of the user's items, newest first
+    ts: list[float]  # each one's last event time
+    total: int  # the user's items in all pages
+    model_version: int
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,28 @@ class Recommender:
         rows, share = popular_rows(snap, k, banned, include)
         return Recommendation(user, snap.item_ids.ids(rows).tolist(),
                               share.astype(float).tolist(), snap.version, cold_start=True)
+
+    def popular(self, k: int = DEFAULT_K) -> Popular:
+        """The k items with the most interaction events over the recent window (fewer when
+        fewer had any), counted per snapshot."""
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        snap = self.snapshot()
+        rows = snap.recent[:k]
+        return Popular(snap.item_ids.ids(rows).tolist(), snap.recent_counts[:k].tolist(),
+                       snap.popular_window_s, snap.version)
+
+    def known_items(self, user: str, offset: int = 0, limit: int = DEFAULT_PAGE) -> KnownItems:
+        """One page of the items the user has interacted with, newest first."""
+        offset, limit = check_page(offset, limit)
+        snap = self.snapshot()
+        row = snap.user_row(user)
+        if row is None:
+            raise UnknownUser(f"unknown user {user!r}")
+        rows, ts = snap.store.newest_first(row)
+        page = slice(offset, offset + limit)
+        return KnownItems(user, snap.item_ids.ids(rows[page]).tolist(), ts[page].tolist(),
+                          len(rows), snap.version)
 
     def score(self, user: str, items: list[str]) -> Scores:
         snap = self.snapshot()

@@ -38,7 +38,9 @@ from ncf_stream.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-POPULAR_KEPT = 1000  # cold-start answers come from the most popular items
+# Cold-start answers come from the most popular items, /v1/popular from the most
+# recently popular: each list keeps this many (the default max_k).
+POPULAR_KEPT = 1000
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Snapshot:
     popularity: np.ndarray  # their share of all interactions
     # Sorted rows of the items marked unavailable: never recommended.
     unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # The most interacted-with available items over the recent window, and their counts.
+    recent: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    recent_counts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    popular_window_s: float = 0.0
 
     @property
     def n_users(self) -> int:
@@ -160,12 +166,15 @@ class Publisher:
             popular = popular[~np.isin(popular, unavailable)]
         popular = popular[:POPULAR_KEPT]
         total = max(int(counts.sum()), 1)
+        recent = self.catalogue.recent
+        recent_rows, recent_counts = recent.top(model.n_items, unavailable, POPULAR_KEPT)
         snapshot = Snapshot(
             version=self.version, published_at=time.time(), events=events, model=model,
             index=self._index, index_version=self._index_version, a_ref=self._a_ref,
             store=self.trainer.store.view(), user_ids=self.trainer.user_ids,
             item_ids=self.trainer.item_ids, popular=popular, popularity=counts[popular] / total,
-            unavailable=unavailable,
+            unavailable=unavailable, recent=recent_rows, recent_counts=recent_counts,
+            popular_window_s=recent.window_s,
         )
         crash_point("publish")
         self.holder.set(snapshot)

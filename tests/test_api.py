@@ -130,6 +130,30 @@ def test_filters_on_both_protocols(http: httpx.Client, stub: pb_grpc.Recommender
         2, 2]
 
 
+def test_popular_and_known_items_on_both_protocols(
+    daemon: Daemon, http: httpx.Client, stub: pb_grpc.RecommenderStub
+) -> None:
+    h = http.get("/v1/popular", params={"k": 5}).json()
+    g = stub.Popular(pb.PopularRequest(k=5))
+    assert [(i["item"], i["count"]) for i in h["items"]] == [(i.item, i.count) for i in g.items]
+    assert len(h["items"]) == 5 and h["window_seconds"] == g.window_seconds == 86_400.0
+    counts = [i["count"] for i in h["items"]]
+    assert counts == sorted(counts, reverse=True) and counts[0] > 0
+    assert len(http.get("/v1/popular").json()["items"]) == 10  # k defaults to 10
+    store, ids = daemon.engine.trainer.store, daemon.engine.trainer.item_ids
+    row = int(daemon.engine.trainer.user_ids.rows(["17"], add=False)[0])
+    h = http.get("/v1/users/17/items", params={"limit": 1000}).json()
+    assert h["total"] == len(h["items"]) == len(store.seen(row))
+    assert {i["item"] for i in h["items"]} == set(ids.ids(store.seen(row)).tolist())
+    ts = [i["ts"] for i in h["items"]]
+    assert ts == sorted(ts, reverse=True)
+    page = http.get("/v1/users/17/items", params={"offset": 2, "limit": 3}).json()
+    assert page["items"] == h["items"][2:5] and page["offset"] == 2
+    g = stub.UserItems(pb.UserItemsRequest(user="17", offset=2, limit=3))
+    assert [(i.item, i.ts) for i in g.items] == [(i["item"], i["ts"]) for i in page["items"]]
+    assert g.total == h["total"]
+
+
 def test_integer_user_ids_mean_their_string(http: httpx.Client) -> None:
     a = http.post("/v1/recommend", json={"user": 17, "k": 3}).json()
     b = http.post("/v1/recommend", json={"user": "17", "k": 3}).json()
@@ -231,6 +255,24 @@ def test_bad_requests_get_a_4xx_with_a_message(http: httpx.Client, path: str, bo
     assert r.json()["error"] == kind and r.json()["detail"]
 
 
+@pytest.mark.parametrize(("path", "status", "kind"), [
+    ("/v1/popular?k=0", 422, "invalid_request"),
+    ("/v1/popular?k=101", 422, "invalid_request"),
+    ("/v1/popular?k=ten", 422, "invalid_request"),
+    ("/v1/users/no-such-user/items", 404, "unknown_user"),
+    ("/v1/users/1/items?limit=0", 422, "invalid_request"),
+    ("/v1/users/1/items?limit=1001", 422, "invalid_request"),
+    ("/v1/users/1/items?offset=-1", 422, "invalid_request"),
+    ("/v1/users/1/items?offset=99999999999999999999", 422, "invalid_request"),
+    ("/v1/users/" + "u" * 300 + "/items", 422, "invalid_request"),
+])
+def test_bad_queries_get_a_4xx_with_a_message(http: httpx.Client, path: str, status: int,
+                                              kind: str) -> None:
+    r = http.get(path)
+    assert r.status_code == status
+    assert r.json()["error"] == kind and r.json()["detail"]
+
+
 def test_malformed_json_oversize_and_unknown_routes(http: httpx.Client) -> None:
     r = http.post("/v1/recommend", content=b"{not json", headers={"content-type":
                                                                   "application/json"})
@@ -300,11 +342,19 @@ def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
      grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendBatchRequest(users=["1"], exclude_items=["u" * 300]),
      grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.PopularRequest(k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.PopularRequest(k=101), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="nobody"), grpc.StatusCode.NOT_FOUND),
+    (pb.UserItemsRequest(user=""), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="1", offset=-1), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="1", limit=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="1", limit=5000), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_grpc_errors(stub: pb_grpc.RecommenderStub, request_: object,
                      code: grpc.StatusCode) -> None:
     method = {pb.RecommendRequest: stub.Recommend, pb.ScoreRequest: stub.Score,
-              pb.RecommendBatchRequest: stub.RecommendBatch}[type(request_)]
+              pb.RecommendBatchRequest: stub.RecommendBatch, pb.PopularRequest: stub.Popular,
+              pb.UserItemsRequest: stub.UserItems}[type(request_)]
     with pytest.raises(grpc.RpcError) as e:
         method(request_)
     assert e.value.code() == code and e.value.details()

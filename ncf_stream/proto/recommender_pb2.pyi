@@ -92,6 +92,60 @@ class ScoreResponse(_message.Message):
     model_version: int
     def __init__(self, user: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
+class PopularRequest(_message.Message):
+    __slots__ = ("k",)
+    K_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    def __init__(self, k: _Optional[int] = ...) -> None: ...
+
+class PopularItem(_message.Message):
+    __slots__ = ("item", "count")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    count: int
+    def __init__(self, item: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class PopularResponse(_message.Message):
+    __slots__ = ("items", "window_seconds", "model_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PopularItem]
+    window_seconds: float
+    model_version: int
+    def __init__(self, items: _Optional[_Iterable[_Union[PopularItem, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class UserItemsRequest(_message.Message):
+    __slots__ = ("user", "offset", "limit")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    offset: int
+    limit: int
+    def __init__(self, user: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class KnownItem(_message.Message):
+    __slots__ = ("item", "ts")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    ts: float
+    def __init__(self, item: _Optional[str] = ..., ts: _Optional[float] = ...) -> None: ...
+
+class UserItemsResponse(_message.Message):
+    __slots__ = ("user", "items", "total", "model_version")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    items: _containers.RepeatedCompositeFieldContainer[KnownItem]
+    total: int
+    model_version: int
+    def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[KnownItem, _Mapping]]] = ..., total: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
