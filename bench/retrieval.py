@@ -14,6 +14,12 @@ a sample of users, in one run:
 * p50 and p99 latency per query of both paths (one query at a time, as a
   request would), and their ratio.
 
+Similar items (``/v1/similar``, :mod:`ncf_stream.similar`) likewise, for a
+sample of items: recall@10 of the candidate path (top C of the index for the
+query S v_i, rescored by the exact similarity) against the exact similarity over
+the catalogue, for the same C, and both paths' latency (``similar``; the first
+request of an index also computes its similarity space: ``similar_space_seconds``).
+
 What a request gets with the default settings is reported as ``served``: the
 exact ranking while the catalogue has at most ``exact_items`` items (recall 1 by
 construction; its cost is the exact path's), the candidate path at the default C
@@ -34,8 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ncf_stream.recommend import exact_top_k, top_k
+from ncf_stream.recommend import best, exact_top_k, top_k
 from ncf_stream.settings import default
+from ncf_stream.similar import candidate_similar, exact_similar, similar_space
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
 from ncf_stream.trainer import Trainer, TrainerConfig
@@ -88,6 +95,7 @@ def measure(items: int, train_samples: int, n_users: int, device: str) -> dict[s
         recall[c] = float(np.mean(hits)) / 10
     cand_ms = latencies(lambda u: top_k(snap, u, 10, CANDIDATES_DEFAULT), users)
     exact_ms = latencies(lambda u: exact_top_k(snap, u, 10), users)
+    similar = measure_similar(snap, rng.choice(snap.index.size, n_users, replace=False))
     publisher.close()
     exact = items <= default("exact_items")
     served_ms = exact_ms if exact else cand_ms
@@ -105,6 +113,36 @@ def measure(items: int, train_samples: int, n_users: int, device: str) -> dict[s
         "speedup_p50": round(float(np.percentile(exact_ms, 50) / np.percentile(cand_ms, 50)), 1),
         "train_samples": train_samples, "train_seconds": round(train_s, 1),
         "publish_seconds": round(publish, 3), "first_publish_seconds": round(first_publish, 3),
+        "similar": similar,
+    }
+
+
+def measure_similar(snap, rows: np.ndarray) -> dict[str, object]:
+    """Recall@10 of the similar-items candidate path against the exact similarity."""
+    none = np.empty(0, dtype=np.int64)
+    start = time.perf_counter()
+    similar_space(snap)
+    space_s = time.perf_counter() - start
+    exact = {r: best(*exact_similar(snap, r, none), 10)[0] for r in rows.tolist()}
+    recall = {}
+    for c in CANDIDATES:
+        hits = [len(np.intersect1d(best(*candidate_similar(snap, r, 10, c, none), 10)[0],
+                                   exact[r])) for r in rows.tolist()]
+        recall[c] = float(np.mean(hits)) / 10
+    cand_ms = latencies(lambda r: best(*candidate_similar(snap, r, 10, CANDIDATES_DEFAULT,
+                                                          none), 10), rows)
+    exact_ms = latencies(lambda r: best(*exact_similar(snap, r, none), 10), rows)
+    served_exact = snap.index.size <= default("exact_items")
+    served_ms = exact_ms if served_exact else cand_ms
+    return {
+        "served": "exact" if served_exact else "candidates",
+        "served_recall_at_10": 1.0 if served_exact else round(recall[CANDIDATES_DEFAULT], 4),
+        "served_p50_ms": round(float(np.percentile(served_ms, 50)), 3),
+        "served_p99_ms": round(float(np.percentile(served_ms, 99)), 3),
+        "recall_by_candidates": {str(c): round(r, 4) for c, r in recall.items()},
+        "p50_ms": round(float(np.percentile(cand_ms, 50)), 3),
+        "exact_p50_ms": round(float(np.percentile(exact_ms, 50)), 3),
+        "similar_space_seconds": round(space_s, 3),
     }
 
 
@@ -128,7 +166,10 @@ def main() -> None:
     from_index = [r for r in results if r["served"] == "candidates"]
     chosen = next((c for c in CANDIDATES
                    if all(r["recall_by_candidates"][str(c)] >= 0.95 for r in from_index)), None)
-    print(json.dumps({"sizes": results, "candidates_for_recall_0_95": chosen}))
+    similar_chosen = next((c for c in CANDIDATES if all(
+        r["similar"]["recall_by_candidates"][str(c)] >= 0.95 for r in results)), None)
+    print(json.dumps({"sizes": results, "candidates_for_recall_0_95": chosen,
+                      "similar_candidates_for_recall_0_95": similar_chosen}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A thin servicer over the same :class:`Recommender` the HTTP app calls (grpc
 examples, ``health_checking/``). Bad input is INVALID_ARGUMENT, an unknown user
-NOT_FOUND, and no snapshot yet UNAVAILABLE.
+or item NOT_FOUND, and no snapshot yet UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ from ncf_stream.errors import BadInput
 from ncf_stream.metrics import ServingMetrics
 from ncf_stream.proto import recommender_pb2 as pb
 from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
-from ncf_stream.recommend import Filters, NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.recommend import (
+    Filters,
+    NotReady,
+    Recommendation,
+    Recommender,
+    UnknownItem,
+    UnknownUser,
+)
 from ncf_stream.threads import reader_thread
 
 SERVICE = "ncf_stream.v1.Recommender"
@@ -59,7 +66,7 @@ class Servicer(pb_grpc.RecommenderServicer):
         except BadInput as e:
             code = grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(e))
-        except UnknownUser as e:
+        except (UnknownUser, UnknownItem) as e:
             code = grpc.StatusCode.NOT_FOUND
             context.abort(code, e.args[0])
         except NotReady as e:
@@ -119,6 +126,15 @@ class Servicer(pb_grpc.RecommenderServicer):
             return pb.ScoreResponse(user=s.user, model_version=s.model_version, scores=[
                 pb.ItemScore(item=i, known=v is not None, score=v or 0.0)
                 for i, v in zip(items, s.scores, strict=True)])
+        raise AssertionError("unreachable")
+
+    def Similar(self, request: pb.SimilarRequest,
+                context: grpc.ServicerContext) -> pb.SimilarResponse:
+        with self._call("Similar", context):
+            item = check_id(request.item, "item")
+            r = self.recommender.similar(item, self._k(request))
+            return pb.SimilarResponse(item=r.item, model_version=r.model_version, items=[
+                pb.ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
         raise AssertionError("unreachable")
 
     def Popular(self, request: pb.PopularRequest,

@@ -3,7 +3,7 @@
 """The HTTP API (FastAPI): thin handlers over the recommender; every client error is a 4xx.
 
 Errors always have the shape ``{"error": <kind>, "detail": <sentence>}``:
-400 bad value, 404 unknown user, 413 body too large, 422 malformed request,
+400 bad value, 404 unknown user or item, 413 body too large, 422 malformed request,
 503 before the first snapshot. The OpenAPI document at ``/openapi.json``
 describes every response, so schemathesis can hold the server to it.
 """
@@ -50,7 +50,14 @@ from ncf_stream.errors import BadInput
 from ncf_stream.evaluator import Evaluator
 from ncf_stream.events import MAX_ID_BYTES
 from ncf_stream.metrics import ServingMetrics
-from ncf_stream.recommend import Filters, NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.recommend import (
+    Filters,
+    NotReady,
+    Recommendation,
+    Recommender,
+    UnknownItem,
+    UnknownUser,
+)
 from ncf_stream.status_page import PAGE, History
 
 
@@ -77,7 +84,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def request_models(max_k: int) -> tuple[Any, Any, Any]:
+def request_models(max_k: int) -> tuple[Any, Any, Any, Any]:
     """The request bodies, with the configured maximum k in their schema."""
     k = Annotated[int, Field(ge=1, le=max_k, description=f"how many items, 1 to {max_k}"),
                   BeforeValidator(_whole)]
@@ -107,7 +114,10 @@ def request_models(max_k: int) -> tuple[Any, Any, Any]:
     score = create_model(
         "ScoreRequest", __base__=_Request,
         user=(Id, ...), items=(list[Id], Field(min_length=1, max_length=MAX_SCORE_ITEMS)))
-    return recommend, batch, score
+    similar = create_model(
+        "SimilarRequest", __base__=_Request,
+        item=(Id, Field(description="item id; an unknown one is a 404")), k=(k, DEFAULT_K))
+    return recommend, batch, score, similar
 
 
 class ScoredItem(BaseModel):
@@ -124,6 +134,13 @@ class RecommendResponse(BaseModel):
 
 class BatchRecommendResponse(BaseModel):
     results: list[RecommendResponse]
+
+
+class SimilarResponse(BaseModel):
+    item: str
+    items: list[ScoredItem] = Field(description="most similar first; score: the similarity, "
+                                                "-1 to 1")
+    model_version: int
 
 
 class ScoreResponse(BaseModel):
@@ -318,7 +335,7 @@ def create_app(
     app = FastAPI(title="ncf-stream", version="1",
                   description="Online NeuMF recommendations from a Kafka stream.")
     max_k = recommender.max_k
-    RecommendRequest, BatchRecommendRequest, ScoreRequest = request_models(max_k)
+    RecommendRequest, BatchRecommendRequest, ScoreRequest, SimilarRequest = request_models(max_k)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -342,6 +359,10 @@ def create_app(
     @app.exception_handler(UnknownUser)
     async def _unknown(_: Request, exc: UnknownUser) -> JSONResponse:
         return error(404, "unknown_user", exc.args[0])
+
+    @app.exception_handler(UnknownItem)
+    async def _unknown_item(_: Request, exc: UnknownItem) -> JSONResponse:
+        return error(404, "unknown_item", exc.args[0])
 
     @app.exception_handler(NotReady)
     async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
@@ -369,6 +390,13 @@ def create_app(
     async def score(req: ScoreRequest) -> ScoreResponse:
         s = recommender.score(str(req.user), [str(i) for i in req.items])
         return ScoreResponse(user=s.user, scores=s.scores, model_version=s.model_version)
+
+    @app.post("/v1/similar", response_model=SimilarResponse, responses=ERRORS)
+    async def similar(req: SimilarRequest) -> SimilarResponse:
+        """The items the model scores most alike to the given one across its users."""
+        r = recommender.similar(str(req.item), req.k)
+        return SimilarResponse(item=r.item, model_version=r.model_version, items=[
+            ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
 
     @app.get("/v1/popular", response_model=PopularResponse, responses=ERRORS)
     async def popular(k: Annotated[int, Query(ge=1, le=max_k, description=(

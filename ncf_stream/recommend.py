@@ -20,6 +20,7 @@ import torch
 from ncf_stream.api import DEFAULT_K, DEFAULT_PAGE, EXCLUDE, Exclude, check_page
 from ncf_stream.errors import BadInput, NcfStreamError
 from ncf_stream.settings import default
+from ncf_stream.similar import candidate_similar
 from ncf_stream.snapshot import POPULAR_KEPT, Snapshot, SnapshotHolder
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
@@ -31,6 +32,10 @@ class NotReady(NcfStreamError):
 
 class UnknownUser(NcfStreamError, KeyError):
     """The user has no interactions in the served snapshot."""
+
+
+class UnknownItem(NcfStreamError, KeyError):
+    """The item is not in the served snapshot (or not yet in its index)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,14 @@ class Filters:
 
 
 NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class Similar:
+    item: str
+    items: list[str]  # most similar first; never the item itself or an unavailable one
+    scores: list[float]  # the similarity, in [-1, 1] (ncf_stream.similar)
+    model_version: int
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,22 @@ class Recommender:
         rows, share = popular_rows(snap, k, banned, include)
         return Recommendation(user, snap.item_ids.ids(rows).tolist(),
                               share.astype(float).tolist(), snap.version, cold_start=True)
+
+    def similar(self, item: str, k: int = DEFAULT_K) -> Similar:
+        """The k items the model scores most alike to ``item`` across its users."""
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        snap = self.snapshot()
+        row = int(snap.item_rows([item])[0])
+        if row < 0:
+            raise UnknownItem(f"unknown item {item!r}")
+        if row >= snap.index.size:  # an IVF index lags the weights by up to one refresh
+            raise UnknownItem(f"item {item!r} is not in the candidate index yet")
+        rows, sims = best(*candidate_similar(
+            snap, row, k, served_candidates(snap.index.size, self.candidates, self.exact_items),
+            snap.unavailable), k)
+        return Similar(item, snap.item_ids.ids(rows).tolist(), sims.astype(float).tolist(),
+                       snap.version)
 
     def popular(self, k: int = DEFAULT_K) -> Popular:
         """The k items with the most interaction events over the recent window (fewer when

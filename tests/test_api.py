@@ -130,6 +130,17 @@ def test_filters_on_both_protocols(http: httpx.Client, stub: pb_grpc.Recommender
         2, 2]
 
 
+def test_similar_on_both_protocols(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    h = http.post("/v1/similar", json={"item": "7", "k": 5}).json()
+    g = stub.Similar(pb.SimilarRequest(item="7", k=5))
+    assert h["item"] == g.item == "7" and h["model_version"] == g.model_version
+    assert [i["item"] for i in h["items"]] == [i.item for i in g.items]
+    assert [i["score"] for i in h["items"]] == pytest.approx([i.score for i in g.items])
+    assert len(h["items"]) == 5 and "7" not in [i["item"] for i in h["items"]]
+    assert http.post("/v1/similar", json={"item": 7}).json()["items"] == http.post(
+        "/v1/similar", json={"item": "7"}).json()["items"]
+
+
 def test_popular_and_known_items_on_both_protocols(
     daemon: Daemon, http: httpx.Client, stub: pb_grpc.RecommenderStub
 ) -> None:
@@ -247,6 +258,12 @@ def test_grpc_reflection_lists_the_services(channel: grpc.Channel) -> None:
     ("/v1/recommend", {"user": "1", "exclude_items": [True]}, 422, "invalid_request"),
     ("/v1/recommend", {"user": "1", "exclude_items": ["1"] * 10_001}, 422, "invalid_request"),
     ("/v1/recommend/batch", {"users": ["1"], "include_only": [None]}, 422, "invalid_request"),
+    ("/v1/similar", {"item": "no-such-item"}, 404, "unknown_item"),
+    ("/v1/similar", {"item": "1", "k": 0}, 422, "invalid_request"),
+    ("/v1/similar", {"item": "1", "k": 101}, 422, "invalid_request"),
+    ("/v1/similar", {"item": ""}, 422, "invalid_request"),
+    ("/v1/similar", {"k": 3}, 422, "invalid_request"),
+    ("/v1/similar", {"item": "1", "user": "1"}, 422, "invalid_request"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(http: httpx.Client, path: str, body: object,
                                                status: int, kind: str) -> None:
@@ -301,6 +318,7 @@ LOOSE_TYPES = [{"content-type": "application/x-www-form-urlencoded"}, {},
 def test_json_bodies_are_read_whatever_the_content_type(http: httpx.Client,
                                                         headers: dict[str, str]) -> None:
     for path, body, key in (("/v1/recommend", b'{"user": "1", "k": 5}', "items"),
+                            ("/v1/similar", b'{"item": "1", "k": 5}', "items"),
                             ("/v1/recommend/batch", b'{"users": ["1", "x"], "k": 2}', "results"),
                             ("/v1/score", b'{"user": "1", "items": ["1"]}', "scores")):
         r = http.post(path, content=body, headers=headers)
@@ -342,6 +360,9 @@ def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
      grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendBatchRequest(users=["1"], exclude_items=["u" * 300]),
      grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.SimilarRequest(item="no-such-item"), grpc.StatusCode.NOT_FOUND),
+    (pb.SimilarRequest(item=""), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.SimilarRequest(item="1", k=0), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.PopularRequest(k=0), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.PopularRequest(k=101), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.UserItemsRequest(user="nobody"), grpc.StatusCode.NOT_FOUND),
@@ -354,6 +375,7 @@ def test_grpc_errors(stub: pb_grpc.RecommenderStub, request_: object,
                      code: grpc.StatusCode) -> None:
     method = {pb.RecommendRequest: stub.Recommend, pb.ScoreRequest: stub.Score,
               pb.RecommendBatchRequest: stub.RecommendBatch, pb.PopularRequest: stub.Popular,
+              pb.SimilarRequest: stub.Similar,
               pb.UserItemsRequest: stub.UserItems}[type(request_)]
     with pytest.raises(grpc.RpcError) as e:
         method(request_)
@@ -368,7 +390,7 @@ def test_openapi_contract(daemon: Daemon) -> None:
     """
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{daemon.http_port}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 7
+    assert len(operations) >= 10
     for operation in operations:
 
         @given(case=operation.as_strategy())

@@ -92,6 +92,24 @@ class ScoreResponse(_message.Message):
     model_version: int
     def __init__(self, user: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
+class SimilarRequest(_message.Message):
+    __slots__ = ("item", "k")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    k: int
+    def __init__(self, item: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class SimilarResponse(_message.Message):
+    __slots__ = ("item", "items", "model_version")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: int
+    def __init__(self, item: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
 class PopularRequest(_message.Message):
     __slots__ = ("k",)
     K_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class RecommenderStub:
                 request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Similar = channel.unary_unary(
+                '/ncf_stream.v1.Recommender/Similar',
+                request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarRequest.SerializeToString,
+                response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarResponse.FromString,
+                _registered_method=True)
         self.Popular = channel.unary_unary(
                 '/ncf_stream.v1.Recommender/Popular',
                 request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.PopularRequest.SerializeToString,
@@ -85,6 +90,13 @@ class RecommenderServicer:
 
     def Score(self, request, context):
         """Model probabilities of given items for a user. NOT_FOUND for an unknown user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Similar(self, request, context):
+        """The items the model scores most alike to an item. NOT_FOUND for an unknown item.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +140,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreRequest.FromString,
                     response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Similar': grpc.unary_unary_rpc_method_handler(
+                    servicer.Similar,
+                    request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarRequest.FromString,
+                    response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarResponse.SerializeToString,
             ),
             'Popular': grpc.unary_unary_rpc_method_handler(
                     servicer.Popular,
@@ -226,6 +243,33 @@ class Recommender:
             '/ncf_stream.v1.Recommender/Score',
             ncf__stream_dot_proto_dot_recommender__pb2.ScoreRequest.SerializeToString,
             ncf__stream_dot_proto_dot_recommender__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Similar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncf_stream.v1.Recommender/Similar',
+            ncf__stream_dot_proto_dot_recommender__pb2.SimilarRequest.SerializeToString,
+            ncf__stream_dot_proto_dot_recommender__pb2.SimilarResponse.FromString,
             options,
             channel_credentials,
             insecure,
