@@ -391,8 +391,11 @@ def create_app(
         s = recommender.score(str(req.user), [str(i) for i in req.items])
         return ScoreResponse(user=s.user, scores=s.scores, model_version=s.model_version)
 
+    # Not async: the first request on each index computes its similarity space (an
+    # (items, d) product, tens of ms at 200k items); on the event loop that would stall
+    # every other request meanwhile, in a worker thread (numpy releases the GIL) it does not.
     @app.post("/v1/similar", response_model=SimilarResponse, responses=ERRORS)
-    async def similar(req: SimilarRequest) -> SimilarResponse:
+    def similar(req: SimilarRequest) -> SimilarResponse:
         """The items the model scores most alike to the given one across its users."""
         r = recommender.similar(str(req.item), req.k)
         return SimilarResponse(item=r.item, model_version=r.model_version, items=[

@@ -19,8 +19,9 @@ import torch
 
 from ncf_stream.api import DEFAULT_K, DEFAULT_PAGE, EXCLUDE, Exclude, check_page
 from ncf_stream.errors import BadInput, NcfStreamError
+from ncf_stream.ranking import best
 from ncf_stream.settings import default
-from ncf_stream.similar import candidate_similar
+from ncf_stream.similar import top_similar
 from ncf_stream.snapshot import POPULAR_KEPT, Snapshot, SnapshotHolder
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
@@ -153,9 +154,7 @@ class Recommender:
             raise UnknownItem(f"unknown item {item!r}")
         if row >= snap.index.size:  # an IVF index lags the weights by up to one refresh
             raise UnknownItem(f"item {item!r} is not in the candidate index yet")
-        rows, sims = best(*candidate_similar(
-            snap, row, k, served_candidates(snap.index.size, self.candidates, self.exact_items),
-            snap.unavailable), k)
+        rows, sims = top_similar(snap, row, k, snap.unavailable)
         return Similar(item, snap.item_ids.ids(rows).tolist(), sims.astype(float).tolist(),
                        snap.version)
 
@@ -266,18 +265,6 @@ def top_k_within(snap: Snapshot, user_row: int, k: int, items: np.ndarray,
     if not len(rows):
         return rows, np.empty(0, dtype=np.float32)
     return best(rows, score_rows(snap, user_row, rows), k)
-
-
-def best(items: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most probable of ``items`` (sorted rows), ties broken by row: a partition
-    finds the k-th probability, and only what reaches it is sorted."""
-    if len(items) > k:
-        kth = np.partition(probs, len(probs) - k)[len(probs) - k]
-        keep = probs >= kth  # NaN compares False: never kept ahead of a number
-        if keep.sum() >= k:
-            items, probs = items[keep], probs[keep]
-    order = np.argsort(-probs, kind="stable")[:k]
-    return items[order], probs[order]
 
 
 def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,

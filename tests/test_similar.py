@@ -1,6 +1,5 @@
-"""Similar items: the exact ranking against an independent brute force (the correlation
-over users of the items' linearized logits), the candidate path and its fallback,
-and the items never returned."""
+"""Similar items: the ranking against an independent brute force (the correlation over
+users of the items' linearized logits), and the items never returned."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 from ncf_stream.errors import BadInput
 from ncf_stream.recommend import Recommender, UnknownItem
 from ncf_stream.retrieval import CandidateIndex
-from ncf_stream.similar import SAMPLE_USERS, candidate_similar, exact_similar, similar_space
+from ncf_stream.similar import SAMPLE_USERS, similar_space, top_similar
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
 
@@ -42,7 +41,7 @@ def with_(snap: Snapshot, **changes: object) -> SnapshotHolder:
 def test_the_exact_ranking_is_the_correlation_of_the_items_logits_over_users(trained) -> None:
     _, holder, _ = trained
     snap = holder.get()
-    rec = Recommender(holder, exact_items=10_000)
+    rec = Recommender(holder)
     for item in map(str, range(0, 250, 23)):
         row = int(snap.item_rows([item])[0])
         got = rec.similar(item, 10)
@@ -70,49 +69,20 @@ def test_unavailable_items_and_the_item_itself_never_come_back(trained) -> None:
     row = int(snap.item_rows(["5"])[0])
     first = Recommender(holder).similar("5", 10).items
     hidden = np.sort(snap.item_rows(first[:4]))
+    got = Recommender(with_(snap, unavailable=hidden)).similar("5", 10)
+    assert len(got.items) == 10 and not set(got.items) & set(first[:4])
+    assert "5" not in got.items and got.items == brute_similar(snap, row, 10, hidden)
+
+
+def test_fewer_eligible_items_than_k_return_what_there_is(trained) -> None:
+    _, holder, _ = trained
+    snap = holder.get()
+    row = int(snap.item_rows(["3"])[0])
+    hidden = np.setdiff1d(np.arange(snap.n_items), [row, 10, 11, 12])
+    rows, sims = top_similar(snap, row, 10, hidden)
+    assert sorted(rows.tolist()) == [10, 11, 12] and np.isfinite(sims).all()
     h = with_(snap, unavailable=hidden)
-    for exact_items in (10_000, 0):
-        got = Recommender(h, candidates=8, exact_items=exact_items).similar("5", 10)
-        assert len(got.items) == 10 and not set(got.items) & set(first[:4])
-        assert "5" not in got.items
-    got = Recommender(h, exact_items=10_000).similar("5", 10)
-    assert got.items == brute_similar(snap, row, 10, hidden)
-
-
-def test_the_candidate_path_is_exact_when_it_covers_the_catalogue(trained) -> None:
-    _, holder, _ = trained
-    snap = holder.get()
-    none = np.empty(0, dtype=np.int64)
-    for row in (0, 17, 100):
-        want = exact_similar(snap, row, none)
-        got = candidate_similar(snap, row, 10, snap.index.size, none)
-        assert np.array_equal(got[0], want[0]) and np.allclose(got[1], want[1])
-        cand = candidate_similar(snap, row, 10, 20, none)  # the index's top 20, rescored
-        assert len(cand[0]) == 20 and row not in cand[0]
-        exact = dict(zip(want[0].tolist(), want[1].tolist(), strict=True))
-        assert np.allclose(cand[1], [exact[r] for r in cand[0].tolist()], atol=1e-6)  # rescored
-
-
-class FewIndex:
-    """An index that finds only its first few items (an IVF probing too few lists)."""
-
-    def __init__(self, index: CandidateIndex, found: int) -> None:
-        self.index, self.found = index, found
-        self.size, self.vectors = index.size, index.vectors
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, rows = self.index.search(queries, k)
-        rows = rows.copy()
-        rows[:, self.found:] = -1
-        return scores, rows
-
-
-def test_an_index_that_finds_too_few_falls_back_to_the_exact_ranking(trained) -> None:
-    _, holder, _ = trained
-    snap = holder.get()
-    h = with_(snap, index=FewIndex(snap.index, 3))
-    got = Recommender(h, candidates=8, exact_items=0).similar("9", 10)
-    assert got.items == brute_similar(snap, int(snap.item_rows(["9"])[0]), 10)
+    assert Recommender(h).similar("3", 10).items == brute_similar(snap, row, 3, hidden)
 
 
 def test_unknown_or_not_yet_indexed_items_and_bad_k(trained) -> None:
