@@ -76,10 +76,10 @@ def _space(snap: Snapshot) -> SimilarSpace:
     cov = np.atleast_2d(np.cov(queries, rowvar=False))
     eig, basis = np.linalg.eigh(cov)
     root = basis * np.sqrt(np.clip(eig, 0.0, None))  # S = root root'
-    w = snap.index.vectors.astype(np.float64) @ root
+    w = snap.index.vectors @ root.astype(np.float32)  # float32: half the time of float64
     norms = np.linalg.norm(w, axis=1, keepdims=True)
     unit = np.divide(w, norms, out=np.zeros_like(w), where=norms > 0)
-    return SimilarSpace(unit.astype(np.float32), cov.astype(np.float32))
+    return SimilarSpace(unit, cov.astype(np.float32))
 
 
 def top_similar(snap: Snapshot, row: int, k: int,

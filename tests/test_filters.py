@@ -234,3 +234,18 @@ def test_engine_applies_availability_without_training_or_storing_it(tmp_path: Pa
     again.publisher.publish(again.counters.consumed)
     assert again.holder.get().unavailable.tolist() == snap.unavailable.tolist()  # type: ignore[union-attr]
     again.close(final_checkpoint=False)
+
+
+def test_the_online_hit_rate_probes_what_is_served_so_never_an_unavailable_item(
+        trained) -> None:
+    from ncf_stream.evaluator import OnlineHitRate
+
+    _, holder, _ = trained
+    snap = holder.get()
+    user, row = users_of(snap)[0]
+    top = Recommender(holder).recommend(user, 5).items
+    rows = snap.item_rows(top)
+    off = dataclasses.replace(snap, unavailable=np.sort(rows[:1]))
+    online = OnlineHitRate(fraction=1.0, max_per_second=1e9)
+    online.observe(off, np.array([row, row]), rows[:2])
+    assert online.probes == 2 and online.hits[5] == 1  # the unavailable one is no hit
