@@ -18,6 +18,12 @@ of users, in one run:
 * p50 and p99 latency per query of both paths (one query at a time, as a
   request would), and their ratio.
 
+Similar items (``/v1/similar``, :mod:`ncf_stream.similar`), for a sample of
+items (``similar``): the served exact ranking's latency, the time to compute an
+index's similarity space (paid by the first request on each index), and, for
+the alternative that is not served, recall@10 against the exact ranking of the
+recommendation index's top C for the query S v_i, rescored exactly.
+
 What a request gets with the default settings is reported as ``served``: the
 exact ranking while the catalogue has at most ``exact_items`` items (recall 1 by
 construction; its cost is the exact path's), the candidate path at the default C
@@ -41,8 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncf_stream.evaluate import sampled_ranks
-from ncf_stream.recommend import exact_top_k, top_k
+from ncf_stream.recommend import best, exact_top_k, top_k
 from ncf_stream.settings import Settings, default
+from ncf_stream.similar import similar_space, top_similar
 from ncf_stream.snapshot import Publisher, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
 from ncf_stream.trainer import Trainer, TrainerConfig
@@ -124,6 +131,7 @@ def measure(items: int, settings: Settings, rounds: Rounds, n_users: int,
         recall[c] = float(np.mean(hits)) / 10
     cand_ms = latencies(lambda u: top_k(snap, u, 10, CANDIDATES_DEFAULT), users)
     exact_ms = latencies(lambda u: exact_top_k(snap, u, 10), users)
+    similar = measure_similar(snap, rng.choice(snap.index.size, n_users, replace=False))
     publisher.close()
     exact = items <= default("exact_items")
     served_ms = exact_ms if exact else cand_ms
@@ -140,7 +148,35 @@ def measure(items: int, settings: Settings, rounds: Rounds, n_users: int,
         "exact_p99_ms": round(float(np.percentile(exact_ms, 99)), 3),
         "speedup_p50": round(float(np.percentile(exact_ms, 50) / np.percentile(cand_ms, 50)), 1),
         **fit, "publish_seconds": round(publish, 3),
-        "first_publish_seconds": round(first_publish, 3),
+        "first_publish_seconds": round(first_publish, 3), "similar": similar,
+    }
+
+
+def index_candidates(snap, row: int, c: int) -> np.ndarray:
+    """The alternative not served: the recommendation index's top ``c`` for S v_i (the
+    similarity times each candidate's norm), rescored by the exact similarity."""
+    space = similar_space(snap)
+    _, found = snap.index.search((space.metric @ snap.index.vectors[row])[None, :], c + 1)
+    cand = np.sort(found[0][(found[0] >= 0) & (found[0] != row)])
+    return best(cand, space.unit[cand] @ space.unit[row], 10)[0]
+
+
+def measure_similar(snap, rows: np.ndarray) -> dict[str, object]:
+    """The served (exact) similar items' cost; recall@10 of index candidates against it."""
+    none = np.empty(0, dtype=np.int64)
+    start = time.perf_counter()
+    similar_space(snap)
+    space_s = time.perf_counter() - start
+    exact = {r: top_similar(snap, r, 10, none)[0] for r in rows.tolist()}
+    recall = {c: float(np.mean([len(np.intersect1d(index_candidates(snap, r, c), exact[r]))
+                                for r in rows.tolist()])) / 10 for c in CANDIDATES}
+    served_ms = latencies(lambda r: top_similar(snap, r, 10, none), rows)
+    return {
+        "served": "exact", "served_recall_at_10": 1.0,
+        "served_p50_ms": round(float(np.percentile(served_ms, 50)), 3),
+        "served_p99_ms": round(float(np.percentile(served_ms, 99)), 3),
+        "space_seconds": round(space_s, 3),
+        "index_candidates_recall_at_10": {str(c): round(r, 4) for c, r in recall.items()},
     }
 
 

@@ -31,7 +31,21 @@ def resolve_exclude(exclude: str | None, exclude_seen: bool) -> Exclude:
     return exclude  # type: ignore[return-value]
 MAX_BATCH_USERS = 1000
 MAX_SCORE_ITEMS = 10_000
+# exclude_items and include_only: candidate lists of a few thousand items, scored whole.
+MAX_FILTER_ITEMS = 10_000
 MAX_BODY_BYTES = 1 << 20
+# A user's known items come in pages: a heavy user has thousands.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_OFFSET = 2**31 - 1  # an int32 in the .proto
+
+
+def check_page(offset: int, limit: int) -> tuple[int, int]:
+    if not 0 <= offset <= MAX_OFFSET:
+        raise BadInput(f"'offset' must be an integer from 0 to {MAX_OFFSET}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadInput(f"'limit' must be an integer from 1 to {MAX_PAGE}")
+    return offset, limit
 
 
 @dataclass(frozen=True)

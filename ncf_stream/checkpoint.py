@@ -6,6 +6,9 @@ A checkpoint is a directory ``ckpt-<seq>`` holding plain files:
   ``torch.load(weights_only=True)`` (no pickled code is ever executed);
 * ``store.npz``, ``users.npz``, ``items.npz``: numpy arrays, loaded with
   ``allow_pickle=False``;
+* ``catalogue.npz``: the stream's item state for serving (the unavailable items,
+  :mod:`ncf_stream.catalogue`); optional, so checkpoints from before it still load
+  (with an empty one);
 * ``meta.json``: the offsets (next offset per topic partition) whose events
   the state includes, counters, the model shape, and a SHA-256 per file.
 
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ncf_stream.catalogue import Catalogue
 from ncf_stream.errors import NcfStreamError
 from ncf_stream.faults import crash_point
 from ncf_stream.history import RecentItems
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 FILES = ("model.pt", "optim.pt", "store.npz", "users.npz", "items.npz")
+CATALOGUE = "catalogue.npz"  # checksummed when present; absent from older checkpoints
 
 
 class CheckpointError(NcfStreamError):
@@ -57,11 +62,14 @@ class Restored:
     path: Path
     offsets: dict[Partition, int]
     counters: dict[str, int] = field(default_factory=dict)
+    catalogue: Catalogue = field(default_factory=Catalogue)
 
 
 def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
-         counters: dict[str, int] | None = None, keep: int = 3) -> Path:
-    """Write a checkpoint of ``trainer`` covering ``offsets``; returns its path."""
+         counters: dict[str, int] | None = None, keep: int = 3,
+         catalogue: Catalogue | None = None) -> Path:
+    """Write a checkpoint of ``trainer`` (and ``catalogue``) covering ``offsets``;
+    returns its path."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash in the middle of a save
@@ -70,14 +78,18 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
     tmp = root / f".tmp-{seq:08d}-{os.getpid()}"
     tmp.mkdir()
     _write_state(tmp, trainer)
+    files: tuple[str, ...] = FILES
+    if catalogue is not None:
+        catalogue.save(tmp / CATALOGUE)
+        files = (*FILES, CATALOGUE)
     meta = {
         "format": FORMAT, "seq": seq, "created": time.time(),
         "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
         "counters": counters or {}, "model": _shape(trainer),
-        "sha256": {name: _digest(tmp / name) for name in FILES},
+        "sha256": {name: _digest(tmp / name) for name in files},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    for name in (*FILES, "meta.json"):
+    for name in (*files, "meta.json"):
         _fsync(tmp / name)
     _fsync(tmp)
     crash_point("checkpoint-written")
@@ -121,7 +133,7 @@ def load_latest(directory: str | Path, trainer: Trainer) -> Restored | None:
     for path in sorted(root.glob("ckpt-*"), reverse=True):
         try:
             meta = _verify(path, trainer)
-            state = _read_files(path)
+            state = _read_files(path, CATALOGUE in meta["sha256"])
         except (CheckpointError, OSError, ValueError, KeyError, RuntimeError,
                 pickle.UnpicklingError) as e:
             log.warning("skipping checkpoint %s: %s", path, str(e).splitlines()[0][:300])
@@ -130,7 +142,8 @@ def load_latest(directory: str | Path, trainer: Trainer) -> Restored | None:
         offsets = {(t, int(p)): int(o) for t, p, o in meta["offsets"]}
         log.info("restored %s: %d interactions, offsets %s", path.name, len(trainer.store),
                  offsets)
-        return Restored(path, offsets, {k: int(v) for k, v in meta["counters"].items()})
+        return Restored(path, offsets, {k: int(v) for k, v in meta["counters"].items()},
+                        state["catalogue"])
     return None
 
 
@@ -140,15 +153,16 @@ def _verify(path: Path, trainer: Trainer) -> dict[str, Any]:
         raise CheckpointError(f"format {meta.get('format')}, expected {FORMAT}")
     if meta["model"] != _shape(trainer):
         raise CheckpointError(f"model shape {meta['model']} differs from {_shape(trainer)}")
-    for name in FILES:
+    for name in (*FILES, *([CATALOGUE] if CATALOGUE in meta["sha256"] else [])):
         if _digest(path / name) != meta["sha256"][name]:
             raise CheckpointError(f"{name} does not match its checksum")
     return meta
 
 
-def _read_files(path: Path) -> dict[str, Any]:
+def _read_files(path: Path, has_catalogue: bool) -> dict[str, Any]:
     """Everything read and checked before anything in the trainer changes."""
     return {
+        "catalogue": Catalogue.load(path / CATALOGUE) if has_catalogue else Catalogue(),
         "weights": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
         "optim": torch.load(path / "optim.pt", map_location="cpu", weights_only=True),
         "users": IdMap.load(path / "users.npz"), "items": IdMap.load(path / "items.npz"),

@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from ncf_stream import checkpoint
 from ncf_stream.api import Status
+from ncf_stream.catalogue import Catalogue, RecentCounts
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
@@ -168,16 +169,8 @@ class Engine:
         self.device = resolve_device(s.device)
         self.trainer = Trainer(TrainerConfig.from_settings(s), self.device)
         self.holder = SnapshotHolder()
-        self.publisher = Publisher(
-            self.trainer, self.holder,
-            IndexConfig.from_settings(s),
-            every_s=s.publish_every_s, every_events=s.publish_every_events,
-            index_refresh_s=s.index_refresh_s)
-        self.recommender = Recommender(self.holder, s.candidates, s.max_k, s.exact_items)
-        self.evaluator = Evaluator(
-            self.holder, EvalConfig.from_settings(s), on_report=self._export_eval)
-        self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates,
-                                    exact_items=s.exact_items, seed=s.seed)
+        # Item availability and recent popularity: stream state for serving, never trained on.
+        self.catalogue = Catalogue(popular_window_s=s.popular_window_s)
         self.counters = Counters()
         # Next offset per partition that the state includes: the checkpoint's, then
         # advanced by every ingested batch. The source starts here.
@@ -188,6 +181,22 @@ class Engine:
                 self.positions = dict(restored.offsets)
                 self.counters = Counters(**{k: v for k, v in restored.counters.items()
                                             if k in Counters.__dataclass_fields__})
+                self.catalogue = restored.catalogue
+                if self.catalogue.recent.window_s != s.popular_window_s:
+                    log.warning("popular_window_s changed from %s to %s: recent popularity "
+                                "starts over", self.catalogue.recent.window_s,
+                                s.popular_window_s)
+                    self.catalogue.recent = RecentCounts(s.popular_window_s)
+        self.publisher = Publisher(
+            self.trainer, self.holder,
+            IndexConfig.from_settings(s),
+            every_s=s.publish_every_s, every_events=s.publish_every_events,
+            index_refresh_s=s.index_refresh_s, catalogue=self.catalogue)
+        self.recommender = Recommender(self.holder, s.candidates, s.max_k, s.exact_items)
+        self.evaluator = Evaluator(
+            self.holder, EvalConfig.from_settings(s), on_report=self._export_eval)
+        self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates,
+                                    exact_items=s.exact_items, seed=s.seed)
         self.watermark = TrainedWatermark(self.counters.consumed)
         self.history = History()
         self.on_publish: list[Callable[[int], None]] = []  # called with each new version
@@ -360,7 +369,11 @@ class Engine:
             self._idle_replay_s += worked
 
     def _ingest(self, batch: EventBatch) -> None:
+        # Availability is not an interaction: it reaches the catalogue only, never the
+        # store, training or the online hit rate; the next snapshot publishes it.
+        self.catalogue.availability.apply(batch.availability)
         users, items = self.trainer.rows(batch.events)
+        self.catalogue.recent.add(items, batch.events.ts)
         self.online.observe(self.holder.get(), users, items)  # before training on them
         result = self.trainer.ingest_rows(users, items, batch.events.ts)
         crash_point("ingest")
@@ -447,7 +460,8 @@ class Engine:
         counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
                     "trained": self.counters.trained}
         path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
-                               counters, keep=self.settings.checkpoint_keep)
+                               counters, keep=self.settings.checkpoint_keep,
+                               catalogue=self.catalogue)
         self._checkpointed = dict(self.positions)
         self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
         try:

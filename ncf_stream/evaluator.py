@@ -450,8 +450,8 @@ class OnlineHitRate:
         if user >= snap.n_users:  # new since the snapshot: served as cold start
             served = snap.popular[:kmax]
         else:
-            served, _ = top_k(snap, user, kmax, served_candidates(
-                snap.n_items, self.candidates, self.exact_items))
+            served, _ = top_k(snap, user, kmax, served_candidates(  # as served: available only
+                snap.n_items, self.candidates, self.exact_items), hidden=snap.unavailable)
         self.probes += 1
         if item >= snap.n_items:
             return

@@ -10,6 +10,14 @@ to the record's own timestamp. ``type`` (default ``"interaction"``) and
 ``weight`` (finite, default 1.0) are kept. Unknown fields are ignored so that
 producers can add fields without breaking consumers.
 
+Two types are not interactions but **availability** events for the catalogue:
+``{"item": "1193", "type": "item_unavailable"}`` and ``"item_available"``.
+They need only ``item`` (``user`` and ``ts`` are ignored: an item's
+availability belongs to no user). :func:`decode_batch` hands them apart, in
+stream order (:class:`Availability`), so they never reach id mapping, the
+store or training, and the event filter (``event_types``, ``min_weight``),
+which chooses interactions to train on, does not apply to them.
+
 Everything else is rejected with a :class:`Reason` and a human-readable detail;
 :func:`decode_batch` never raises for bad input, so one bad record can never
 stop the daemon.
@@ -20,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -33,6 +41,9 @@ MAX_ID_BYTES = 256
 MAX_TYPE_BYTES = 64
 DEFAULT_MAX_RECORD_BYTES: int = default("max_record_bytes")
 DEFAULT_TYPE = "interaction"
+# Event types that set an item's availability instead of recording an interaction:
+# the type -> the availability it sets.
+AVAILABILITY_TYPES = {"item_unavailable": False, "item_available": True}
 
 
 class Reason(StrEnum):
@@ -120,6 +131,32 @@ class Events:
 
 
 @dataclass(frozen=True)
+class Availability:
+    """Availability events in stream order: item ``items[j]`` became ``available[j]``.
+
+    Order matters only among events of one item (the last one wins), and it is kept."""
+
+    items: np.ndarray  # (n,) object: external item ids (str)
+    available: np.ndarray  # (n,) bool
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[str, bool]]) -> Availability:
+        items = np.empty(len(rows), dtype=object)
+        items[:] = [r[0] for r in rows]
+        return cls(items, np.array([r[1] for r in rows], dtype=bool))
+
+    @classmethod
+    def empty(cls) -> Availability:
+        return cls.from_rows([])
+
+    def take(self, index: np.ndarray) -> Availability:
+        return Availability(self.items[index], self.available[index])
+
+
+@dataclass(frozen=True)
 class DecodeResult:
     """The outcome of decoding one batch of raw values."""
 
@@ -127,6 +164,7 @@ class DecodeResult:
     index: np.ndarray  # (n,) int64: position of each event in the input
     rejected: list[Rejection]  # the invalid records, in input order
     skipped: np.ndarray  # int64: positions of valid events the filter dropped
+    availability: Availability = field(default_factory=Availability.empty)
 
 
 def decode_batch(
@@ -145,12 +183,16 @@ def decode_batch(
     index: list[int] = []
     skipped: list[int] = []
     rejected: list[Rejection] = []
+    availability: list[tuple[str, bool]] = []
     for i, value in enumerate(values):
         fallback = None if timestamps is None else timestamps[i]
         try:
-            row = _decode(value, fallback, max_record_bytes=max_record_bytes)
+            row = _record(value, fallback, max_record_bytes=max_record_bytes)
         except _Reject as r:
             rejected.append(Rejection(i, r.reason, r.detail))
+            continue
+        if len(row) == 2:  # an availability event: not an interaction, never filtered
+            availability.append(row)
             continue
         if event_filter is not None and not event_filter.keeps(row[3], row[4]):
             skipped.append(i)
@@ -162,6 +204,7 @@ def decode_batch(
         np.asarray(index, dtype=np.int64),
         rejected,
         np.asarray(skipped, dtype=np.int64),
+        Availability.from_rows(availability),
     )
 
 
@@ -192,6 +235,18 @@ def _decode(
     value: bytes | None, fallback_ts: float | None, *, max_record_bytes: int
 ) -> tuple[str, str, float, str, float]:
     return _fields(_parse(value, max_record_bytes), fallback_ts)
+
+
+def _record(
+    value: bytes | None, fallback_ts: float | None, *, max_record_bytes: int
+) -> tuple[str, str, float, str, float] | tuple[str, bool]:
+    """An interaction row, or (item, available) for an availability event."""
+    obj = _parse(value, max_record_bytes)
+    kind = obj.get("type")  # may be any JSON value: only a string can name one
+    available = AVAILABILITY_TYPES.get(kind) if isinstance(kind, str) else None
+    if available is None:
+        return _fields(obj, fallback_ts)
+    return _id_field(obj, "item"), available
 
 
 def _fields(obj: dict[str, Any], fallback_ts: float | None) -> tuple[str, str, float, str, float]:

@@ -2,7 +2,7 @@
 
 A thin servicer over the same :class:`Recommender` the HTTP app calls (grpc
 examples, ``health_checking/``). Bad input is INVALID_ARGUMENT, an unknown user
-NOT_FOUND, and no snapshot yet UNAVAILABLE.
+or item NOT_FOUND, and no snapshot yet UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -19,19 +19,29 @@ from grpc_reflection.v1alpha import reflection
 
 from ncf_stream.api import (
     DEFAULT_K,
+    DEFAULT_PAGE,
     MAX_BATCH_USERS,
+    MAX_FILTER_ITEMS,
     MAX_SCORE_ITEMS,
     Exclude,
     StatusSource,
     check_id,
     check_k,
+    check_page,
     resolve_exclude,
 )
 from ncf_stream.errors import BadInput
 from ncf_stream.metrics import ServingMetrics
 from ncf_stream.proto import recommender_pb2 as pb
 from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
-from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.recommend import (
+    Filters,
+    NotReady,
+    Recommendation,
+    Recommender,
+    UnknownItem,
+    UnknownUser,
+)
 from ncf_stream.threads import reader_thread
 
 SERVICE = "ncf_stream.v1.Recommender"
@@ -56,7 +66,7 @@ class Servicer(pb_grpc.RecommenderServicer):
         except BadInput as e:
             code = grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(e))
-        except UnknownUser as e:
+        except (UnknownUser, UnknownItem) as e:
             code = grpc.StatusCode.NOT_FOUND
             context.abort(code, e.args[0])
         except NotReady as e:
@@ -74,12 +84,23 @@ class Servicer(pb_grpc.RecommenderServicer):
                                request.exclude_seen if request.HasField("exclude_seen")
                                else True)
 
+    @staticmethod
+    def _filters(request: Any) -> Filters:
+        """A repeated field cannot be absent, so an empty ``include_only`` means none."""
+        for name in ("exclude_items", "include_only"):
+            if len(getattr(request, name)) > MAX_FILTER_ITEMS:
+                raise BadInput(f"'{name}' must hold at most {MAX_FILTER_ITEMS} ids")
+        return Filters(tuple(check_id(i, "exclude_items[]") for i in request.exclude_items),
+                       tuple(check_id(i, "include_only[]") for i in request.include_only)
+                       if len(request.include_only) else None)
+
     def Recommend(self, request: pb.RecommendRequest,
                   context: grpc.ServicerContext) -> pb.RecommendResponse:
         with self._call("Recommend", context):
             user = check_id(request.user, "user")
             return _response(self.recommender.recommend(user, self._k(request),
-                                                        self._exclude(request)))
+                                                        self._exclude(request),
+                                                        self._filters(request)))
         raise AssertionError("unreachable")  # abort() raises
 
     def RecommendBatch(self, request: pb.RecommendBatchRequest,
@@ -89,7 +110,8 @@ class Servicer(pb_grpc.RecommenderServicer):
                 raise BadInput(f"'users' must hold 1 to {MAX_BATCH_USERS} ids")
             users = [check_id(u, "users[]") for u in request.users]
             results = self.recommender.recommend_many(users, self._k(request),
-                                                      self._exclude(request))
+                                                      self._exclude(request),
+                                                      self._filters(request))
             return pb.RecommendBatchResponse(results=[_response(r) for r in results])
         raise AssertionError("unreachable")
 
@@ -104,6 +126,38 @@ class Servicer(pb_grpc.RecommenderServicer):
             return pb.ScoreResponse(user=s.user, model_version=s.model_version, scores=[
                 pb.ItemScore(item=i, known=v is not None, score=v or 0.0)
                 for i, v in zip(items, s.scores, strict=True)])
+        raise AssertionError("unreachable")
+
+    def Similar(self, request: pb.SimilarRequest,
+                context: grpc.ServicerContext) -> pb.SimilarResponse:
+        with self._call("Similar", context):
+            item = check_id(request.item, "item")
+            r = self.recommender.similar(item, self._k(request))
+            return pb.SimilarResponse(item=r.item, model_version=r.model_version, items=[
+                pb.ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
+        raise AssertionError("unreachable")
+
+    def Popular(self, request: pb.PopularRequest,
+                context: grpc.ServicerContext) -> pb.PopularResponse:
+        with self._call("Popular", context):
+            p = self.recommender.popular(self._k(request))
+            return pb.PopularResponse(
+                items=[pb.PopularItem(item=i, count=c) for i, c in zip(p.items, p.counts,
+                                                                       strict=True)],
+                window_seconds=p.window_s, model_version=p.model_version)
+        raise AssertionError("unreachable")
+
+    def UserItems(self, request: pb.UserItemsRequest,
+                  context: grpc.ServicerContext) -> pb.UserItemsResponse:
+        with self._call("UserItems", context):
+            user = check_id(request.user, "user")
+            offset, limit = check_page(request.offset if request.HasField("offset") else 0,
+                                       request.limit if request.HasField("limit")
+                                       else DEFAULT_PAGE)
+            r = self.recommender.known_items(user, offset, limit)
+            return pb.UserItemsResponse(
+                user=r.user, total=r.total, model_version=r.model_version,
+                items=[pb.KnownItem(item=i, ts=t) for i, t in zip(r.items, r.ts, strict=True)])
         raise AssertionError("unreachable")
 
     def Status(self, request: pb.StatusRequest,

@@ -3,7 +3,7 @@
 """The HTTP API (FastAPI): thin handlers over the recommender; every client error is a 4xx.
 
 Errors always have the shape ``{"error": <kind>, "detail": <sentence>}``:
-400 bad value, 404 unknown user, 413 body too large, 422 malformed request,
+400 bad value, 404 unknown user or item, 413 body too large, 422 malformed request,
 503 before the first snapshot. The OpenAPI document at ``/openapi.json``
 describes every response, so schemathesis can hold the server to it.
 """
@@ -15,7 +15,8 @@ describes every response, so schemathesis can hold the server to it.
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, params
+from fastapi import FastAPI, Query, Request, params
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -34,8 +35,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ncf_stream.api import (
     DEFAULT_K,
+    DEFAULT_PAGE,
     MAX_BATCH_USERS,
     MAX_BODY_BYTES,
+    MAX_FILTER_ITEMS,
+    MAX_OFFSET,
+    MAX_PAGE,
     MAX_SCORE_ITEMS,
     Exclude,
     StatusSource,
@@ -45,7 +50,14 @@ from ncf_stream.errors import BadInput
 from ncf_stream.evaluator import Evaluator
 from ncf_stream.events import MAX_ID_BYTES
 from ncf_stream.metrics import ServingMetrics
-from ncf_stream.recommend import NotReady, Recommendation, Recommender, UnknownUser
+from ncf_stream.recommend import (
+    Filters,
+    NotReady,
+    Recommendation,
+    Recommender,
+    UnknownItem,
+    UnknownUser,
+)
 from ncf_stream.status_page import PAGE, History
 
 
@@ -72,7 +84,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def request_models(max_k: int) -> tuple[Any, Any, Any]:
+def request_models(max_k: int) -> tuple[Any, Any, Any, Any]:
     """The request bodies, with the configured maximum k in their schema."""
     k = Annotated[int, Field(ge=1, le=max_k, description=f"how many items, 1 to {max_k}"),
                   BeforeValidator(_whole)]
@@ -82,18 +94,30 @@ def request_models(max_k: int) -> tuple[Any, Any, Any]:
         description="what to leave out: `seen` (every item the user touched), `trained` "
                     "(those but the user's current hold-out: for evaluating through the API), "
                     "`none`; default: `seen`, or `none` with `exclude_seen` false")]
+    excluded = Annotated[list[Id] | None, Field(
+        max_length=MAX_FILTER_ITEMS,
+        description="items never to recommend; unknown ids are ignored")]
+    only = Annotated[list[Id] | None, Field(
+        min_length=1, max_length=MAX_FILTER_ITEMS,
+        description="rank these items only, each scored by the full model; unknown ids "
+                    "are ignored; default: the whole catalogue")]
     recommend = create_model(
         "RecommendRequest", __base__=_Request,
         user=(Id, Field(description="user id; an unknown user gets popular items")),
-        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None))
+        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None),
+        exclude_items=(excluded, None), include_only=(only, None))
     batch = create_model(
         "BatchRecommendRequest", __base__=_Request,
         users=(list[Id], Field(min_length=1, max_length=MAX_BATCH_USERS)),
-        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None))
+        k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None),
+        exclude_items=(excluded, None), include_only=(only, None))
     score = create_model(
         "ScoreRequest", __base__=_Request,
         user=(Id, ...), items=(list[Id], Field(min_length=1, max_length=MAX_SCORE_ITEMS)))
-    return recommend, batch, score
+    similar = create_model(
+        "SimilarRequest", __base__=_Request,
+        item=(Id, Field(description="item id; an unknown one is a 404")), k=(k, DEFAULT_K))
+    return recommend, batch, score, similar
 
 
 class ScoredItem(BaseModel):
@@ -112,9 +136,41 @@ class BatchRecommendResponse(BaseModel):
     results: list[RecommendResponse]
 
 
+class SimilarResponse(BaseModel):
+    item: str
+    items: list[ScoredItem] = Field(description="most similar first; score: the similarity, "
+                                                "-1 to 1")
+    model_version: int
+
+
 class ScoreResponse(BaseModel):
     user: str
     scores: list[float | None] = Field(description="null: the item is unknown to the model")
+    model_version: int
+
+
+class PopularItem(BaseModel):
+    item: str
+    count: int = Field(description="interaction events with the item in the window")
+
+
+class PopularResponse(BaseModel):
+    items: list[PopularItem]
+    window_seconds: float = Field(description="the window, in seconds of event time")
+    model_version: int
+
+
+class KnownItem(BaseModel):
+    item: str
+    ts: float = Field(description="the user's last event with the item (seconds since the "
+                                  "epoch, whole seconds)")
+
+
+class KnownItemsResponse(BaseModel):
+    user: str
+    items: list[KnownItem] = Field(description="newest first")
+    total: int = Field(description="the user's items in all pages")
+    offset: int
     model_version: int
 
 
@@ -262,6 +318,11 @@ def _recommendation(r: Recommendation) -> RecommendResponse:
         model_version=r.model_version, cold_start=r.cold_start)
 
 
+def _filters(req: Any) -> Filters:
+    return Filters(tuple(str(i) for i in req.exclude_items or ()),
+                   None if req.include_only is None else tuple(str(i) for i in req.include_only))
+
+
 def create_app(
     recommender: Recommender,
     status: StatusSource,
@@ -274,7 +335,7 @@ def create_app(
     app = FastAPI(title="ncf-stream", version="1",
                   description="Online NeuMF recommendations from a Kafka stream.")
     max_k = recommender.max_k
-    RecommendRequest, BatchRecommendRequest, ScoreRequest = request_models(max_k)
+    RecommendRequest, BatchRecommendRequest, ScoreRequest, SimilarRequest = request_models(max_k)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -299,6 +360,10 @@ def create_app(
     async def _unknown(_: Request, exc: UnknownUser) -> JSONResponse:
         return error(404, "unknown_user", exc.args[0])
 
+    @app.exception_handler(UnknownItem)
+    async def _unknown_item(_: Request, exc: UnknownItem) -> JSONResponse:
+        return error(404, "unknown_item", exc.args[0])
+
     @app.exception_handler(NotReady)
     async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
         return error(503, "not_ready", str(exc))
@@ -311,20 +376,52 @@ def create_app(
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         user, k = str(req.user), req.k
         return _recommendation(recommender.recommend(
-            user, k, resolve_exclude(req.exclude, req.exclude_seen)))
+            user, k, resolve_exclude(req.exclude, req.exclude_seen), _filters(req)))
 
     @app.post("/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
     async def recommend_batch(req: BatchRecommendRequest
                         ) -> BatchRecommendResponse:
         users = [str(u) for u in req.users]
         results = recommender.recommend_many(
-            users, req.k, resolve_exclude(req.exclude, req.exclude_seen))
+            users, req.k, resolve_exclude(req.exclude, req.exclude_seen), _filters(req))
         return BatchRecommendResponse(results=[_recommendation(r) for r in results])
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
     async def score(req: ScoreRequest) -> ScoreResponse:
         s = recommender.score(str(req.user), [str(i) for i in req.items])
         return ScoreResponse(user=s.user, scores=s.scores, model_version=s.model_version)
+
+    # Not async: the first request on each index computes its similarity space (an
+    # (items, d) product, tens of ms at 200k items); on the event loop that would stall
+    # every other request meanwhile, in a worker thread (numpy releases the GIL) it does not.
+    @app.post("/v1/similar", response_model=SimilarResponse, responses=ERRORS)
+    def similar(req: SimilarRequest) -> SimilarResponse:
+        """The items the model scores most alike to the given one across its users."""
+        r = recommender.similar(str(req.item), req.k)
+        return SimilarResponse(item=r.item, model_version=r.model_version, items=[
+            ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
+
+    @app.get("/v1/popular", response_model=PopularResponse, responses=ERRORS)
+    async def popular(k: Annotated[int, Query(ge=1, le=max_k, description=(
+            f"how many items, 1 to {max_k}"))] = DEFAULT_K) -> PopularResponse:
+        """The items with the most interaction events over the recent window."""
+        p = recommender.popular(k)
+        return PopularResponse(
+            items=[PopularItem(item=i, count=c) for i, c in zip(p.items, p.counts, strict=True)],
+            window_seconds=p.window_s, model_version=p.model_version)
+
+    @app.get("/v1/users/{user}/items", response_model=KnownItemsResponse, responses=ERRORS)
+    async def known_items(
+        user: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_BYTES)],
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    ) -> KnownItemsResponse:
+        """The user's items, newest first, a page at a time; 404 for an unknown user."""
+        r = recommender.known_items(user, offset, limit)
+        return KnownItemsResponse(
+            user=r.user, items=[KnownItem(item=i, ts=t) for i, t in zip(r.items, r.ts,
+                                                                         strict=True)],
+            total=r.total, offset=offset, model_version=r.model_version)
 
     @app.get("/v1/status", response_model=StatusResponse)
     async def get_status() -> StatusResponse:

@@ -132,6 +132,9 @@ class KeyView:
 
     levels: tuple[Level, ...]
     bloom: BlockedBloom
+    # Each level's payloads. Unlike the keys, a payload can still grow in place after
+    # the view is taken (KeySet.upsert_max keeps the larger), until the level is merged.
+    values: tuple[np.ndarray, ...] = ()
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64)
@@ -149,6 +152,18 @@ class KeyView:
         if len(parts) < 2:  # levels are sorted and disjoint: one part needs no sort
             return parts[0].copy() if parts else np.empty(0, dtype=np.int64)
         return np.sort(np.concatenate(parts))
+
+    def range_values(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """All keys in [lo, hi) and their payloads, by key."""
+        bounds = np.array([lo, hi], dtype=np.int64)
+        keys, vals = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int32)]
+        for lv, lv_vals in zip(self.levels, self.values, strict=True):
+            a, b = np.searchsorted(lv.keys, bounds)
+            keys.append(lv.keys[a:b])
+            vals.append(lv_vals[a:b])
+        k, v = np.concatenate(keys), np.concatenate(vals)
+        order = np.argsort(k)
+        return k[order], v[order]
 
     def ranges(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys in [lo[j], hi[j]) for every j, as (row index j, key), grouped by row."""
@@ -180,7 +195,7 @@ class KeySet:
         return len(self._keys)
 
     def view(self) -> KeyView:
-        return KeyView(tuple(self._keys), self._bloom)
+        return KeyView(tuple(self._keys), self._bloom, tuple(self._vals))
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         return self.view().contains(keys)

@@ -152,8 +152,10 @@ class ServingMetrics:
         self.requests = Counter(f"{PREFIX}_requests", "Requests by protocol, endpoint, code",
                                 ["protocol", "endpoint", "code"], registry=r)
         for protocol, endpoints, ok in (
-                ("http", ("/v1/recommend", "/v1/recommend/batch", "/v1/score"), "200"),
-                ("grpc", ("Recommend", "RecommendBatch", "Score"), "OK")):
+                ("http", ("/v1/recommend", "/v1/recommend/batch", "/v1/score", "/v1/similar",
+                          "/v1/popular", "/v1/users/{user}/items"), "200"),
+                ("grpc", ("Recommend", "RecommendBatch", "Score", "Similar", "Popular",
+                          "UserItems"), "OK")):
             for endpoint in endpoints:
                 self.duration.labels(protocol=protocol, endpoint=endpoint)
                 self.requests.labels(protocol=protocol, endpoint=endpoint, code=ok)

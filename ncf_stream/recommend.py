@@ -1,6 +1,11 @@
 """Top-k from a snapshot: FAISS candidates, rescored by the full NeuMF, seen items dropped
 (or, on request, only trained ones, or none: :data:`ncf_stream.api.Exclude`).
 
+Items marked unavailable are never recommended, and a request may narrow the
+answer further (:class:`Filters`): items to leave out, or a list to rank within.
+Neither costs k: what they hide widens the candidate request, and when the index
+still finds fewer than k eligible items the whole catalogue is ranked instead.
+
 HTTP and gRPC both call this one class. Everything a request reads comes from
 the snapshot current when it starts, so an answer never mixes two models.
 """
@@ -12,10 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncf_stream.api import DEFAULT_K, EXCLUDE, Exclude
+from ncf_stream.api import DEFAULT_K, DEFAULT_PAGE, EXCLUDE, Exclude, check_page
 from ncf_stream.errors import BadInput, NcfStreamError
+from ncf_stream.ranking import best
 from ncf_stream.settings import default
-from ncf_stream.snapshot import Snapshot, SnapshotHolder
+from ncf_stream.similar import top_similar
+from ncf_stream.snapshot import POPULAR_KEPT, Snapshot, SnapshotHolder
+
+_NO_ROWS = np.empty(0, dtype=np.int64)
 
 
 class NotReady(NcfStreamError):
@@ -26,6 +35,10 @@ class UnknownUser(NcfStreamError, KeyError):
     """The user has no interactions in the served snapshot."""
 
 
+class UnknownItem(NcfStreamError, KeyError):
+    """The item is not in the served snapshot (or not yet in its index)."""
+
+
 @dataclass(frozen=True)
 class Recommendation:
     user: str
@@ -33,6 +46,43 @@ class Recommendation:
     scores: list[float]  # model probability; popularity share when cold_start
     model_version: int
     cold_start: bool
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a request narrows its answer to, beyond its ``exclude``. Ids the snapshot
+    does not know are ignored: they cannot be recommended either way."""
+
+    exclude_items: tuple[str, ...] = ()  # never recommend these
+    include_only: tuple[str, ...] | None = None  # rank these only; None: the catalogue
+
+
+NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class Similar:
+    item: str
+    items: list[str]  # most similar first; never the item itself or an unavailable one
+    scores: list[float]  # the similarity, in [-1, 1] (ncf_stream.similar)
+    model_version: int
+
+
+@dataclass(frozen=True)
+class Popular:
+    items: list[str]  # most interacted-with first, unavailable ones left out
+    counts: list[int]  # interaction events in the window
+    window_s: float
+    model_version: int
+
+
+@dataclass(frozen=True)
+class KnownItems:
+    user: str
+    items: list[str]  # this page of the user's items, newest first
+    ts: list[float]  # each one's last event time
+    total: int  # the user's items in all pages
+    model_version: int
 
 
 @dataclass(frozen=True)
@@ -57,34 +107,78 @@ class Recommender:
             raise NotReady("no model snapshot is published yet")
         return snap
 
-    def recommend(self, user: str, k: int = DEFAULT_K, exclude: Exclude = "seen") -> Recommendation:
+    def recommend(self, user: str, k: int = DEFAULT_K, exclude: Exclude = "seen",
+                  filters: Filters = NO_FILTERS) -> Recommendation:
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
-        return self.recommend_many([user], k, exclude)[0]
+        return self.recommend_many([user], k, exclude, filters)[0]
 
-    def recommend_many(self, users: list[str], k: int = DEFAULT_K,
-                       exclude: Exclude = "seen") -> list[Recommendation]:
+    def recommend_many(self, users: list[str], k: int = DEFAULT_K, exclude: Exclude = "seen",
+                       filters: Filters = NO_FILTERS) -> list[Recommendation]:
         """Top k for each user, all from the same snapshot."""
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
         snap = self.snapshot()
+        banned = known_rows(snap, filters.exclude_items)
+        include = None if filters.include_only is None else known_rows(snap,
+                                                                         filters.include_only)
+        hidden = hidden_rows(snap, banned)
         out = []
         for user in users:
             row = snap.user_row(user)
             if row is None:
-                out.append(self._cold_start(snap, user, k))
+                out.append(self._cold_start(snap, user, k, banned, include))
                 continue
-            rows, scores = top_k(snap, row, k, served_candidates(
-                snap.n_items, self.candidates, self.exact_items), exclude)
+            if include is not None:
+                rows, scores = top_k_within(snap, row, k, include, exclude, hidden)
+            else:
+                rows, scores = top_k(snap, row, k, served_candidates(
+                    snap.n_items, self.candidates, self.exact_items), exclude, hidden)
             out.append(Recommendation(user, snap.item_ids.ids(rows).tolist(), scores.tolist(),
                                       snap.version, cold_start=False))
         return out
 
-    def _cold_start(self, snap: Snapshot, user: str, k: int) -> Recommendation:
-        rows = snap.popular[:k]
+    def _cold_start(self, snap: Snapshot, user: str, k: int, banned: np.ndarray,
+                    include: np.ndarray | None) -> Recommendation:
+        rows, share = popular_rows(snap, k, banned, include)
         return Recommendation(user, snap.item_ids.ids(rows).tolist(),
-                              snap.popularity[:k].astype(float).tolist(), snap.version,
-                              cold_start=True)
+                              share.astype(float).tolist(), snap.version, cold_start=True)
+
+    def similar(self, item: str, k: int = DEFAULT_K) -> Similar:
+        """The k items the model scores most alike to ``item`` across its users."""
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        snap = self.snapshot()
+        row = int(snap.item_rows([item])[0])
+        if row < 0:
+            raise UnknownItem(f"unknown item {item!r}")
+        if row >= snap.index.size:  # an IVF index lags the weights by up to one refresh
+            raise UnknownItem(f"item {item!r} is not in the candidate index yet")
+        rows, sims = top_similar(snap, row, k, snap.unavailable)
+        return Similar(item, snap.item_ids.ids(rows).tolist(), sims.astype(float).tolist(),
+                       snap.version)
+
+    def popular(self, k: int = DEFAULT_K) -> Popular:
+        """The k items with the most interaction events over the recent window (fewer when
+        fewer had any), counted per snapshot."""
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        snap = self.snapshot()
+        rows = snap.recent[:k]
+        return Popular(snap.item_ids.ids(rows).tolist(), snap.recent_counts[:k].tolist(),
+                       snap.popular_window_s, snap.version)
+
+    def known_items(self, user: str, offset: int = 0, limit: int = DEFAULT_PAGE) -> KnownItems:
+        """One page of the items the user has interacted with, newest first."""
+        offset, limit = check_page(offset, limit)
+        snap = self.snapshot()
+        row = snap.user_row(user)
+        if row is None:
+            raise UnknownUser(f"unknown user {user!r}")
+        rows, ts = snap.store.newest_first(row)
+        page = slice(offset, offset + limit)
+        return KnownItems(user, snap.item_ids.ids(rows[page]).tolist(), ts[page].tolist(),
+                          len(rows), snap.version)
 
     def score(self, user: str, items: list[str]) -> Scores:
         snap = self.snapshot()
@@ -101,6 +195,40 @@ class Recommender:
         return Scores(user, out, snap.version)
 
 
+def known_rows(snap: Snapshot, ids: tuple[str, ...]) -> np.ndarray:
+    """Sorted distinct rows of the ids the snapshot knows (the others are dropped)."""
+    if not ids:
+        return _NO_ROWS
+    rows = snap.item_rows(list(ids))
+    return np.unique(rows[rows >= 0])
+
+
+def hidden_rows(snap: Snapshot, banned: np.ndarray) -> np.ndarray:
+    """What no answer from this snapshot may hold: the unavailable items and ``banned``."""
+    if not len(banned):
+        return snap.unavailable
+    return np.union1d(snap.unavailable, banned) if len(snap.unavailable) else banned
+
+
+def popular_rows(snap: Snapshot, k: int, banned: np.ndarray,
+                 include: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The k most popular eligible items (a cold start) and their share of all
+    interactions: from the snapshot's list of the most popular, unless the request
+    narrows it below k; then from every item's count."""
+    if include is None:
+        keep = ~np.isin(snap.popular, banned) if len(banned) else slice(None)
+        rows, share = snap.popular[keep], snap.popularity[keep]
+        # The list holds every available item when it is shorter than its cap.
+        if len(rows) >= k or len(snap.popular) < POPULAR_KEPT:
+            return rows[:k], share[:k]
+        include = np.arange(snap.n_items)
+    rows = np.setdiff1d(include, hidden_rows(snap, banned), assume_unique=True)
+    counts = snap.store.item_counts
+    rows = rows[rows < len(counts)]  # an item newer than the store view has no count
+    rows = rows[np.argsort(-counts[rows], kind="stable")[:k]]
+    return rows, counts[rows] / max(int(counts.sum()), 1)
+
+
 def served_candidates(n_items: int, candidates: int, exact_items: int) -> int:
     """How many candidates a request asks for: the whole catalogue (the exact ranking)
     while it has at most ``exact_items`` items, else ``candidates``."""
@@ -114,46 +242,59 @@ def score_rows(snap: Snapshot, user_row: int, item_rows: np.ndarray) -> np.ndarr
 
 
 def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
-          exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
+          exclude: Exclude = "seen", hidden: np.ndarray = _NO_ROWS,
+          ) -> tuple[np.ndarray, np.ndarray]:
     """(item rows, probabilities) of the user's top k: retrieval, then full rescoring.
 
-    With ``candidates`` >= the catalogue this is the exact ranking.
+    With ``candidates`` >= the catalogue this is the exact ranking. ``hidden``: sorted
+    item rows to leave out as well (:func:`hidden_rows`).
     """
-    cand, probs = candidate_scores(snap, user_row, k, candidates, exclude)
+    cand, probs = candidate_scores(snap, user_row, k, candidates, exclude, hidden)
     return best(cand, probs, k)
 
 
-def best(items: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most probable of ``items`` (sorted rows), ties broken by row: a partition
-    finds the k-th probability, and only what reaches it is sorted."""
-    if len(items) > k:
-        kth = np.partition(probs, len(probs) - k)[len(probs) - k]
-        keep = probs >= kth  # NaN compares False: never kept ahead of a number
-        if keep.sum() >= k:
-            items, probs = items[keep], probs[keep]
-    order = np.argsort(-probs, kind="stable")[:k]
-    return items[order], probs[order]
+def top_k_within(snap: Snapshot, user_row: int, k: int, items: np.ndarray,
+                 exclude: Exclude = "seen", hidden: np.ndarray = _NO_ROWS,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The user's top k among ``items`` (sorted distinct rows), each scored by the full
+    NeuMF: the exact ranking restricted to them (a request's ``include_only``)."""
+    drop = excluded_items(snap, user_row, exclude)
+    if len(hidden):
+        drop = np.union1d(drop, hidden)
+    rows = np.setdiff1d(items, drop, assume_unique=True)
+    if not len(rows):
+        return rows, np.empty(0, dtype=np.float32)
+    return best(rows, score_rows(snap, user_row, rows), k)
 
 
 def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
-                     exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
-    """What :func:`top_k` ranks: the retrieved item rows (sorted, seen ones dropped)
-    and their probabilities under the full NeuMF. Asked for the whole catalogue, it
-    scores every item without the index (the exact ranking)."""
+                     exclude: Exclude = "seen", hidden: np.ndarray = _NO_ROWS,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`top_k` ranks: the retrieved item rows (sorted, seen and ``hidden``
+    ones dropped) and their probabilities under the full NeuMF. Asked for the whole
+    catalogue, it scores every item without the index (the exact ranking); so it does
+    when the index finds fewer than k eligible items while the catalogue has them."""
     seen = excluded_items(snap, user_row, exclude)
     # Ask for room to drop the seen ones, so k survive whenever k unseen items exist.
     want = min(snap.n_items, max(candidates, k) + len(seen))
-    if want == snap.n_items:
+    ask = want
+    if len(hidden):  # room for those too; rescored below are at most `want`, as without
+        seen, ask = np.union1d(seen, hidden), min(snap.n_items, want + len(hidden))
+    if ask == snap.n_items:
         return _exact(snap, user_row, seen)
     model = snap.model
     query = model.retrieval_queries(torch.tensor([user_row], device=model.device), snap.a_ref)
-    _, found = snap.index.search(query.cpu().numpy(), want)
-    # In row order, so ties in score break by row exactly as in exact_top_k.
-    cand = np.sort(found[0][found[0] >= 0])
+    _, found = snap.index.search(query.cpu().numpy(), ask)
+    cand = found[0][found[0] >= 0]  # best first by the index
     if len(seen):
-        cand = cand[~np.isin(cand, seen, assume_unique=True)]
+        cand = cand[~np.isin(cand, seen, assume_unique=True)][:want]
+    if len(cand) < k and len(cand) < snap.n_items - len(seen):
+        # An IVF index probes a few lists and may find too few: rank the catalogue.
+        return _exact(snap, user_row, seen)
     if len(cand) == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    # In row order, so ties in score break by row exactly as in exact_top_k.
+    cand = np.sort(cand)
     return cand, score_rows(snap, user_row, cand)
 
 

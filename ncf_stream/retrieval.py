@@ -73,6 +73,10 @@ class CandidateIndex:
                  quantizer: faiss.Index | None = None) -> None:
         self.config = cfg = config or IndexConfig()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        # Kept for what needs the vectors themselves (similar items: ncf_stream.similar):
+        # FAISS holds its own copy, and reading one back is not offered by every index
+        # kind. n x d x 4 bytes (1M items x 33: 132 MB).
+        self.vectors = vectors
         self.size, self.dim = vectors.shape
         self.kind = "ivf" if self.size >= cfg.ivf_threshold else "flat"
         self.max_norm = 0.0  # M of the L2 reduction (IVF only)

@@ -276,6 +276,12 @@ class Settings(BaseSettings):
                     "(11.6-12.0 against 12.1 ms) and blew up at 100k (p99 0.5-2.9 s). Larger "
                     "catalogues are served from index candidates. 0: always candidates.")
     max_k: int = Field(1000, ge=1, description="The largest k a request may ask for.")
+    popular_window_s: float = Field(
+        86_400.0, gt=0,
+        description="GET /v1/popular counts interactions over this many seconds of event "
+                    "time before the newest event, in steps of 1/24 of it. A day: it spans "
+                    "one daily cycle, so what is popular does not swing between day and night, "
+                    "yet today's items outrank last week's.")
 
     # ---- Evaluation -----------------------------------------------------------------------------
     eval_interval_s: float = Field(

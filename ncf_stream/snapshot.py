@@ -3,9 +3,10 @@
 Serving and evaluation read snapshots only, never the live model: training
 never waits for a request and a request never sees half an update. A snapshot
 holds a frozen copy of the weights, a candidate index over its item vectors,
-an immutable view of the store (seen pairs, hold-outs, popularity), the id
-maps bounded by the rows that existed when it was taken, a version and the
-number of consumed events it includes.
+an immutable view of the store (seen pairs, hold-outs, popularity), the rows
+of the items marked unavailable (:mod:`ncf_stream.catalogue`), the id maps
+bounded by the rows that existed when it was taken, a version and the number
+of consumed events it includes.
 
 The publisher runs on the training thread between steps (so the copy is never
 torn) every ``every_s`` seconds or ``every_events`` events. A flat index is
@@ -20,12 +21,13 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 import torch
 
+from ncf_stream.catalogue import Catalogue
 from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap
 from ncf_stream.model import NeuMF
@@ -36,7 +38,9 @@ from ncf_stream.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-POPULAR_KEPT = 1000  # cold-start answers come from the most popular items
+# Cold-start answers come from the most popular items, /v1/popular from the most
+# recently popular: each list keeps this many (the default max_k).
+POPULAR_KEPT = 1000
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,14 @@ class Snapshot:
     store: StoreView
     user_ids: IdMap  # live maps; rows >= n_users / n_items did not exist yet
     item_ids: IdMap
-    popular: np.ndarray  # item rows, most popular first
+    popular: np.ndarray  # item rows, most popular first (unavailable ones left out)
     popularity: np.ndarray  # their share of all interactions
+    # Sorted rows of the items marked unavailable: never recommended.
+    unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # The most interacted-with available items over the recent window, and their counts.
+    recent: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    recent_counts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    popular_window_s: float = 0.0
 
     @property
     def n_users(self) -> int:
@@ -106,8 +116,10 @@ class Publisher:
                  index_config: IndexConfig | None = None,
                  every_s: float = default("publish_every_s"),
                  every_events: int = default("publish_every_events"),
-                 index_refresh_s: float = default("index_refresh_s")) -> None:
+                 index_refresh_s: float = default("index_refresh_s"),
+                 catalogue: Catalogue | None = None) -> None:
         self.trainer, self.holder = trainer, holder
+        self.catalogue = catalogue or Catalogue()
         self.index_config = index_config or IndexConfig()
         self.every_s, self.every_events = every_s, every_events
         self.index_refresh_s = index_refresh_s
@@ -147,14 +159,22 @@ class Publisher:
         self.version += 1
         rebuilt = self._refresh_index(model)
         assert self._index is not None and self._a_ref is not None
+        unavailable = self.catalogue.availability.rows(self.trainer.item_ids, model.n_items)
         counts = self.trainer.store.item_counts()
-        popular = np.argsort(-counts, kind="stable")[:POPULAR_KEPT]
+        popular = np.argsort(-counts, kind="stable")
+        if len(unavailable):
+            popular = popular[~np.isin(popular, unavailable)]
+        popular = popular[:POPULAR_KEPT]
         total = max(int(counts.sum()), 1)
+        recent = self.catalogue.recent
+        recent_rows, recent_counts = recent.top(model.n_items, unavailable, POPULAR_KEPT)
         snapshot = Snapshot(
             version=self.version, published_at=time.time(), events=events, model=model,
             index=self._index, index_version=self._index_version, a_ref=self._a_ref,
             store=self.trainer.store.view(), user_ids=self.trainer.user_ids,
             item_ids=self.trainer.item_ids, popular=popular, popularity=counts[popular] / total,
+            unavailable=unavailable, recent=recent_rows, recent_counts=recent_counts,
+            popular_window_s=recent.window_s,
         )
         crash_point("publish")
         self.holder.set(snapshot)

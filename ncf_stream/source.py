@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ncf_stream.errors import NcfStreamError
-from ncf_stream.events import Events
+from ncf_stream.events import Availability, Events
 from ncf_stream.ids import MappedEvents
 from ncf_stream.readers import read_events
 
@@ -41,6 +41,9 @@ class EventBatch:
     offsets: dict[Partition, tuple[int, int]] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)  # dead-lettered, by reason
     skipped: int = 0  # valid records the event filter dropped
+    # Availability events (not interactions), in stream order: the engine applies them
+    # to the catalogue, never to the store or training.
+    availability: Availability = field(default_factory=Availability.empty)
 
     @property
     def rejected(self) -> int:
@@ -114,7 +117,8 @@ class MemorySource:
     def __init__(self, events: Events | None = None, batch_size: int = 4096,
                  topic: str = "memory", offset: int = 0) -> None:
         """``offset``: that of the first event (a source resuming a checkpoint's position)."""
-        self._chunks: list[Events] = [] if events is None or len(events) == 0 else [events]
+        self._chunks: list[Events | Availability] = (
+            [] if events is None or len(events) == 0 else [events])
         self._batch_size = batch_size
         self._topic = topic
         self._pos = offset  # offset of the next event to deliver
@@ -129,7 +133,8 @@ class MemorySource:
         """A ratings or events file (:mod:`ncf_stream.readers`), replayed in file order."""
         return cls(read_events(path, fmt).events, batch_size=batch_size)
 
-    def push(self, events: Events) -> None:
+    def push(self, events: Events | Availability) -> None:
+        """Append events, or availability events (one record each, in their own batch)."""
         with self._arrived:
             if len(events):
                 self._chunks.append(events)
@@ -145,9 +150,12 @@ class MemorySource:
             batch = self._take()
         lo = self._pos
         self._pos += len(batch)
-        return EventBatch(batch, {(self._topic, 0): (lo, self._pos)})
+        offsets = {(self._topic, 0): (lo, self._pos)}
+        if isinstance(batch, Availability):
+            return EventBatch(Events.from_rows([]), offsets, availability=batch)
+        return EventBatch(batch, offsets)
 
-    def _take(self) -> Events:
+    def _take(self) -> Events | Availability:
         """Up to one batch from the front chunk (a batch never spans two pushes)."""
         head, lo = self._chunks[0], self._in_head
         hi = min(lo + self._batch_size, len(head))

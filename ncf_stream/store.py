@@ -84,6 +84,7 @@ class StoreView:
     n_items: int
     item_counts: np.ndarray  # (n_items,) int64
     holdout: HoldOut
+    t0: float = 0.0  # the origin of the stored timestamps (whole seconds after it)
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.keys.contains(pair_keys(users, items))
@@ -94,6 +95,16 @@ class StoreView:
     def seen(self, user: int) -> np.ndarray:
         """One user's item rows, sorted: a few calls per level, for the request path."""
         return _seen(self.keys, user)
+
+    def newest_first(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """One user's (item rows, last event times), newest first, ties by row.
+
+        The items are the view's; a time may be later than the view when the user
+        repeated the item since (payloads grow in place: copying them per snapshot
+        would cost 4 bytes per interaction)."""
+        keys, rel = self.keys.range_values(user << ITEM_BITS, (user + 1) << ITEM_BITS)
+        order = np.argsort(-rel.astype(np.int64), kind="stable")  # keys sorted: ties by row
+        return keys[order] & ITEM_MASK, rel[order].astype(np.float64) + self.t0
 
 
 class _Growable:
@@ -300,7 +311,7 @@ class InteractionStore:
     def view(self) -> StoreView:
         ho = self.holdout()
         return StoreView(self._pairs.view(), self.n_users, self.n_items,
-                         self.item_counts().copy(), ho)
+                         self.item_counts().copy(), ho, self._t0 or 0.0)
 
     def nbytes(self) -> int:
         per_row = sum(a.nbytes for a in self._users.cols.values())

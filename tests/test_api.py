@@ -107,6 +107,64 @@ def test_exclude_trained_keeps_the_hold_out_in_both_protocols(
     assert bad.status_code == 422
 
 
+def test_filters_on_both_protocols(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    top = [i["item"] for i in http.post("/v1/recommend", json={"user": "3", "k": 20}).json()[
+        "items"]]
+    for body in ({"exclude_items": top[:5]}, {"include_only": [*top[3:9], "no-such-item"]},
+                 {"exclude_items": [top[4], 12345], "include_only": top[3:9]}):
+        h = http.post("/v1/recommend", json={"user": "3", "k": 4, **body})
+        assert h.status_code == 200, h.text
+        g = stub.Recommend(pb.RecommendRequest(user="3", k=4, **{
+            key: [str(v) for v in value] for key, value in body.items()}))
+        items = [i["item"] for i in h.json()["items"]]
+        assert items == [i.item for i in g.items]
+        assert not set(items) & set(map(str, body.get("exclude_items", [])))
+        want = [i for i in top if i in body.get("include_only", top)
+                and i not in body.get("exclude_items", [])]
+        assert items == want[:4]  # the exact ranking, restricted
+    hb = http.post("/v1/recommend/batch", json={"users": ["3", "x"], "k": 3,
+                                                "include_only": top[:2]}).json()
+    gb = stub.RecommendBatch(pb.RecommendBatchRequest(users=["3", "x"], k=3,
+                                                      include_only=top[:2]))
+    assert [len(r["items"]) for r in hb["results"]] == [len(r.items) for r in gb.results] == [
+        2, 2]
+
+
+def test_similar_on_both_protocols(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
+    h = http.post("/v1/similar", json={"item": "7", "k": 5}).json()
+    g = stub.Similar(pb.SimilarRequest(item="7", k=5))
+    assert h["item"] == g.item == "7" and h["model_version"] == g.model_version
+    assert [i["item"] for i in h["items"]] == [i.item for i in g.items]
+    assert [i["score"] for i in h["items"]] == pytest.approx([i.score for i in g.items])
+    assert len(h["items"]) == 5 and "7" not in [i["item"] for i in h["items"]]
+    assert http.post("/v1/similar", json={"item": 7}).json()["items"] == http.post(
+        "/v1/similar", json={"item": "7"}).json()["items"]
+
+
+def test_popular_and_known_items_on_both_protocols(
+    daemon: Daemon, http: httpx.Client, stub: pb_grpc.RecommenderStub
+) -> None:
+    h = http.get("/v1/popular", params={"k": 5}).json()
+    g = stub.Popular(pb.PopularRequest(k=5))
+    assert [(i["item"], i["count"]) for i in h["items"]] == [(i.item, i.count) for i in g.items]
+    assert len(h["items"]) == 5 and h["window_seconds"] == g.window_seconds == 86_400.0
+    counts = [i["count"] for i in h["items"]]
+    assert counts == sorted(counts, reverse=True) and counts[0] > 0
+    assert len(http.get("/v1/popular").json()["items"]) == 10  # k defaults to 10
+    store, ids = daemon.engine.trainer.store, daemon.engine.trainer.item_ids
+    row = int(daemon.engine.trainer.user_ids.rows(["17"], add=False)[0])
+    h = http.get("/v1/users/17/items", params={"limit": 1000}).json()
+    assert h["total"] == len(h["items"]) == len(store.seen(row))
+    assert {i["item"] for i in h["items"]} == set(ids.ids(store.seen(row)).tolist())
+    ts = [i["ts"] for i in h["items"]]
+    assert ts == sorted(ts, reverse=True)
+    page = http.get("/v1/users/17/items", params={"offset": 2, "limit": 3}).json()
+    assert page["items"] == h["items"][2:5] and page["offset"] == 2
+    g = stub.UserItems(pb.UserItemsRequest(user="17", offset=2, limit=3))
+    assert [(i.item, i.ts) for i in g.items] == [(i["item"], i["ts"]) for i in page["items"]]
+    assert g.total == h["total"]
+
+
 def test_integer_user_ids_mean_their_string(http: httpx.Client) -> None:
     a = http.post("/v1/recommend", json={"user": 17, "k": 3}).json()
     b = http.post("/v1/recommend", json={"user": "17", "k": 3}).json()
@@ -194,10 +252,40 @@ def test_grpc_reflection_lists_the_services(channel: grpc.Channel) -> None:
     ("/v1/score", {"user": "no-such-user", "items": ["1"]}, 404, "unknown_user"),
     ("/v1/score", {"user": "1", "items": []}, 422, "invalid_request"),
     ("/v1/recommend/batch", {"users": []}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "include_only": []}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "include_only": [""]}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "include_only": "1"}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "exclude_items": [True]}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "exclude_items": ["1"] * 10_001}, 422, "invalid_request"),
+    ("/v1/recommend/batch", {"users": ["1"], "include_only": [None]}, 422, "invalid_request"),
+    ("/v1/similar", {"item": "no-such-item"}, 404, "unknown_item"),
+    ("/v1/similar", {"item": "1", "k": 0}, 422, "invalid_request"),
+    ("/v1/similar", {"item": "1", "k": 101}, 422, "invalid_request"),
+    ("/v1/similar", {"item": ""}, 422, "invalid_request"),
+    ("/v1/similar", {"k": 3}, 422, "invalid_request"),
+    ("/v1/similar", {"item": "1", "user": "1"}, 422, "invalid_request"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(http: httpx.Client, path: str, body: object,
                                                status: int, kind: str) -> None:
     r = http.post(path, json=body)
+    assert r.status_code == status
+    assert r.json()["error"] == kind and r.json()["detail"]
+
+
+@pytest.mark.parametrize(("path", "status", "kind"), [
+    ("/v1/popular?k=0", 422, "invalid_request"),
+    ("/v1/popular?k=101", 422, "invalid_request"),
+    ("/v1/popular?k=ten", 422, "invalid_request"),
+    ("/v1/users/no-such-user/items", 404, "unknown_user"),
+    ("/v1/users/1/items?limit=0", 422, "invalid_request"),
+    ("/v1/users/1/items?limit=1001", 422, "invalid_request"),
+    ("/v1/users/1/items?offset=-1", 422, "invalid_request"),
+    ("/v1/users/1/items?offset=99999999999999999999", 422, "invalid_request"),
+    ("/v1/users/" + "u" * 300 + "/items", 422, "invalid_request"),
+])
+def test_bad_queries_get_a_4xx_with_a_message(http: httpx.Client, path: str, status: int,
+                                              kind: str) -> None:
+    r = http.get(path)
     assert r.status_code == status
     assert r.json()["error"] == kind and r.json()["detail"]
 
@@ -230,6 +318,7 @@ LOOSE_TYPES = [{"content-type": "application/x-www-form-urlencoded"}, {},
 def test_json_bodies_are_read_whatever_the_content_type(http: httpx.Client,
                                                         headers: dict[str, str]) -> None:
     for path, body, key in (("/v1/recommend", b'{"user": "1", "k": 5}', "items"),
+                            ("/v1/similar", b'{"item": "1", "k": 5}', "items"),
                             ("/v1/recommend/batch", b'{"users": ["1", "x"], "k": 2}', "results"),
                             ("/v1/score", b'{"user": "1", "items": ["1"]}', "scores")):
         r = http.post(path, content=body, headers=headers)
@@ -266,11 +355,28 @@ def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
     (pb.ScoreRequest(user="1"), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendBatchRequest(users=[]), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendRequest(user="1", exclude="everything"), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", include_only=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", exclude_items=["1"] * 10_001),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendBatchRequest(users=["1"], exclude_items=["u" * 300]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.SimilarRequest(item="no-such-item"), grpc.StatusCode.NOT_FOUND),
+    (pb.SimilarRequest(item=""), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.SimilarRequest(item="1", k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.PopularRequest(k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.PopularRequest(k=101), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="nobody"), grpc.StatusCode.NOT_FOUND),
+    (pb.UserItemsRequest(user=""), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="1", offset=-1), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="1", limit=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.UserItemsRequest(user="1", limit=5000), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_grpc_errors(stub: pb_grpc.RecommenderStub, request_: object,
                      code: grpc.StatusCode) -> None:
     method = {pb.RecommendRequest: stub.Recommend, pb.ScoreRequest: stub.Score,
-              pb.RecommendBatchRequest: stub.RecommendBatch}[type(request_)]
+              pb.RecommendBatchRequest: stub.RecommendBatch, pb.PopularRequest: stub.Popular,
+              pb.SimilarRequest: stub.Similar,
+              pb.UserItemsRequest: stub.UserItems}[type(request_)]
     with pytest.raises(grpc.RpcError) as e:
         method(request_)
     assert e.value.code() == code and e.value.details()
@@ -284,7 +390,7 @@ def test_openapi_contract(daemon: Daemon) -> None:
     """
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{daemon.http_port}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 7
+    assert len(operations) >= 10
     for operation in operations:
 
         @given(case=operation.as_strategy())

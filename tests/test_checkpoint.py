@@ -142,3 +142,21 @@ def test_loading_never_unpickles(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "this must never run" not in capsys.readouterr().out
     assert "skipping checkpoint" in caplog.text
     assert len(fresh.store) == 0 and len(fresh.user_ids) == 0  # untouched
+
+
+def test_the_catalogue_round_trips_and_older_checkpoints_load_without_one(
+        tmp_path: Path) -> None:
+    from ncf_stream.catalogue import Catalogue, ItemAvailability
+
+    before = trained()
+    checkpoint.save(tmp_path / "old", before, OFFSETS)  # as before the catalogue existed
+    restored = checkpoint.load_latest(tmp_path / "old", Trainer(CFG))
+    assert restored is not None and len(restored.catalogue.availability) == 0
+    off = ["7", "no-such-item", "\u00e9t\u00e9"]
+    checkpoint.save(tmp_path / "new", before, OFFSETS,
+                    catalogue=Catalogue(ItemAvailability(off)))
+    restored = checkpoint.load_latest(tmp_path / "new", Trainer(CFG))
+    assert restored is not None and restored.catalogue.availability.ids() == sorted(off)
+    (ckpt,) = (tmp_path / "new").glob("ckpt-*")
+    (ckpt / checkpoint.CATALOGUE).write_bytes(b"damaged")
+    assert checkpoint.load_latest(tmp_path / "new", Trainer(CFG)) is None  # checksummed

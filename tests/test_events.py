@@ -168,3 +168,23 @@ def test_encode_event_round_trips(event: dict[str, object]) -> None:
     raw = encode_event(user, item, ts, "t", 2.0)
     row = decode_one(raw)
     assert row == (user, item, ts, "t", 2.0)
+
+
+def test_availability_events_come_apart_in_order_and_need_only_an_item() -> None:
+    values = [
+        b'{"item": "i1", "type": "item_unavailable"}',
+        encode_event("u1", "i2", 1.0, "click"),
+        b'{"item": 7, "type": "item_unavailable", "user": ["ignored"], "ts": "ignored"}',
+        b'{"item": "i1", "type": "item_available", "weight": 0}',
+        b'{"type": "item_unavailable"}',
+        b'{"item": "", "type": "item_available"}',
+        b'{"user": "u", "item": "i", "ts": 1, "type": ["item_available"]}',
+    ]
+    # The filter chooses interactions to train on: it never drops availability.
+    result = decode_batch(values, event_filter=EventFilter(frozenset({"click"}), min_weight=1.0))
+    assert result.availability.items.tolist() == ["i1", "7", "i1"]
+    assert result.availability.available.tolist() == [False, False, True]
+    assert result.events.items.tolist() == ["i2"] and result.index.tolist() == [1]
+    assert [(r.index, r.reason) for r in result.rejected] == [
+        (4, Reason.MISSING_FIELD), (5, Reason.EMPTY_ID), (6, Reason.WRONG_TYPE)]
+    assert result.skipped.tolist() == []

@@ -453,3 +453,32 @@ def test_dead_letter_log_is_one_summary_per_interval(caplog: pytest.LogCaptureFi
         assert len(caplog.records) == 3 and "(wrong_type 1)" in caplog.records[2].getMessage()
         dl.flush()  # nothing pending: nothing logged
         assert len(caplog.records) == 3
+
+
+def test_availability_events_come_through_every_source_apart_and_in_order(
+    kafka_bootstrap: str, topics: tuple[str, str], make_source: Any,
+) -> None:
+    """Not interactions: they reach the engine beside the events, never id-mapped (the
+    child that maps ids must not give them rows), in the order of their partition."""
+    s = settings_for(kafka_bootstrap, topics)
+    values = [{"user": "u1", "item": "i1", "ts": 1.0},
+              {"item": "i1", "type": "item_unavailable"},
+              {"item": "only-flagged", "type": "item_unavailable"},
+              {"user": "u2", "item": "i2", "ts": 2.0},
+              {"item": "i1", "type": "item_available"}]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for v in values:  # one partition: one order
+        producer.send(topics[0], json.dumps(v).encode(), partition=0)
+    producer.flush()
+    producer.close()
+    source = make_source(s)
+    try:
+        batches = drain(source, len(values))
+    finally:
+        source.close()
+    got = [(i, bool(a)) for b in batches
+           for i, a in zip(b.availability.items, b.availability.available, strict=True)]
+    assert got == [("i1", False), ("only-flagged", False), ("i1", True)]
+    assert [i for b in batches for i in b.events.items] == ["i1", "i2"]
+    if isinstance(source, MappedBack):
+        assert "only-flagged" not in source.items

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user", "k", "exclude_seen", "exclude")
+    __slots__ = ("user", "k", "exclude_seen", "exclude", "exclude_items", "include_only")
     USER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ONLY_FIELD_NUMBER: _ClassVar[int]
     user: str
     k: int
     exclude_seen: bool
     exclude: str
-    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ...) -> None: ...
+    exclude_items: _containers.RepeatedScalarFieldContainer[str]
+    include_only: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ..., exclude_items: _Optional[_Iterable[str]] = ..., include_only: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item", "score")
@@ -39,16 +43,20 @@ class RecommendResponse(_message.Message):
     def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
-    __slots__ = ("users", "k", "exclude_seen", "exclude")
+    __slots__ = ("users", "k", "exclude_seen", "exclude", "exclude_items", "include_only")
     USERS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ONLY_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_seen: bool
     exclude: str
-    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ...) -> None: ...
+    exclude_items: _containers.RepeatedScalarFieldContainer[str]
+    include_only: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, users: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ..., exclude_items: _Optional[_Iterable[str]] = ..., include_only: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendBatchResponse(_message.Message):
     __slots__ = ("results",)
@@ -83,6 +91,78 @@ class ScoreResponse(_message.Message):
     scores: _containers.RepeatedCompositeFieldContainer[ItemScore]
     model_version: int
     def __init__(self, user: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class SimilarRequest(_message.Message):
+    __slots__ = ("item", "k")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    k: int
+    def __init__(self, item: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class SimilarResponse(_message.Message):
+    __slots__ = ("item", "items", "model_version")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: int
+    def __init__(self, item: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class PopularRequest(_message.Message):
+    __slots__ = ("k",)
+    K_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    def __init__(self, k: _Optional[int] = ...) -> None: ...
+
+class PopularItem(_message.Message):
+    __slots__ = ("item", "count")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    count: int
+    def __init__(self, item: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class PopularResponse(_message.Message):
+    __slots__ = ("items", "window_seconds", "model_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PopularItem]
+    window_seconds: float
+    model_version: int
+    def __init__(self, items: _Optional[_Iterable[_Union[PopularItem, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class UserItemsRequest(_message.Message):
+    __slots__ = ("user", "offset", "limit")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    offset: int
+    limit: int
+    def __init__(self, user: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class KnownItem(_message.Message):
+    __slots__ = ("item", "ts")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    ts: float
+    def __init__(self, item: _Optional[str] = ..., ts: _Optional[float] = ...) -> None: ...
+
+class UserItemsResponse(_message.Message):
+    __slots__ = ("user", "items", "total", "model_version")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    items: _containers.RepeatedCompositeFieldContainer[KnownItem]
+    total: int
+    model_version: int
+    def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[KnownItem, _Mapping]]] = ..., total: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -49,6 +49,21 @@ class RecommenderStub:
                 request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Similar = channel.unary_unary(
+                '/ncf_stream.v1.Recommender/Similar',
+                request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarRequest.SerializeToString,
+                response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarResponse.FromString,
+                _registered_method=True)
+        self.Popular = channel.unary_unary(
+                '/ncf_stream.v1.Recommender/Popular',
+                request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.PopularRequest.SerializeToString,
+                response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.PopularResponse.FromString,
+                _registered_method=True)
+        self.UserItems = channel.unary_unary(
+                '/ncf_stream.v1.Recommender/UserItems',
+                request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.UserItemsRequest.SerializeToString,
+                response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.UserItemsResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/ncf_stream.v1.Recommender/Status',
                 request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.StatusRequest.SerializeToString,
@@ -80,6 +95,27 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Similar(self, request, context):
+        """The items the model scores most alike to an item. NOT_FOUND for an unknown item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Popular(self, request, context):
+        """The items with the most interaction events over the recent window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UserItems(self, request, context):
+        """A user's items, newest first, a page at a time. NOT_FOUND for an unknown user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Ingest, training and snapshot counters.
         """
@@ -104,6 +140,21 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreRequest.FromString,
                     response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Similar': grpc.unary_unary_rpc_method_handler(
+                    servicer.Similar,
+                    request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarRequest.FromString,
+                    response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.SimilarResponse.SerializeToString,
+            ),
+            'Popular': grpc.unary_unary_rpc_method_handler(
+                    servicer.Popular,
+                    request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.PopularRequest.FromString,
+                    response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.PopularResponse.SerializeToString,
+            ),
+            'UserItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UserItems,
+                    request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.UserItemsRequest.FromString,
+                    response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.UserItemsResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -192,6 +243,87 @@ class Recommender:
             '/ncf_stream.v1.Recommender/Score',
             ncf__stream_dot_proto_dot_recommender__pb2.ScoreRequest.SerializeToString,
             ncf__stream_dot_proto_dot_recommender__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Similar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncf_stream.v1.Recommender/Similar',
+            ncf__stream_dot_proto_dot_recommender__pb2.SimilarRequest.SerializeToString,
+            ncf__stream_dot_proto_dot_recommender__pb2.SimilarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Popular(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncf_stream.v1.Recommender/Popular',
+            ncf__stream_dot_proto_dot_recommender__pb2.PopularRequest.SerializeToString,
+            ncf__stream_dot_proto_dot_recommender__pb2.PopularResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UserItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncf_stream.v1.Recommender/UserItems',
+            ncf__stream_dot_proto_dot_recommender__pb2.UserItemsRequest.SerializeToString,
+            ncf__stream_dot_proto_dot_recommender__pb2.UserItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
