@@ -208,7 +208,10 @@ class _Child:
             return False, e
         if batch is not None and self.mapper is not None:
             assert isinstance(batch.events, Events)
-            batch = replace(batch, events=self.mapper.map(batch.events))
+            if len(batch.deletions):  # rare: sent by id, the engine maps in stream order
+                self.mapper.follow(batch.events, batch.deletions)
+            else:
+                batch = replace(batch, events=self.mapper.map(batch.events))
         return True, batch
 
     def deliver(self, deadline: float | None) -> tuple[bool, Any]:

@@ -100,8 +100,10 @@ class NegativeSampler:
         return out.reshape(len(users), k)
 
     def _trained(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Touched, and not the user's current hold-out."""
-        return self.store.contains(users, items) & ~self.store.is_holdout(users, items)
+        """Touched, and not the user's current hold-out; or a deleted item, which no
+        one may be trained against (its row stays as it was reset)."""
+        return ((self.store.contains(users, items) & ~self.store.is_holdout(users, items))
+                | self.store.is_dead(items))
 
     def _draw(self, n: int) -> np.ndarray:
         self.drawn += n
@@ -134,6 +136,7 @@ class NegativeSampler:
     def _from_complement(self, user: int, n: int) -> np.ndarray:
         seen = self.store.seen(user)
         seen = seen[~self.store.is_holdout(np.full(len(seen), user), seen)]
+        seen = np.union1d(seen, self.store.dead_items())
         n_free = self.store.n_items - len(seen)
         if n_free <= 0:
             return np.full(n, -1, dtype=np.int64)
