@@ -461,6 +461,15 @@ class Engine:
             raise ValueError(f"kind must be 'user' or 'item', not {kind!r}")
         self._requested.put((kind, external_id))
 
+    def knows(self, kind: str, external_id: str) -> bool:
+        """Whether the served snapshot knows a user or an item (any thread)."""
+        snap = self.holder.get()
+        if snap is None:
+            return False
+        if kind == "user":
+            return snap.user_row(external_id) is not None
+        return bool(snap.item_rows([external_id])[0] >= 0)
+
     def _apply_requested(self) -> None:
         while True:
             try:
