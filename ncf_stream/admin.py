@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ncf_stream.errors import NcfStreamError
 
-KINDS = ("user", "item")
+DELETABLE = ("user", "item")  # what an admin request may delete
 
 
 class AdminError(NcfStreamError):
@@ -90,8 +90,8 @@ class Admin:
 
     def delete(self, kind: str, external_id: str) -> DeleteAccepted:
         """Enqueue the deletion (after :meth:`authorize`); what it will do."""
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        if kind not in DELETABLE:
+            raise ValueError(f"kind must be one of {DELETABLE}, not {kind!r}")
         known = self._knows(kind, external_id)
         self._request(kind, external_id)
         detail = (f"the {kind} and everything derived from it leave the next snapshot "
