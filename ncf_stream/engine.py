@@ -449,7 +449,7 @@ class Engine:
         if known:
             log.info("deleted %s row with %d interactions; gone from the next snapshot",
                      kind, removed)  # never the id: logs outlive the deletion
-            self._changed()
+            self._changed(items_removed=kind == "item")
         return known
 
     def request_delete(self, kind: str, external_id: str) -> None:
@@ -480,9 +480,9 @@ class Engine:
                 # No batch moved the offsets: the next checkpoint must be written anyway.
                 self._dirty = True
 
-    def _changed(self) -> None:
+    def _changed(self, items_removed: bool = False) -> None:
         """The state changed outside training: publish soon even if no event trains."""
-        self.publisher.touch()
+        self.publisher.touch(items_removed)
         if self._unpublished_since is None:
             self._unpublished_since = time.monotonic()
 

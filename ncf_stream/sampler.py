@@ -119,18 +119,22 @@ class NegativeSampler:
 
     def _training_counts(self) -> np.ndarray:
         """Users per item, hold-outs not counted (cached until the store changes)."""
-        if self._counts is None or self._counts[0] != self.store.events:
+        if self._counts is None or self._counts[0] != self.store.events + self.store.removed:
             counts = self.store.item_counts().copy()
             counts -= np.bincount(self.store.holdout().items, minlength=len(counts))
-            self._counts = (self.store.events, counts)
+            self._counts = (self.store.events + self.store.removed, counts)
         return self._counts[1]
 
     def _popularity(self) -> PopularityTable:
         n_items, total = self.store.n_items, len(self.store)
         t = self._table
+        # Removals (deletions, retention) change counts without growing anything: a
+        # store under retention stays one size, so its turnover must refresh the table.
         if t is None or n_items > t.n_items * (1 + REFRESH_SHARE) or (
-                total > t.total * (1 + REFRESH_SHARE)):
+                total > t.total * (1 + REFRESH_SHARE)) or (
+                self.store.removed > t.removed + REFRESH_SHARE * max(t.total, 1)):
             t = self._table = PopularityTable(self.weights(np.arange(n_items)), total)
+            t.removed = self.store.removed
         return t
 
     def _from_complement(self, user: int, n: int) -> np.ndarray:
@@ -164,6 +168,7 @@ class PopularityTable:
 
     def __init__(self, weights: np.ndarray, total: int) -> None:
         self.n_items, self.total = len(weights), total
+        self.removed = 0  # the store's removals when built (NegativeSampler sets it)
         if not np.sum(weights) > 0:  # nothing counted yet: uniform
             weights = np.ones(len(weights))
         self.cdf = np.cumsum(weights, dtype=np.float64)

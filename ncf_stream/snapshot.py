@@ -149,9 +149,14 @@ class Publisher:
         return changed and (now - self._last_time >= self.every_s
                             or events - self._last_events >= self.every_events)
 
-    def touch(self) -> None:
-        """The state changed outside training: the next publish is due on time alone."""
+    def touch(self, items_removed: bool = False) -> None:
+        """The state changed outside training: the next publish is due on time alone.
+        ``items_removed``: items were deleted, so an IVF index (which the publisher
+        reuses between refreshes) is rebuilt from the next snapshot at once; until it
+        is ready the old one serves, its copies of their vectors hidden from answers."""
         self._touched = True
+        if items_removed:
+            self._index_time = -float("inf")
 
     def since_last(self) -> float:
         """Seconds since the last publish."""

@@ -159,6 +159,7 @@ class InteractionStore:
         self.n_items = 0
         self.events = 0  # events appended, repeats included: the arrival counter
         self.repeats = 0
+        self.removed = 0  # pairs removed (deletions, retention): caches keyed on changes
         self._t0: float | None = None
 
     def __len__(self) -> int:
@@ -288,6 +289,7 @@ class InteractionStore:
         """Counts and hold-outs after ``keys`` (sorted) left the pairs."""
         if len(keys) == 0:
             return
+        self.removed += len(keys)
         users, items = split_keys(keys)
         starts = _run_starts(users)
         bu = users[starts]
