@@ -333,3 +333,24 @@ def test_retention_bounds_the_store_to_the_window() -> None:
     ok = (u >= 0) & (i >= 0)
     assert store.contains(u[ok], i[ok]).all()
     assert (engine.metrics.registry.get_sample_value("ncf_stream_store_expired_total") or 0) > 0
+
+
+def test_answers_from_the_snapshot_before_a_deletion_leave_the_item_out() -> None:
+    """The served snapshot shares the live id maps: between a deletion and the next
+    publish, the deleted item's row is still in its answers but has no id any more; it
+    is left out, never answered as null (a 5xx in the API's response models)."""
+    engine = Engine(settings(None), MemorySource(stream(n=1500), batch_size=500))
+    drain(engine)
+    snap = engine.holder.get()
+    assert snap is not None
+    r = engine.recommender
+    # An item every list holds: the most popular, in the recent window too.
+    item = str(snap.item_ids.ids(snap.popular[:1])[0])
+    user = next(u for u in ("u1", "u2", "u3", "u4")
+                if item in r.recommend(u, 100, "none").items)
+    engine.forget("item", item)
+    assert engine.holder.get() is snap  # not published yet
+    for answer in (r.recommend(user, 100, "none").items, r.popular(100).items,
+                   r.recommend("never-seen", 100).items, r.similar("i1", 100).items,
+                   r.known_items(user, 0, 1000).items):
+        assert item not in answer and None not in answer
