@@ -398,14 +398,19 @@ class Engine:
 
     def _ingest(self, batch: EventBatch) -> None:
         # Availability is not an interaction: it reaches the catalogue only, never the
-        # store, training or the online hit rate; the next snapshot publishes it.
-        self.catalogue.availability.apply(batch.availability)
+        # store, training or the online hit rate; the next snapshot publishes it. Its
+        # order matters only against deletions (of the same item), so it is applied
+        # between them, each event after the deletions that preceded it.
+        avail, done = batch.availability, 0
         queued = 0
         for part, deletions in _segments(batch.events, batch.deletions):
             queued += self._ingest_events(part)
             for kind, external_id in zip(deletions.kinds.tolist(), deletions.ids.tolist(),
                                          strict=True):
+                self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after == done)))
                 self.forget(kind, external_id)
+                done += 1
+        self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after >= done)))
         crash_point("ingest")
         self.positions.update(batch.commit_offsets())
         c = self.counters

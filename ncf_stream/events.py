@@ -147,22 +147,28 @@ class Availability:
 
     items: np.ndarray  # (n,) object: external item ids (str)
     available: np.ndarray  # (n,) bool
+    # (n,) int64: deletions of the same batch before each (Deletions): a delete_item and
+    # an availability event of one item take effect in their order.
+    after: np.ndarray
 
     def __len__(self) -> int:
         return len(self.items)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[str, bool]]) -> Availability:
+    def from_rows(cls, rows: Sequence[tuple[str, bool]],
+                  after: Sequence[int] | None = None) -> Availability:
         items = np.empty(len(rows), dtype=object)
         items[:] = [r[0] for r in rows]
-        return cls(items, np.array([r[1] for r in rows], dtype=bool))
+        return cls(items, np.array([r[1] for r in rows], dtype=bool),
+                   np.zeros(len(rows), np.int64) if after is None
+                   else np.asarray(after, dtype=np.int64))
 
     @classmethod
     def empty(cls) -> Availability:
         return cls.from_rows([])
 
     def take(self, index: np.ndarray) -> Availability:
-        return Availability(self.items[index], self.available[index])
+        return Availability(self.items[index], self.available[index], self.after[index])
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,7 @@ def decode_batch(
     skipped: list[int] = []
     rejected: list[Rejection] = []
     availability: list[tuple[str, bool]] = []
+    after: list[int] = []
     deletions: list[tuple[str, str, int]] = []
     for i, value in enumerate(values):
         fallback = None if timestamps is None else timestamps[i]
@@ -254,6 +261,7 @@ def decode_batch(
             continue
         if len(row) == 2:  # an availability event: not an interaction, never filtered
             availability.append(row)
+            after.append(len(deletions))
             continue
         if event_filter is not None and not event_filter.keeps(row[3], row[4]):
             skipped.append(i)
@@ -265,7 +273,7 @@ def decode_batch(
         np.asarray(index, dtype=np.int64),
         rejected,
         np.asarray(skipped, dtype=np.int64),
-        Availability.from_rows(availability),
+        Availability.from_rows(availability, after),
         Deletions.from_rows(deletions),
     )
 

@@ -22,7 +22,7 @@ from ncf_stream.keyset import KeySet
 from ncf_stream.recommend import Recommender, UnknownUser
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
-from ncf_stream.source import MemorySource
+from ncf_stream.source import EventBatch, MemorySource
 from ncf_stream.store import ITEM_MASK, InteractionStore, split_keys
 from ncf_stream.trainer import Trainer
 
@@ -228,6 +228,12 @@ def assert_item_gone(snap: Snapshot, row: int) -> None:
     assert snap.model.recent is not None and not (snap.model.recent.items == row).any()
     assert row not in snap.popular.tolist() and row not in snap.recent.tolist()
     assert row in snap.unavailable.tolist()  # hidden from every answer and the index's
+    # The index and the item cache hold what a zero row gives, nothing of the old row:
+    # the GMF part of its vector is the row itself, the first-layer half has no bias.
+    f = snap.model.cfg.factors
+    assert snap.index_version == snap.version and not snap.index.vectors[row, :f].any()
+    assert snap.model.item_hidden is not None
+    assert torch.count_nonzero(snap.model.item_hidden[row]) == 0
     r = Recommender(snap_holder(snap), candidates=200, max_k=100)
     for user in ("u1", "u2", "u3"):
         assert GONE_ITEM not in r.recommend(user, 100, "none").items
@@ -354,3 +360,21 @@ def test_answers_from_the_snapshot_before_a_deletion_leave_the_item_out() -> Non
                    r.recommend("never-seen", 100).items, r.similar("i1", 100).items,
                    r.known_items(user, 0, 1000).items):
         assert item not in answer and None not in answer
+
+
+def test_availability_and_deletions_of_one_item_take_effect_in_stream_order() -> None:
+    values = [b'{"user": "a", "item": "x", "ts": 1}', b'{"user": "a", "item": "y", "ts": 2}',
+              b'{"item": "y", "type": "item_unavailable"}', b'{"item": "x", "type": "delete_item"}',
+              b'{"item": "y", "type": "delete_item"}', b'{"item": "x", "type": "item_unavailable"}',
+              b'{"user": "a", "item": "x", "ts": 3}']
+    r = decode_batch(values)
+    assert r.availability.after.tolist() == [0, 2]
+    engine = Engine(settings(None), MemorySource())
+    engine._ingest(EventBatch(r.events, {("t", 0): (0, len(values))},
+                              availability=r.availability, deletions=r.deletions))
+    # y: flagged, then deleted: its id is kept nowhere. x: deleted, then flagged: the new x
+    # (a new row, its event after the deletion) is unavailable.
+    assert engine.catalogue.availability.ids() == ["x"]
+    t = engine.trainer
+    assert t.item_ids.rows(["x"], add=False).tolist() == [2]
+    assert t.item_ids.tombstones().tolist() == [0, 1]
