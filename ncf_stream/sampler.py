@@ -214,6 +214,8 @@ def eval_negatives(view: StoreView, rows: np.ndarray, n: int = EVAL_NEGATIVES,
         item = _feistel(np.broadcast_to(j, (len(todo), j.shape[1])), np.uint64(b),
                         key[todo, None]).astype(np.int64)
         valid = item < m
+        if len(view.dead):  # a deleted item's zeroed row is no item to rank against
+            valid &= ~np.isin(item, view.dead)
         u = np.broadcast_to(users[todo, None], item.shape)
         valid[valid] = ~view.keys.contains(pair_keys(u[valid], item[valid]))
         rank = filled[todo, None] + np.cumsum(valid, axis=1) - 1

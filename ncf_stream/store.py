@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,8 @@ class StoreView:
     item_counts: np.ndarray  # (n_items,) int64
     holdout: HoldOut
     t0: float = 0.0  # the origin of the stored timestamps (whole seconds after it)
+    # Sorted rows of deleted items (tombstones): never an evaluation negative.
+    dead: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.keys.contains(pair_keys(users, items))
@@ -376,7 +378,7 @@ class InteractionStore:
     def view(self) -> StoreView:
         ho = self.holdout()
         return StoreView(self._pairs.view(), self.n_users, self.n_items,
-                         self.item_counts().copy(), ho, self._t0 or 0.0)
+                         self.item_counts().copy(), ho, self._t0 or 0.0, self.dead_items())
 
     def nbytes(self) -> int:
         per_row = sum(a.nbytes for a in self._users.cols.values())

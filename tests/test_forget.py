@@ -20,6 +20,7 @@ from ncf_stream.events import Availability, Deletions, Events, decode_batch, seg
 from ncf_stream.ids import IdMap, RowMapper
 from ncf_stream.keyset import KeySet
 from ncf_stream.recommend import Recommender, UnknownUser
+from ncf_stream.sampler import NegativeSampler, SamplerConfig, eval_negatives
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.source import EventBatch, MemorySource
@@ -378,3 +379,16 @@ def test_availability_and_deletions_of_one_item_take_effect_in_stream_order() ->
     t = engine.trainer
     assert t.item_ids.rows(["x"], add=False).tolist() == [2]
     assert t.item_ids.tombstones().tolist() == [0, 1]
+
+
+def test_a_deleted_item_is_never_a_negative_for_training_or_evaluation() -> None:
+    store = InteractionStore(min_history=2)
+    rng = np.random.default_rng(1)
+    store.append(rng.integers(0, 30, 400), rng.integers(0, 12, 400), np.arange(400.0))
+    for item in (3, 7):
+        store.forget_item(item)
+    sampler = NegativeSampler(store, SamplerConfig(k=8, alpha=0.0, seed=2))
+    assert not np.isin(sampler.sample(np.repeat(np.arange(30), 50)), [3, 7]).any()
+    ho = store.view().holdout
+    neg = eval_negatives(store.view(), np.arange(len(ho.users)), n=20)
+    assert len(ho.users) and not np.isin(neg, [3, 7]).any()
