@@ -201,11 +201,11 @@ def named(snap: Snapshot, rows: np.ndarray, values: np.ndarray) -> tuple[list[st
     was taken: its id maps are the live ones (copying them per snapshot would cost a
     pointer per id), and a deleted item's id is gone from them at once, while its row
     leaves the snapshot's answers only with the next one."""
-    ids = snap.item_ids.ids(rows)
-    keep = np.array([i is not None for i in ids.tolist()], dtype=bool)
-    if keep.all():
-        return ids.tolist(), np.asarray(values)
-    return ids[keep].tolist(), np.asarray(values)[keep]
+    names = snap.item_ids.ids(rows).tolist()
+    if None not in names:  # a scan in C: the request path pays nothing more without deletions
+        return names, np.asarray(values)
+    keep = np.array([name is not None for name in names], dtype=bool)
+    return [name for name in names if name is not None], np.asarray(values)[keep]
 
 
 def known_rows(snap: Snapshot, ids: tuple[str, ...]) -> np.ndarray:
