@@ -335,8 +335,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535,
         description="Also serve /metrics alone on this port; unset: only on the HTTP port.")
-    admin_token: SecretStr | None = Field(
-        None, min_length=16,
+    admin_token: Annotated[SecretStr | None, Rule(
+        "16 characters or more", lambda v: v is None or len(v.get_secret_value()) >= 16,
+    )] = Field(
+        None,
         description="Bearer token of the admin endpoints (DELETE /v1/admin/users/{user} and "
                     "/items/{item}, gRPC DeleteUser / DeleteItem). Unset turns them off (404): "
                     "deleting is off until an operator chooses a secret. 16 characters at "
@@ -375,7 +377,7 @@ class Settings(BaseSettings):
             merged = {**file_values, **env_and_flags.model_dump(exclude_unset=True)}
             settings = cls(**merged)
         except ValidationError as e:
-            raise ConfigError(f"invalid settings: {e}") from None
+            raise ConfigError(f"invalid settings: {_redacted(e)}") from None
         sources = {}
         for name in cls.model_fields:
             if name in given:
@@ -454,6 +456,18 @@ def check(name: str, value: Any, where: str | None = None) -> None:
         why = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
         raise ConfigError(f"{where or name} = {value!r}: {why} (declared by setting {name})"
                           ) from None
+
+
+SECRETS = frozenset({"admin_token"})  # never echoed, even when invalid
+
+
+def _redacted(e: ValidationError) -> str:
+    """The errors, without the input values when a secret is among them (pydantic's
+    message quotes every input, and an operator's mistyped token is still a secret)."""
+    if not any(err["loc"] and err["loc"][0] in SECRETS for err in e.errors()):
+        return str(e)
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                     for err in e.errors(include_input=False, include_url=False))
 
 
 def check_config(config: Any) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ncf_stream import checkpoint
 from ncf_stream.engine import Engine
+from ncf_stream.errors import ConfigError
 from ncf_stream.events import Availability, Deletions, Events, decode_batch, segments
 from ncf_stream.ids import IdMap, RowMapper
 from ncf_stream.keyset import KeySet
@@ -392,3 +393,14 @@ def test_a_deleted_item_is_never_a_negative_for_training_or_evaluation() -> None
     ho = store.view().holdout
     neg = eval_negatives(store.view(), np.arange(len(ho.users)), n=20)
     assert len(ho.users) and not np.isin(neg, [3, 7]).any()
+
+
+def test_an_invalid_admin_token_is_refused_without_being_echoed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCF_STREAM_ADMIN_TOKEN", "short-secret")
+    with pytest.raises(ConfigError, match=r"admin_token: .*16 characters") as e:
+        Settings.load()
+    assert "short-secret" not in str(e.value)
+    monkeypatch.setenv("NCF_STREAM_ADMIN_TOKEN", "a-long-enough-secret")
+    s = Settings.load()
+    assert s.admin_token is not None and "a-long" not in repr(s)
