@@ -106,6 +106,9 @@ class ProcessSource:
         self._stall_s = settings.source_stall_s
         self._out_of_step = False
         self._default_timeout = settings.kafka_poll_timeout_s
+        # Rows mapped here continue the engine's maps only while nothing else changes
+        # them: the engine reopens such a source after an admin deletion (Engine.forget).
+        self.maps_ids = id_maps is not None
         ids = None if id_maps is None else tuple(m.all_ids().tolist() for m in id_maps)
         self._call("start", settings, dict(positions or {}), logging.getLogger().level,
                    background, ids)

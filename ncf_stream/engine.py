@@ -484,7 +484,24 @@ class Engine:
             if self.forget(kind, external_id):
                 # No batch moved the offsets: the next checkpoint must be written anyway.
                 self._dirty = True
+                self._reopen_mapping_source()
 
+    def _reopen_mapping_source(self) -> None:
+        """A source that maps ids ahead of the engine (the daemon's source process) keeps
+        maps of its own, which a deletion outside the stream leaves behind: it would go
+        on mapping the deleted id to the tombstone. Reopen it from the engine's maps and
+        positions, as after a failure: nothing is lost or applied twice, and ingest
+        pauses for the child's start (admin deletions are rare; delete events on the
+        topic reach both maps in order and need none of this)."""
+        if self._factory is None or not getattr(self.source, "maps_ids", False):
+            return
+        old, self.source = self.source, None
+        try:
+            if old is not None:
+                old.close()
+            self.source = self._open_source(self._factory)
+        except SourceError as e:
+            self._source_failed(e, "start")
     def _changed(self, items_removed: bool = False) -> None:
         """The state changed outside training: publish soon even if no event trains."""
         self.publisher.touch(items_removed)

@@ -531,3 +531,47 @@ def test_deletions_reach_the_engine_in_order_through_the_child_that_maps_ids(
     reg = engine.metrics.registry
     assert reg.get_sample_value("ncf_stream_deletions_total",
                                 {"kind": "item", "outcome": "unknown"}) == 1
+
+
+def test_an_admin_deletion_reopens_the_child_that_maps_ids(
+    kafka_bootstrap: str, topics: tuple[str, str],
+) -> None:
+    """An admin deletion changes the engine's maps outside the stream; the child's maps
+    must follow, or the deleted user's next events would land on its tombstone."""
+    s = settings_for(kafka_bootstrap, topics).model_copy(update={
+        "device": "cpu", "factors": 8, "mlp_layers": (16, 8), "checkpoint_dir": "",
+        "publish_every_s": 1e-6, "eval_interval_s": 3600.0})
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+
+    def send(values: list[dict[str, object]]) -> None:
+        for v in values:
+            producer.send(topics[0], json.dumps(v).encode(), partition=0)
+        producer.flush()
+
+    def factory(resume: Resume) -> EventSource:
+        return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
+                             id_maps=(resume.user_ids, resume.item_ids))
+
+    def consume(engine: Engine, records: int) -> None:
+        deadline = time.monotonic() + 60
+        while engine.counters.consumed < records:
+            assert time.monotonic() < deadline, engine.status()
+            engine.cycle()
+
+    engine = Engine(s, factory)
+    try:
+        send([{"user": f"u{j % 3}", "item": f"i{j % 5}", "ts": float(j)} for j in range(12)])
+        consume(engine, 12)
+        old = int(engine.trainer.user_ids.rows(["u1"], add=False)[0])
+        engine.request_delete("user", "u1")
+        engine.cycle()
+        send([{"user": "u1", "item": "i9", "ts": 20.0}, {"user": "u7", "item": "i0", "ts": 21.0}])
+        consume(engine, 14)
+    finally:
+        producer.close()
+        engine.close(final_checkpoint=False)
+    t = engine.trainer
+    new = int(t.user_ids.rows(["u1"], add=False)[0])
+    assert new == 3 and t.user_ids.rows(["u7"], add=False).tolist() == [4]
+    assert len(t.store.seen(old)) == 0
+    assert t.item_ids.ids(t.store.seen(new)).tolist() == ["i9"]
