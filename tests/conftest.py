@@ -190,3 +190,22 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) 
         out.extend(consumer)
     consumer.close()
     return out
+
+
+def small_engine_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
+    """A tiny CPU engine that publishes on every cycle and never evaluates on its own."""
+    base: dict[str, Any] = dict(device="cpu", factors=8, mlp_layers=[16, 8], batch_size=512,
+                                eval_interval_s=3600.0, replay=False, publish_every_s=1e-6)
+    return Settings(**(base | overrides),
+                    checkpoint_dir=None if tmp_path is None else str(tmp_path))
+
+
+def drain_engine(engine: Any, after: int = 1) -> None:
+    """Cycle until the source is drained and every fresh positive trained, then ``after``
+    more cycles (replay steps, a publish)."""
+    for _ in range(400):
+        engine.cycle()
+        if engine.source is not None and engine.source.lag() == 0 and not engine.trainer.pending:
+            break
+    for _ in range(after):
+        engine.cycle()

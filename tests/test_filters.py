@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import drain_engine, small_engine_settings  # tests/conftest.py
 
 import ncf_stream.recommend as recommend
 from ncf_stream.catalogue import Catalogue, ItemAvailability
@@ -184,17 +185,7 @@ def test_availability_is_applied_in_order_and_remembered_for_unknown_items() -> 
 
 
 def engine_settings(tmp_path: Path | None = None) -> Settings:
-    return Settings(device="cpu", factors=8, mlp_layers=[16, 8], batch_size=512,
-                    eval_interval_s=3600.0, replay=False, publish_every_s=1e-6,
-                    checkpoint_dir=None if tmp_path is None else str(tmp_path))
-
-
-def drain(engine: Engine) -> None:
-    for _ in range(200):
-        engine.cycle()
-        if engine.source is not None and engine.source.lag() == 0 and not engine.trainer.pending:
-            break
-    engine.cycle()
+    return small_engine_settings(tmp_path)
 
 
 def test_engine_applies_availability_without_training_or_storing_it(tmp_path: Path) -> None:
@@ -204,7 +195,7 @@ def test_engine_applies_availability_without_training_or_storing_it(tmp_path: Pa
                                         ("never", False), ("never", True)]))
     later = Events.from_rows([("u-late", "later", 2e9, "interaction", 1.0)])
     engine = Engine(engine_settings(tmp_path), source)
-    drain(engine)
+    drain_engine(engine)
     interactions, trained = len(engine.trainer.store), engine.counters.trained
     n_items = len(engine.trainer.item_ids)
     assert "later" not in engine.trainer.item_ids and "never" not in engine.trainer.item_ids
@@ -216,12 +207,12 @@ def test_engine_applies_availability_without_training_or_storing_it(tmp_path: Pa
     assert snap.store.item_counts[first] > 0  # it keeps its history
     assert engine.catalogue.availability.ids() == sorted([str(events.items[0]), "later"])
     source.push(Availability.from_rows([(str(events.items[0]), True)]))
-    drain(engine)
+    drain_engine(engine)
     assert (len(engine.trainer.store), engine.counters.trained) == (interactions, trained)
     assert len(engine.trainer.item_ids) == n_items
     assert engine.holder.get().unavailable.tolist() == []  # type: ignore[union-attr]
     source.push(later)  # the item remembered by id is unavailable once it appears
-    drain(engine)
+    drain_engine(engine)
     snap = engine.holder.get()
     assert snap is not None
     assert snap.unavailable.tolist() == snap.item_rows(["later"]).tolist()

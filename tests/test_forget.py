@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import drain_engine, small_engine_settings  # tests/conftest.py
 
 from ncf_stream import checkpoint
 from ncf_stream.engine import Engine
@@ -34,10 +35,9 @@ GONE_ITEM = "item-to-forget-c21e"
 
 
 def settings(tmp_path: Path | None, **kw: Any) -> Settings:
-    return Settings(device="cpu", factors=8, mlp_layers=(16, 8), batch_size=256,
-                    eval_interval_s=3600.0, replay=True, publish_every_s=1e-6,
-                    history_length=4, holdout_fraction=1.0, min_history=2,
-                    checkpoint_dir=None if tmp_path is None else str(tmp_path), **kw)
+    return small_engine_settings(tmp_path, **({"batch_size": 256, "replay": True,
+                                               "history_length": 4, "holdout_fraction": 1.0,
+                                               "min_history": 2} | kw))
 
 
 def stream(seed: int = 3, n: int = 3000, users: int = 60, items: int = 80,
@@ -53,15 +53,6 @@ def stream(seed: int = 3, n: int = 3000, users: int = 60, items: int = 80,
     ts = t0 + np.arange(n, dtype=np.float64)
     return Events.from_rows([(a, b, float(t), "interaction", 1.0)
                              for a, b, t in zip(u, i, ts, strict=True)])
-
-
-def drain(engine: Engine) -> None:
-    for _ in range(400):
-        engine.cycle()
-        if engine.source is not None and engine.source.lag() == 0 and not engine.trainer.pending:
-            break
-    for _ in range(3):  # a few replay steps after the last event, then publish
-        engine.cycle()
 
 
 def deletions(*pairs: tuple[str, str]) -> Deletions:
@@ -254,7 +245,7 @@ def test_after_deletion_nothing_of_the_ids_is_served_or_checkpointed(tmp_path: P
     events = stream()
     source = MemorySource(events, batch_size=500)
     engine = Engine(settings(tmp_path), source)
-    drain(engine)
+    drain_engine(engine, after=3)
     t = engine.trainer
     user_row = int(t.user_ids.rows([GONE_USER], add=False)[0])
     item_row = int(t.item_ids.rows([GONE_ITEM], add=False)[0])
@@ -262,7 +253,7 @@ def test_after_deletion_nothing_of_the_ids_is_served_or_checkpointed(tmp_path: P
     source.push(Availability.from_rows([(GONE_ITEM, False)]))
     source.push(Deletions.from_rows([("user", GONE_USER, 0), ("item", GONE_ITEM, 0),
                                      ("item", "never-seen", 0)]))
-    drain(engine)
+    drain_engine(engine, after=3)
     snap = engine.holder.get()
     assert snap is not None and snap.events == engine.counters.consumed
     assert_user_gone(snap, user_row)
@@ -300,7 +291,7 @@ def test_after_deletion_nothing_of_the_ids_is_served_or_checkpointed(tmp_path: P
     # A restart from it serves the same: the ids are still gone, a new event starts over.
     again = Engine(settings(tmp_path), MemorySource(Events.from_rows(
         [(GONE_USER, "i1", 2e6, "interaction", 1.0)]), offset=engine.counters.consumed))
-    drain(again)
+    drain_engine(again, after=3)
     snap = again.holder.get()
     assert snap is not None
     new_row = snap.user_row(GONE_USER)
@@ -309,7 +300,7 @@ def test_after_deletion_nothing_of_the_ids_is_served_or_checkpointed(tmp_path: P
 
 def test_admin_requests_are_applied_by_the_loop_and_force_a_checkpoint(tmp_path: Path) -> None:
     engine = Engine(settings(tmp_path), MemorySource(stream(n=800), batch_size=400))
-    drain(engine)
+    drain_engine(engine, after=3)
     engine.checkpoint()
     version = engine.publisher.version
     engine.request_delete("user", GONE_USER)
@@ -328,7 +319,7 @@ def test_retention_bounds_the_store_to_the_window() -> None:
     window = 500.0
     engine = Engine(settings(None, retention_s=window), MemorySource(
         stream(n=6000, t0=0.0), batch_size=250))
-    drain(engine)
+    drain_engine(engine, after=3)
     store = engine.trainer.store
     _, vals = store._pairs.arrays()
     newest = 5999.0
@@ -348,7 +339,7 @@ def test_answers_from_the_snapshot_before_a_deletion_leave_the_item_out() -> Non
     publish, the deleted item's row is still in its answers but has no id any more; it
     is left out, never answered as null (a 5xx in the API's response models)."""
     engine = Engine(settings(None), MemorySource(stream(n=1500), batch_size=500))
-    drain(engine)
+    drain_engine(engine, after=3)
     snap = engine.holder.get()
     assert snap is not None
     r = engine.recommender

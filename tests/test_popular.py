@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import drain_engine, small_engine_settings  # tests/conftest.py
 
 from ncf_stream.catalogue import BUCKETS, Catalogue, RecentCounts
 from ncf_stream.engine import Engine
@@ -62,18 +63,7 @@ def test_a_jump_past_the_window_empties_it_and_old_events_are_dropped() -> None:
 
 
 def settings(tmp_path: Path | None, window: float = WINDOW) -> Settings:
-    return Settings(device="cpu", factors=8, mlp_layers=[16, 8], batch_size=512,
-                    eval_interval_s=3600.0, replay=False, publish_every_s=1e-6,
-                    popular_window_s=window,
-                    checkpoint_dir=None if tmp_path is None else str(tmp_path))
-
-
-def drain(engine: Engine) -> None:
-    for _ in range(200):
-        engine.cycle()
-        if engine.source is not None and engine.source.lag() == 0 and not engine.trainer.pending:
-            break
-    engine.cycle()
+    return small_engine_settings(tmp_path, popular_window_s=window)
 
 
 def stream(seed: int = 5, n: int = 3000) -> Events:
@@ -90,7 +80,7 @@ def test_popular_from_the_engine_is_a_brute_force_count_without_unavailable_item
     events = stream()
     source = MemorySource(events, batch_size=700)
     engine = Engine(settings(tmp_path), source)
-    drain(engine)
+    drain_engine(engine)
     rec = Recommender(engine.holder, max_k=50)
     rows = engine.trainer.item_ids.rows(events.items, add=False)
     want = brute_counts(rows, events.ts, len(engine.trainer.item_ids))
@@ -99,7 +89,7 @@ def test_popular_from_the_engine_is_a_brute_force_count_without_unavailable_item
     assert got.items == engine.trainer.item_ids.ids(np.array(top)).tolist()
     assert got.counts == counts and got.window_s == WINDOW
     source.push(Availability.from_rows([(got.items[0], False)]))
-    drain(engine)
+    drain_engine(engine)
     after = rec.popular(10)
     assert after.items == got.items[1:11] and after.counts == got.counts[1:11]
     with pytest.raises(BadInput):
@@ -120,7 +110,7 @@ def test_known_items_are_newest_first_paged_and_snapshot_consistent() -> None:
     events = stream(seed=7)
     source = MemorySource(events, batch_size=1000)
     engine = Engine(settings(None), source)
-    drain(engine)
+    drain_engine(engine)
     rec = Recommender(engine.holder)
     store = engine.trainer.store
     assert store._t0 is not None
