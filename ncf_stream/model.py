@@ -150,6 +150,8 @@ class NeuMF(nn.Module):
         self.users = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.items = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.item_hidden: torch.Tensor | None = None  # frozen copies only (frozen_copy)
+        # The mean user row, frozen copies only: where an anonymous row may start.
+        self.mean_user: torch.Tensor | None = None
         # The history input (ncf_stream.history): a user's row plus the decayed mean of
         # the context rows of their recent items. None: the paper's model.
         self.context: Table | None = None
@@ -181,14 +183,20 @@ class NeuMF(nn.Module):
         rows = self.users.weight[users]
         if self.context is None or self.recent is None or len(users) == 0:
             return rows
-        recent = self.recent.of(users.cpu().numpy())
+        return rows + self.history_rows(self.recent.of(users.cpu().numpy()))
+
+    def history_rows(self, recent: np.ndarray) -> torch.Tensor:
+        """The history input of each row of ``recent`` (n, L) item rows, newest first,
+        -1 padding: the decayed mean of their context rows. (n, row_dim); zeros for a
+        row without items. Needs the history input (``context``)."""
+        if self.context is None:
+            raise ConfigError("the model has no history input (history_length is 0)")
         valid = recent >= 0
         w = self.history_weights(valid)
-        ctx = F.embedding_bag(
+        return F.embedding_bag(
             torch.from_numpy(recent[valid]).to(self.device), self.context.weight,
             torch.from_numpy(bag_offsets(valid)).to(self.device), mode="sum",
             per_sample_weights=torch.from_numpy(w[valid]).to(self.device))
-        return rows + ctx
 
     @torch.no_grad()
     def frozen_copy(self, item_hidden: bool = True) -> NeuMF:
@@ -209,6 +217,8 @@ class NeuMF(nn.Module):
         # scoring the whole catalogue as cheap as a flat index search.
         copy.item_hidden = copy.tower.first_item(
             copy.items.weight[: copy.n_items, self.cfg.factors:]) if item_hidden else None
+        copy.mean_user = (copy.users.weight.mean(0) if copy.n_users
+                          else torch.zeros(self.cfg.row_dim, device=self.device))
         copy.context, copy.recent, copy._decay = None, None, self._decay
         if self.context is not None and self.recent is not None:
             copy.context = Table(self.context.weight[: self.context.rows].clone(),
@@ -249,8 +259,14 @@ class NeuMF(nn.Module):
         The user's halves are computed once; the items' first-layer halves come from
         the snapshot's cache when there is one. Equal to ``forward`` up to float rounding.
         """
+        return self.row_logits(self.user_rows(torch.tensor([user], device=self.device))[0],
+                               items)
+
+    def row_logits(self, u: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`user_logits` for an effective row ``u`` (row_dim,) rather than a user:
+        one that is not in the table (an anonymous request's, ncf_stream.anonymous).
+        Differentiable in ``u``; the caller decides on ``no_grad``."""
         f, tower = self.cfg.factors, self.tower
-        u = self.user_rows(torch.tensor([user], device=self.device))[0]
         hidden = self.item_hidden
         if items is None:
             rows = self.items.weight[: self.n_items]
@@ -320,9 +336,13 @@ class NeuMF(nn.Module):
 
     def retrieval_queries(self, users: torch.Tensor, a_ref: torch.Tensor) -> torch.Tensor:
         """(B, factors + hidden + 1) queries matching :meth:`retrieval_items`."""
-        f = self.cfg.factors
         with torch.no_grad():
-            rows = self.user_rows(users)
-            a = self.tower.first_user(rows[:, f:]) - a_ref
-            ones = torch.ones(len(rows), 1, device=rows.device)
-            return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)
+            return self.row_queries(self.user_rows(users), a_ref)
+
+    @torch.no_grad()
+    def row_queries(self, rows: torch.Tensor, a_ref: torch.Tensor) -> torch.Tensor:
+        """:meth:`retrieval_queries` for effective rows (B, row_dim) rather than users."""
+        f = self.cfg.factors
+        a = self.tower.first_user(rows[:, f:]) - a_ref
+        ones = torch.ones(len(rows), 1, device=rows.device)
+        return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)

@@ -283,6 +283,25 @@ class Settings(BaseSettings):
                     "one daily cycle, so what is popular does not swing between day and night, "
                     "yet today's items outrank last week's.")
 
+    # ---- Anonymous requests (ncf_stream.anonymous) -------------------------------------------
+    anonymous_steps: int = Field(
+        10, ge=0, le=200,
+        description="POST /v1/recommend with items instead of a user fits a temporary user row "
+                    "to them in this many optimizer steps (Adagrad, all on one batch of the "
+                    "items and their negatives) against the frozen snapshot. TODO")
+    anonymous_lr: float = Field(
+        0.1, gt=0,
+        description="Adagrad step size of the anonymous fit. TODO")
+    anonymous_negatives: int = Field(
+        4, ge=1, le=32,
+        description="Negatives per given item in the anonymous fit, drawn uniformly from the "
+                    "catalogue less the given items, seeded by the items (the same items get "
+                    "the same answer). 4: the paper's and the trainer's default.")
+    anonymous_init: Literal["zeros", "mean"] = Field(
+        "mean",
+        description="Where the anonymous row starts: zeros, or the snapshot's mean user row. "
+                    "TODO")
+
     # ---- Evaluation -----------------------------------------------------------------------------
     eval_interval_s: float = Field(
         60.0, gt=0, description="Seconds between periodic evaluations.")
@@ -465,6 +484,7 @@ SECTIONS: Mapping[str, str] = {
     "max_record_bytes": "Event contract",
     "device": "Model and training",
     "publish_every_s": "Snapshots and retrieval",
+    "anonymous_steps": "Anonymous requests",
     "eval_interval_s": "Evaluation",
     "checkpoint_dir": "Checkpoints",
     "http_host": "Serving",
