@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ncf_stream/proto/recommender.proto\x12\rncf_stream.v1\"\xb1\x01\n\x10RecommendRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x14\n\x07\x65xclude\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x15\n\rexclude_items\x18\x05 \x03(\t\x12\x14\n\x0cinclude_only\x18\x06 \x03(\tB\x04\n\x02_kB\x0f\n\r_exclude_seenB\n\n\x08_exclude\")\n\nScoredItem\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"v\n\x11RecommendResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.ncf_stream.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x12\n\ncold_start\x18\x04 \x01(\x08\"\xb7\x01\n\x15RecommendBatchRequest\x12\r\n\x05users\x18\x01 \x03(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x14\n\x07\x65xclude\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x15\n\rexclude_items\x18\x05 \x03(\t\x12\x14\n\x0cinclude_only\x18\x06 \x03(\tB\x04\n\x02_kB\x0f\n\r_exclude_seenB\n\n\x08_exclude\"K\n\x16RecommendBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .ncf_stream.v1.RecommendResponse\"+\n\x0cScoreRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x03(\t\"7\n\tItemScore\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05known\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x01\"^\n\rScoreResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.ncf_stream.v1.ItemScore\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"4\n\x0eSimilarRequest\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_k\"`\n\x0fSimilarResponse\x12\x0c\n\x04item\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.ncf_stream.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"&\n\x0ePopularRequest\x12\x0e\n\x01k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_k\"*\n\x0bPopularItem\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"k\n\x0fPopularResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.ncf_stream.v1.PopularItem\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"^\n\x10UserItemsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x13\n\x06offset\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\t\n\x07_offsetB\x08\n\x06_limit\"%\n\tKnownItem\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\n\n\x02ts\x18\x02 \x01(\x01\"p\n\x11UserItemsResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.ncf_stream.v1.KnownItem\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x0f\n\rStatusRequest\"\x99\x02\n\x0eStatusResponse\x12\x17\n\x0f\x65vents_consumed\x18\x01 \x01(\x03\x12\x17\n\x0f\x65vents_rejected\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_trained\x18\x03 \x01(\x03\x12\x14\n\x0c\x63onsumer_lag\x18\x04 \x01(\x03\x12\r\n\x05users\x18\x05 \x01(\x03\x12\r\n\x05items\x18\x06 \x01(\x03\x12\x14\n\x0cinteractions\x18\x07 \x01(\x03\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x17\n\x0fsnapshot_events\x18\t \x01(\x03\x12\x1c\n\x14snapshot_age_seconds\x18\n \x01(\x01\x12\x0e\n\x06ingest\x18\x0b \x01(\t\x12\x15\n\ringest_reason\x18\x0c \x01(\t2\xab\x04\n\x0bRecommender\x12N\n\tRecommend\x12\x1f.ncf_stream.v1.RecommendRequest\x1a .ncf_stream.v1.RecommendResponse\x12]\n\x0eRecommendBatch\x12$.ncf_stream.v1.RecommendBatchRequest\x1a%.ncf_stream.v1.RecommendBatchResponse\x12\x42\n\x05Score\x12\x1b.ncf_stream.v1.ScoreRequest\x1a\x1c.ncf_stream.v1.ScoreResponse\x12H\n\x07Similar\x12\x1d.ncf_stream.v1.SimilarRequest\x1a\x1e.ncf_stream.v1.SimilarResponse\x12H\n\x07Popular\x12\x1d.ncf_stream.v1.PopularRequest\x1a\x1e.ncf_stream.v1.PopularResponse\x12N\n\tUserItems\x12\x1f.ncf_stream.v1.UserItemsRequest\x1a .ncf_stream.v1.UserItemsResponse\x12\x45\n\x06Status\x12\x1c.ncf_stream.v1.StatusRequest\x1a\x1d.ncf_stream.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ncf_stream/proto/recommender.proto\x12\rncf_stream.v1\"\xc0\x01\n\x10RecommendRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x14\n\x07\x65xclude\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x15\n\rexclude_items\x18\x05 \x03(\t\x12\x14\n\x0cinclude_only\x18\x06 \x03(\t\x12\r\n\x05items\x18\x07 \x03(\tB\x04\n\x02_kB\x0f\n\r_exclude_seenB\n\n\x08_exclude\")\n\nScoredItem\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\x89\x01\n\x11RecommendResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.ncf_stream.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x11\n\tanonymous\x18\x05 \x01(\x08\"\xb7\x01\n\x15RecommendBatchRequest\x12\r\n\x05users\x18\x01 \x03(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x14\n\x07\x65xclude\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x15\n\rexclude_items\x18\x05 \x03(\t\x12\x14\n\x0cinclude_only\x18\x06 \x03(\tB\x04\n\x02_kB\x0f\n\r_exclude_seenB\n\n\x08_exclude\"K\n\x16RecommendBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .ncf_stream.v1.RecommendResponse\"+\n\x0cScoreRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x03(\t\"7\n\tItemScore\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05known\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x01\"^\n\rScoreResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.ncf_stream.v1.ItemScore\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"4\n\x0eSimilarRequest\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_k\"`\n\x0fSimilarResponse\x12\x0c\n\x04item\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.ncf_stream.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"&\n\x0ePopularRequest\x12\x0e\n\x01k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_k\"*\n\x0bPopularItem\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"k\n\x0fPopularResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.ncf_stream.v1.PopularItem\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"^\n\x10UserItemsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x13\n\x06offset\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\t\n\x07_offsetB\x08\n\x06_limit\"%\n\tKnownItem\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\n\n\x02ts\x18\x02 \x01(\x01\"p\n\x11UserItemsResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.ncf_stream.v1.KnownItem\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x0f\n\rStatusRequest\"\x99\x02\n\x0eStatusResponse\x12\x17\n\x0f\x65vents_consumed\x18\x01 \x01(\x03\x12\x17\n\x0f\x65vents_rejected\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_trained\x18\x03 \x01(\x03\x12\x14\n\x0c\x63onsumer_lag\x18\x04 \x01(\x03\x12\r\n\x05users\x18\x05 \x01(\x03\x12\r\n\x05items\x18\x06 \x01(\x03\x12\x14\n\x0cinteractions\x18\x07 \x01(\x03\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x17\n\x0fsnapshot_events\x18\t \x01(\x03\x12\x1c\n\x14snapshot_age_seconds\x18\n \x01(\x01\x12\x0e\n\x06ingest\x18\x0b \x01(\t\x12\x15\n\ringest_reason\x18\x0c \x01(\t2\xab\x04\n\x0bRecommender\x12N\n\tRecommend\x12\x1f.ncf_stream.v1.RecommendRequest\x1a .ncf_stream.v1.RecommendResponse\x12]\n\x0eRecommendBatch\x12$.ncf_stream.v1.RecommendBatchRequest\x1a%.ncf_stream.v1.RecommendBatchResponse\x12\x42\n\x05Score\x12\x1b.ncf_stream.v1.ScoreRequest\x1a\x1c.ncf_stream.v1.ScoreResponse\x12H\n\x07Similar\x12\x1d.ncf_stream.v1.SimilarRequest\x1a\x1e.ncf_stream.v1.SimilarResponse\x12H\n\x07Popular\x12\x1d.ncf_stream.v1.PopularRequest\x1a\x1e.ncf_stream.v1.PopularResponse\x12N\n\tUserItems\x12\x1f.ncf_stream.v1.UserItemsRequest\x1a .ncf_stream.v1.UserItemsResponse\x12\x45\n\x06Status\x12\x1c.ncf_stream.v1.StatusRequest\x1a\x1d.ncf_stream.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,41 +32,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ncf_stream.proto.recommende
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECOMMENDREQUEST']._serialized_start=54
-  _globals['_RECOMMENDREQUEST']._serialized_end=231
-  _globals['_SCOREDITEM']._serialized_start=233
-  _globals['_SCOREDITEM']._serialized_end=274
-  _globals['_RECOMMENDRESPONSE']._serialized_start=276
-  _globals['_RECOMMENDRESPONSE']._serialized_end=394
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=397
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=580
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=582
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=657
-  _globals['_SCOREREQUEST']._serialized_start=659
-  _globals['_SCOREREQUEST']._serialized_end=702
-  _globals['_ITEMSCORE']._serialized_start=704
-  _globals['_ITEMSCORE']._serialized_end=759
-  _globals['_SCORERESPONSE']._serialized_start=761
-  _globals['_SCORERESPONSE']._serialized_end=855
-  _globals['_SIMILARREQUEST']._serialized_start=857
-  _globals['_SIMILARREQUEST']._serialized_end=909
-  _globals['_SIMILARRESPONSE']._serialized_start=911
-  _globals['_SIMILARRESPONSE']._serialized_end=1007
-  _globals['_POPULARREQUEST']._serialized_start=1009
-  _globals['_POPULARREQUEST']._serialized_end=1047
-  _globals['_POPULARITEM']._serialized_start=1049
-  _globals['_POPULARITEM']._serialized_end=1091
-  _globals['_POPULARRESPONSE']._serialized_start=1093
-  _globals['_POPULARRESPONSE']._serialized_end=1200
-  _globals['_USERITEMSREQUEST']._serialized_start=1202
-  _globals['_USERITEMSREQUEST']._serialized_end=1296
-  _globals['_KNOWNITEM']._serialized_start=1298
-  _globals['_KNOWNITEM']._serialized_end=1335
-  _globals['_USERITEMSRESPONSE']._serialized_start=1337
-  _globals['_USERITEMSRESPONSE']._serialized_end=1449
-  _globals['_STATUSREQUEST']._serialized_start=1451
-  _globals['_STATUSREQUEST']._serialized_end=1466
-  _globals['_STATUSRESPONSE']._serialized_start=1469
-  _globals['_STATUSRESPONSE']._serialized_end=1750
-  _globals['_RECOMMENDER']._serialized_start=1753
-  _globals['_RECOMMENDER']._serialized_end=2308
+  _globals['_RECOMMENDREQUEST']._serialized_end=246
+  _globals['_SCOREDITEM']._serialized_start=248
+  _globals['_SCOREDITEM']._serialized_end=289
+  _globals['_RECOMMENDRESPONSE']._serialized_start=292
+  _globals['_RECOMMENDRESPONSE']._serialized_end=429
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=432
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=615
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=617
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=692
+  _globals['_SCOREREQUEST']._serialized_start=694
+  _globals['_SCOREREQUEST']._serialized_end=737
+  _globals['_ITEMSCORE']._serialized_start=739
+  _globals['_ITEMSCORE']._serialized_end=794
+  _globals['_SCORERESPONSE']._serialized_start=796
+  _globals['_SCORERESPONSE']._serialized_end=890
+  _globals['_SIMILARREQUEST']._serialized_start=892
+  _globals['_SIMILARREQUEST']._serialized_end=944
+  _globals['_SIMILARRESPONSE']._serialized_start=946
+  _globals['_SIMILARRESPONSE']._serialized_end=1042
+  _globals['_POPULARREQUEST']._serialized_start=1044
+  _globals['_POPULARREQUEST']._serialized_end=1082
+  _globals['_POPULARITEM']._serialized_start=1084
+  _globals['_POPULARITEM']._serialized_end=1126
+  _globals['_POPULARRESPONSE']._serialized_start=1128
+  _globals['_POPULARRESPONSE']._serialized_end=1235
+  _globals['_USERITEMSREQUEST']._serialized_start=1237
+  _globals['_USERITEMSREQUEST']._serialized_end=1331
+  _globals['_KNOWNITEM']._serialized_start=1333
+  _globals['_KNOWNITEM']._serialized_end=1370
+  _globals['_USERITEMSRESPONSE']._serialized_start=1372
+  _globals['_USERITEMSRESPONSE']._serialized_end=1484
+  _globals['_STATUSREQUEST']._serialized_start=1486
+  _globals['_STATUSREQUEST']._serialized_end=1501
+  _globals['_STATUSRESPONSE']._serialized_start=1504
+  _globals['_STATUSRESPONSE']._serialized_end=1785
+  _globals['_RECOMMENDER']._serialized_start=1788
+  _globals['_RECOMMENDER']._serialized_end=2343
 # @@protoc_insertion_point(module_scope)
