@@ -119,9 +119,10 @@ def request_models(max_k: int) -> tuple[Any, Any, Any, Any]:
                     "are ignored; default: the whole catalogue")]
     recommend = create_model(
         "RecommendRequest", __base__=_UserOrItems,
-        user=(Id | None, Field(None, description="user id; an unknown user gets popular "
-                                                 "items. Exactly one of user and items")),
-        items=(list[Id] | None, Field(
+        # Not nullable, default absent: present means given, as the schema's oneOf says.
+        user=(Id, Field(None, description="user id; an unknown user gets popular "
+                                          "items. Exactly one of user and items")),
+        items=(list[Id], Field(
             None, min_length=1, max_length=MAX_ANONYMOUS_ITEMS,
             description="instead of a user: items someone interacted with, oldest first (a "
                         "session); the answer is ranked for a row fitted to them and never "

@@ -290,7 +290,7 @@ class Settings(BaseSettings):
                     "to them in this many optimizer steps (Adagrad, all on one batch of the "
                     "items and their negatives) against the frozen snapshot. TODO")
     anonymous_lr: float = Field(
-        0.1, gt=0,
+        0.5, gt=0,
         description="Adagrad step size of the anonymous fit. TODO")
     anonymous_negatives: int = Field(
         4, ge=1, le=32,
@@ -298,7 +298,7 @@ class Settings(BaseSettings):
                     "catalogue less the given items, seeded by the items (the same items get "
                     "the same answer). 4: the paper's and the trainer's default.")
     anonymous_init: Literal["zeros", "mean"] = Field(
-        "mean",
+        "zeros",
         description="Where the anonymous row starts: zeros, or the snapshot's mean user row. "
                     "TODO")
 
