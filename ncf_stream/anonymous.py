@@ -123,11 +123,13 @@ def fit_row(model: NeuMF, rows: np.ndarray, cfg: AnonymousConfig) -> AnonymousUs
                else torch.zeros(model.cfg.row_dim, device=model.device))
     row = start_row(model, cfg.init)
     acc = torch.zeros_like(row)
+    with torch.no_grad():  # the items' side is fixed: gathered once, not per step
+        gmf, c = model.item_parts(items)
     with torch.enable_grad():
         for _ in range(cfg.steps):
             leaf = row.requires_grad_()
             loss = F.binary_cross_entropy_with_logits(
-                model.row_logits(leaf + history, items), labels, reduction="sum")
+                model.logits_from_parts(leaf + history, gmf, c), labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, leaf)
             with torch.no_grad():
                 acc.addcmul_(grad, grad)

@@ -266,6 +266,14 @@ class NeuMF(nn.Module):
         """:meth:`user_logits` for an effective row ``u`` (row_dim,) rather than a user:
         one that is not in the table (an anonymous request's, ncf_stream.anonymous).
         Differentiable in ``u``; the caller decides on ``no_grad``."""
+        return self.logits_from_parts(u, *self.item_parts(items))
+
+    def item_parts(self, items: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a row's logits need of item rows (default: the catalogue): their GMF
+        factors times h_G (n, factors), and their first-layer halves (n, hidden), from
+        the snapshot's cache when there is one. Fixed for a frozen model, so a caller
+        scoring many rows against the same items computes them once."""
         f, tower = self.cfg.factors, self.tower
         hidden = self.item_hidden
         if items is None:
@@ -275,9 +283,14 @@ class NeuMF(nn.Module):
             items = items.to(self.device)
             rows = self.items.weight[items]
             c = hidden[items] if hidden is not None else tower.first_item(rows[:, f:])
+        return rows[:, :f] * tower.out_gmf.weight[0], c
+
+    def logits_from_parts(self, u: torch.Tensor, gmf: torch.Tensor,
+                          c: torch.Tensor) -> torch.Tensor:
+        """Logits (n,) of an effective row ``u`` (row_dim,) against :meth:`item_parts`."""
+        f, tower = self.cfg.factors, self.tower
         a = tower.first_user(u[f:])
-        gmf = rows[:, :f] @ (u[:f] * tower.out_gmf.weight[0])
-        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf
+        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf @ u[:f]
 
     @torch.no_grad()
     def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
