@@ -11,7 +11,8 @@ hold-out is then ranked twice by that one snapshot:
 * **anonymous**: a row fitted to the user's training items (every item they
   touched but the hold-out, oldest first, at most the request limit of 1,000:
   the newest), exactly as ``POST /v1/recommend`` with ``items`` fits it
-  (:func:`ncf_stream.anonymous.fit_row`), the user's own row unused.
+  (:func:`ncf_stream.anonymous.fit_row`, negatives drawn as the stream's trainer
+  draws them), the user's own row unused.
 
 Both go through quality.py's ``ranks`` (HR@10 and NDCG@10 against the 99 sampled
 evaluation negatives, and over the full catalogue less the user's items) and
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import quality as q  # bench/quality.py
 
-from ncf_stream.anonymous import AnonymousConfig, fit_row
+from ncf_stream.anonymous import AnonymousConfig, fit_row, negative_cdf
 from ncf_stream.api import MAX_ANONYMOUS_ITEMS
 from ncf_stream.engine import Engine
 from ncf_stream.evaluate import CatalogueScorer
@@ -55,17 +56,18 @@ from ncf_stream.readers import read_events
 from ncf_stream.recommend import logits_of
 from ncf_stream.snapshot import Snapshot
 
-GRID: dict[str, list[Any]] = {"steps": [0, 5, 10], "lr": [0.1, 0.3, 1.0],
+GRID: dict[str, list[Any]] = {"steps": [0, 5, 10], "lr": [0.03, 0.1, 0.3],
                               "init": ["zeros", "mean"]}
 
 
-def grid() -> list[AnonymousConfig]:
-    """Every point; steps 0 (the start row plus the history input) once per start."""
+def grid(alpha: float) -> list[AnonymousConfig]:
+    """Every point; steps 0 (the start row plus the history input) once per start. The
+    negatives are drawn as the stream's trainer draws them (its ``negative_alpha``)."""
     out = []
     for steps, lr, init in itertools.product(*GRID.values()):
         if steps == 0 and lr != GRID["lr"][0]:
             continue
-        out.append(AnonymousConfig(steps=steps, lr=lr, init=init))
+        out.append(AnonymousConfig(steps=steps, lr=lr, init=init, alpha=alpha))
     return out
 
 
@@ -101,12 +103,13 @@ def anonymous_scorer(snap: Snapshot, cfg: AnonymousConfig,
     ho_users = snap.store.holdout.users
     position = {int(u): i for i, u in enumerate(ho_users.tolist())}
     cache: dict[int, np.ndarray] = {}
+    cdf = negative_cdf(snap.store.item_counts, snap.n_items, cfg.alpha)
 
     def score(users: np.ndarray) -> np.ndarray:
         out = np.empty((len(users), snap.n_items), dtype=np.float32)
         for j, user in enumerate(users.tolist()):
             if user not in cache:
-                row = fit_row(snap.model, items[position[user]], cfg)
+                row = fit_row(snap.model, items[position[user]], cfg, cdf)
                 cache[user] = logits_of(snap, row).numpy()
             out[j] = cache[user]
         return out
@@ -127,14 +130,15 @@ def select(split: q.Split, budget: q.Budget, cfg: dict[str, Any]) -> tuple[
     snap = fitted_snapshot(split, budget, cfg)
     items = sessions(snap)
     trials = []
-    for point in grid():
+    points = grid(cfg.get("negative_alpha", 0.0))
+    for point in points:
         start = time.perf_counter()
         values = q.per_user([q.ranks(anonymous_scorer(snap, point, items), snap.store)])
         trials.append({"config": label(point), **means(values)})
         print(f"  validation {label(point)}: {trials[-1]} "
               f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     best = max(range(len(trials)), key=lambda i: trials[i][q.SELECT_METRIC])
-    return grid()[best], trials
+    return points[best], trials
 
 
 def test(split: q.Split, budget: q.Budget, cfg: dict[str, Any],

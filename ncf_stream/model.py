@@ -293,6 +293,38 @@ class NeuMF(nn.Module):
         return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf @ u[:f]
 
     @torch.no_grad()
+    def row_bce_grad(self, u: torch.Tensor, gmf: torch.Tensor, c: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+        """Gradient in ``u`` (row_dim,) of the summed binary cross-entropy of
+        :meth:`logits_from_parts` against 0/1 ``labels``: backpropagation written out
+        for the tower's Linear and ReLU layers, so a step is a handful of kernels. For
+        the few dozen rows of a session autograd's bookkeeping costs 2-3x the
+        arithmetic, and a fit takes several steps per request (ncf_stream.anonymous).
+        Equal to autograd's gradient (tests/test_anonymous.py). Eval mode only:
+        dropout is then the identity."""
+        f, tower = self.cfg.factors, self.tower
+        if tower.training:
+            raise RuntimeError("row_bce_grad needs the tower in eval mode")
+        x = c + tower.first_user(u[f:])  # (n, H)
+        backward: list[torch.Tensor | nn.Linear] = []  # per layer: its weight, or a mask
+        for layer in tower.mlp:
+            if isinstance(layer, nn.Linear):
+                x = layer(x)
+                backward.append(layer)
+            elif isinstance(layer, nn.ReLU):
+                mask = x > 0
+                x = x * mask
+                backward.append(mask)
+            elif not isinstance(layer, nn.Dropout):
+                raise TypeError(f"row_bce_grad cannot differentiate {layer}")
+        logits = tower.out_mlp(x).squeeze(-1) + gmf @ u[:f]
+        r = torch.sigmoid(logits) - labels  # dL/dlogit, (n,)
+        g = torch.outer(r, tower.out_mlp.weight[0])  # (n, last)
+        for step in reversed(backward):
+            g = g @ step.weight if isinstance(step, nn.Linear) else g * step
+        return torch.cat([r @ gmf, g.sum(0) @ tower.first_user.weight])
+
+    @torch.no_grad()
     def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
                      max_elements: int = 1 << 20) -> torch.Tensor:
         """Logits of every user against every item (default: the catalogue): (U, I).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncf_stream.anonymous import AnonymousConfig, AnonymousUser, fit_row
+from ncf_stream.anonymous import AnonymousConfig, AnonymousUser, fit_row, negative_cdf
 from ncf_stream.api import (
     DEFAULT_K,
     DEFAULT_PAGE,
@@ -112,6 +112,9 @@ class Recommender:
         self.exact_items = exact_items
         self.max_k = max_k
         self.anonymous = anonymous or AnonymousConfig()
+        # (snapshot version, its negatives' draw weights): computed once per snapshot
+        # (O(items)), not per anonymous request. One tuple, swapped whole: no lock.
+        self._negatives: tuple[int, np.ndarray | None] = (0, None)
 
     def snapshot(self) -> Snapshot:
         snap = self.holder.get()
@@ -159,8 +162,15 @@ class Recommender:
         rows = rows[rows >= 0]
         if not len(rows):
             return self._cold_start(snap, "", k, narrow, anonymous=True)
-        return self._ranked(snap, "", fit_row(snap.model, rows, self.anonymous), k, exclude,
-                            narrow)
+        user = fit_row(snap.model, rows, self.anonymous, self._negative_cdf(snap))
+        return self._ranked(snap, "", user, k, exclude, narrow)
+
+    def _negative_cdf(self, snap: Snapshot) -> np.ndarray | None:
+        version, cdf = self._negatives
+        if version != snap.version:
+            cdf = negative_cdf(snap.store.item_counts, snap.n_items, self.anonymous.alpha)
+            self._negatives = (snap.version, cdf)
+        return cdf
 
     def _ranked(self, snap: Snapshot, name: str, user: User, k: int, exclude: Exclude,
                 narrow: _Narrowing) -> Recommendation:

@@ -294,9 +294,10 @@ class Settings(BaseSettings):
         description="Adagrad step size of the anonymous fit. TODO")
     anonymous_negatives: int = Field(
         4, ge=1, le=32,
-        description="Negatives per given item in the anonymous fit, drawn uniformly from the "
-                    "catalogue less the given items, seeded by the items (the same items get "
-                    "the same answer). 4: the paper's and the trainer's default.")
+        description="Negatives per given item in the anonymous fit, drawn from the catalogue "
+                    "less the given items as the trainer draws them (negative_alpha), seeded "
+                    "by the items (the same items get the same answer). 4: the paper's and "
+                    "the trainer's default.")
     anonymous_init: Literal["zeros", "mean"] = Field(
         "zeros",
         description="Where the anonymous row starts: zeros, or the snapshot's mean user row. "

@@ -19,6 +19,7 @@ from ncf_stream.anonymous import (
     draw_negatives,
     fit_row,
     history_recent,
+    negative_cdf,
     request_seed,
 )
 from ncf_stream.errors import BadInput
@@ -100,6 +101,16 @@ def test_negatives_never_hit_the_given_items_and_fill_a_crowded_catalogue() -> N
     crowded = np.arange(9)  # one item left: drawn from the complement
     assert draw_negatives(10, crowded, 7, rng).tolist() == [9] * 7
     assert len(draw_negatives(10, np.arange(10), 7, rng)) == 0
+    # By weight, as the trainer draws: an item that weighs 0 is never drawn.
+    cdf = negative_cdf(np.array([5, 0, 5, 1, 0, 9, 9, 9, 0, 4]), 12, 0.5)
+    assert cdf is not None and negative_cdf(np.ones(10), 10, 0.0) is None
+    neg = draw_negatives(12, given, 2000, rng, cdf)
+    assert len(neg) == 2000 and set(neg.tolist()) == {5, 6, 9}
+    assert np.bincount(neg)[9] < np.bincount(neg)[5]
+    heavy = np.array([5, 6, 7])  # most of the weight: drawn from the rest by weight
+    assert set(draw_negatives(12, heavy, 500, rng, cdf).tolist()) == {0, 2, 3, 9}
+    everything = np.flatnonzero(np.diff(cdf, prepend=0.0) > 0)  # all the weight: uniform
+    assert not np.isin(draw_negatives(12, everything, 50, rng, cdf), everything).any()
 
 
 def test_given_items_are_left_out_unless_exclude_is_none(planted) -> None:
@@ -236,3 +247,26 @@ def test_the_history_input_is_the_given_items_oldest_first() -> None:
         assert torch.allclose(row, want, atol=1e-6)
         fitted = fit_row(model, items, AnonymousConfig()).row
         assert not torch.allclose(fitted, row)  # the fit adds to it
+
+
+@pytest.mark.parametrize("layers,dropout", [((16, 8, 4), 0.0), ((16,), 0.0), ((32, 16, 8, 4), 0.3)])
+def test_the_written_out_gradient_is_autograds(layers: tuple[int, ...], dropout: float) -> None:
+    from ncf_stream.model import NeuMF
+
+    live = NeuMF(NeuMFConfig(factors=8, mlp_layers=layers, dropout=dropout), seed=3)
+    live.grow(20, 50)
+    with torch.no_grad():  # rows of a trained model's scale, so the ReLUs cut somewhere
+        live.items.weight[:50] = torch.randn(50, live.cfg.row_dim) * 0.5
+    model = live.frozen_copy()
+    items = torch.arange(0, 50, 2)
+    labels = (torch.arange(len(items)) % 3 == 0).float()
+    gmf, c = model.item_parts(items)
+    for seed in range(3):
+        u = torch.randn(model.cfg.row_dim, generator=torch.Generator().manual_seed(seed))
+        leaf = u.clone().requires_grad_()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model.logits_from_parts(leaf, gmf, c), labels, reduction="sum")
+        (want,) = torch.autograd.grad(loss, leaf)
+        assert torch.allclose(model.row_bce_grad(u, gmf, c, labels), want, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        live.row_bce_grad(u, *live.item_parts(items), labels)  # train mode
