@@ -271,9 +271,9 @@ class NeuMF(nn.Module):
     def item_parts(self, items: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """What a row's logits need of item rows (default: the catalogue): their GMF
-        factors times h_G (n, factors), and their first-layer halves (n, hidden), from
-        the snapshot's cache when there is one. Fixed for a frozen model, so a caller
-        scoring many rows against the same items computes them once."""
+        factors (n, factors; a view for the catalogue), and their first-layer halves
+        (n, hidden), from the snapshot's cache when there is one. Fixed for a frozen
+        model, so a caller scoring many rows against the same items computes them once."""
         f, tower = self.cfg.factors, self.tower
         hidden = self.item_hidden
         if items is None:
@@ -283,14 +283,15 @@ class NeuMF(nn.Module):
             items = items.to(self.device)
             rows = self.items.weight[items]
             c = hidden[items] if hidden is not None else tower.first_item(rows[:, f:])
-        return rows[:, :f] * tower.out_gmf.weight[0], c
+        return rows[:, :f], c
 
     def logits_from_parts(self, u: torch.Tensor, gmf: torch.Tensor,
                           c: torch.Tensor) -> torch.Tensor:
         """Logits (n,) of an effective row ``u`` (row_dim,) against :meth:`item_parts`."""
         f, tower = self.cfg.factors, self.tower
         a = tower.first_user(u[f:])
-        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf @ u[:f]
+        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf @ (u[:f] *
+                                                                   tower.out_gmf.weight[0])
 
     @torch.no_grad()
     def row_bce_grad(self, u: torch.Tensor, gmf: torch.Tensor, c: torch.Tensor,
@@ -317,12 +318,13 @@ class NeuMF(nn.Module):
                 backward.append(mask)
             elif not isinstance(layer, nn.Dropout):
                 raise TypeError(f"row_bce_grad cannot differentiate {layer}")
-        logits = tower.out_mlp(x).squeeze(-1) + gmf @ u[:f]
+        h_gmf = tower.out_gmf.weight[0]
+        logits = tower.out_mlp(x).squeeze(-1) + gmf @ (u[:f] * h_gmf)
         r = torch.sigmoid(logits) - labels  # dL/dlogit, (n,)
         g = torch.outer(r, tower.out_mlp.weight[0])  # (n, last)
         for step in reversed(backward):
             g = g @ step.weight if isinstance(step, nn.Linear) else g * step
-        return torch.cat([r @ gmf, g.sum(0) @ tower.first_user.weight])
+        return torch.cat([(r @ gmf) * h_gmf, g.sum(0) @ tower.first_user.weight])
 
     @torch.no_grad()
     def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
