@@ -1,9 +1,11 @@
 """Anonymous quality: each test user scored from their training items alone, as if anonymous.
 
     python bench/quality_anonymous.py DATA [--quick] [--replay-samples N] [--chosen FILE]
+                                           [--defaults]
 
 quality.py's stream (``fit_stream``, the chosen configuration of bench/chosen.json,
-seed 0) is fitted on a split and its final snapshot published. Each user with a
+or with ``--defaults`` the daemon's defaults, seed 0) is fitted on a split and its
+final snapshot published. Each user with a
 hold-out is then ranked twice by that one snapshot:
 
 * **known**: the user's own row (the served figure: at ml-latest-small's 9.7k items
@@ -172,11 +174,15 @@ def main() -> None:
     parser.add_argument("--replay-samples", type=int)
     parser.add_argument("--poll", type=int, default=1000)
     parser.add_argument("--chosen", type=Path, default=q.CHOSEN)
+    parser.add_argument("--defaults", action="store_true",
+                        help="the stream at the daemon's defaults (no history input) instead "
+                             "of the chosen configuration")
     args = parser.parse_args()
     torch.set_num_threads(2)
     budget = q.Budget(args.poll, args.replay_samples or (3_000_000 if args.quick else
                                                          20_000_000))
-    cfg = json.loads(args.chosen.read_text())["methods"]["stream"]["config"]
+    cfg = {} if args.defaults else json.loads(args.chosen.read_text())["methods"]["stream"][
+        "config"]
     events = read_events(args.data, args.format).events
     start = time.perf_counter()
     chosen, trials = select(q.Split.of(q.drop_newest(events)), budget, cfg)
