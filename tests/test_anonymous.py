@@ -87,10 +87,14 @@ def test_the_fit_lowers_the_loss_on_its_own_items(planted) -> None:
                          np.random.default_rng(request_seed(rows)))
     items = np.concatenate([given, neg])
     labels = np.r_[np.ones(len(given)), np.zeros(len(neg))]
-    assert bce(snap.model, fitted, items, labels) < 0.8 * bce(snap.model, start, items, labels)
-    # And the given items rank above the average item for the fitted row.
+    loss = [bce(snap.model, fit_row(snap.model, rows, dataclasses.replace(cfg, steps=n)),
+                items, labels) for n in (0, 2, 5, cfg.steps)]
+    assert loss == sorted(loss, reverse=True) and loss[-1] < 0.85 * loss[0], loss
+    assert loss[0] == bce(snap.model, start, items, labels)
+    assert loss[-1] == bce(snap.model, fitted, items, labels)
+    # And the given items score above their negatives for the fitted row.
     logits = logits_of(snap, fitted).numpy()
-    assert logits[given].mean() > logits.mean()
+    assert logits[given].mean() > logits[neg].mean()
 
 
 def test_negatives_never_hit_the_given_items_and_fill_a_crowded_catalogue() -> None:
