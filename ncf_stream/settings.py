@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     anonymous_lr: float = Field(
         0.3, gt=0,
         description="Adagrad step size of the anonymous fit: on the planted model 0.1 "
-                    "recovered too little of the topic in 10 steps (27%), 0.3 45%, 1.0 50%; "
+                    "recovered too little of the topic in 10 steps (28%), 0.3 45%, 1.0 50%; "
                     "on ml-latest-small 0.03-0.3 were within noise of each other.")
     anonymous_negatives: int = Field(
         4, ge=1, le=32,
@@ -311,8 +311,8 @@ class Settings(BaseSettings):
         description="Where the anonymous row starts: zeros, or the snapshot's mean user row. "
                     "Within noise of each other on ml-latest-small's validation split at both "
                     "the defaults and the quality profile (docs/benchmarks.md, Anonymous "
-                    "requests); zeros was better on the planted model (45% against 37% of the "
-                    "topic at lr 0.5) and needs nothing from the snapshot.")
+                    "requests); zeros was better on the planted model (45% against 32% of the "
+                    "topic at the defaults) and needs nothing from the snapshot.")
 
     # ---- Evaluation -----------------------------------------------------------------------------
     eval_interval_s: float = Field(
