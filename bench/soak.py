@@ -16,6 +16,19 @@ stay flat: the last line adds ``rss_growth_mb_during_repeats``, the median RSS
 over the last third of the repeats minus that over the first third (medians:
 each evaluation swings RSS by tens of MB), which no growth of the data can
 explain.
+
+``--retention``: no broker. The engine runs in-process in two child processes
+in turn, on the same endless stream of new (user, item) pairs among a fixed
+population (ids, tables and histories stop growing early; only the store can),
+at full speed, with ``retention_s`` unset and then set to RETENTION_S of event
+time. The loop's ingest, retention sweeps and publishing run; training does not
+(its state is per row, not per interaction, and on a small machine it would cap
+the stream below where the store's growth shows in RSS). RSS is sampled every
+half second; the last line is one JSON object with, per run, RSS after warm-up
+(a third of the run) and at the end, the RSS growth per minute over the last two
+thirds (a least-squares slope), the interactions stored and the store's bytes.
+With retention the store holds one window of pairs, so RSS stays flat; without,
+it grows with every pair. ``--quick``: 20 s per run.
 """
 
 from __future__ import annotations
@@ -53,6 +66,77 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+RETENTION_S = 300.0  # event time kept by --retention: 300k events at EVENTS_PER_S
+EVENTS_PER_S = 1000.0  # event time advances one second per thousand events
+POPULATION = (20_000, 5_000)  # users, items: 100M possible pairs, so almost all are new
+
+
+def retention_child(retention: bool, seconds: float) -> None:
+    """One --retention run in this process: print one JSON object."""
+    from ncf_stream.engine import Engine
+    from ncf_stream.events import Events
+    from ncf_stream.source import MemorySource
+
+    s = Settings(device="cpu", factors=8, mlp_layers=(16, 8), batch_size=8192, replay=False,
+                 negatives=1, online_fraction=0.0, publish_every_s=1.0,
+                 eval_interval_s=3600.0, holdout_fraction=0.1,
+                 retention_s=RETENTION_S if retention else None)
+    source = MemorySource()
+    engine = Engine(s, source)
+    rng = np.random.default_rng(0)
+    uid = np.array([f"u{k}" for k in range(POPULATION[0])], dtype=object)
+    iid = np.array([f"i{k}" for k in range(POPULATION[1])], dtype=object)
+    sent, chunk = 0, 50_000
+    samples: list[tuple[float, float, int]] = []
+    start = last = time.monotonic()
+    while (now := time.monotonic()) - start < seconds:
+        ts = (sent + np.arange(chunk)) / EVENTS_PER_S
+        source.push(Events(uid[rng.integers(0, len(uid), chunk)],
+                           iid[rng.integers(0, len(iid), chunk)], ts,
+                           np.ones(chunk), np.full(chunk, "interaction", dtype=object)))
+        sent += chunk
+        while (batch := source.poll(0.0)) is not None:
+            # The loop's ingest, retention and publishing, without training: on two busy
+            # cores training caps the stream at ~6k events/s, whose pairs (2 MB in 20 s)
+            # would drown in RSS noise. Training holds no per-interaction state.
+            engine._ingest(batch)
+            engine._maybe_expire()
+            engine.trainer._drop_fresh(lambda u, _: np.ones(len(u), dtype=bool))
+            engine.watermark.trained(0)
+        engine._maybe_publish()
+        if now - last >= 0.5:
+            last = now
+            samples.append((now - start, rss_mb(os.getpid()), len(engine.trainer.store)))
+    sweeps = engine.metrics.registry.get_sample_value("ncf_stream_store_expire_seconds_count")
+    sweep_s = engine.metrics.registry.get_sample_value("ncf_stream_store_expire_seconds_sum")
+    t, rss, stored = (np.array(c) for c in zip(*samples, strict=True))
+    warm = len(samples) // 3
+    slope = np.polyfit(t[warm:], rss[warm:], 1)[0] * 60  # MB per minute after warm-up (fit)
+    print(json.dumps({
+        "retention_s": RETENTION_S if retention else None, "events": sent,
+        "events_consumed": engine.counters.consumed,
+        "rss_warm_mb": round(float(rss[warm]), 1), "rss_end_mb": round(float(rss[-1]), 1),
+        "rss_max_mb": round(float(rss.max()), 1),
+        "rss_mb_per_minute_after_warmup": round(float(slope), 1),
+        "interactions_warm": int(stored[warm]), "interactions_end": int(stored[-1]),
+        "store_bytes_end": engine.trainer.store.nbytes(),
+        "sweeps": int(sweeps or 0),
+        "sweep_ms_mean": round(1000 * (sweep_s or 0) / max(sweeps or 0, 1), 2)}))
+
+
+def retention_soak(quick: bool, minutes: float | None) -> None:
+    seconds = 20.0 if quick else 60 * (minutes or 5.0)
+    runs = {}
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, __file__, "--retention-child", mode,
+                              "--seconds", str(seconds)], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+        runs[mode] = json.loads(out.strip().splitlines()[-1])
+        print(f"retention {mode}: {runs[mode]}", file=sys.stderr, flush=True)
+    print(json.dumps({"mode": "retention", "seconds_per_run": seconds,
+                      "retention_off": runs["off"], "retention_on": runs["on"]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -60,7 +144,17 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5000.0)
     parser.add_argument("--steady", action="store_true",
                         help="the second half repeats the first: RSS must stay flat")
+    parser.add_argument("--retention", action="store_true",
+                        help="in-process, no broker: RSS with retention_s set and unset")
+    parser.add_argument("--retention-child", choices=("on", "off"), help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=20.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.retention_child:
+        retention_child(args.retention_child == "on", args.seconds)
+        return
+    if args.retention:
+        retention_soak(args.quick, args.minutes)
+        return
     minutes = args.minutes or (1.0 if args.quick else 30.0)
     n = int(args.rate * minutes * 60)
     fresh = n // 2 if args.steady else n

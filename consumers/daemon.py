@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from consumers.kafka_source import KafkaSource
 from consumers.source_process import ProcessSource
+from ncf_stream.admin import Admin
 from ncf_stream.engine import Engine, Resume, SourceFactory
 from ncf_stream.grpc_server import GrpcServer
 from ncf_stream.http_app import create_app
@@ -56,8 +57,11 @@ class Daemon:
         self._stop = threading.Event()
         self._http_socket = _bind(s.http_host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
+        token = s.admin_token.get_secret_value() if s.admin_token is not None else None
+        admin = Admin(token, self.engine.request_delete, self.engine.knows)
         app = create_app(self.engine.recommender, self.engine.status, self.metrics.registry,
-                         self.metrics.serving, self.engine.evaluator, self.engine.history)
+                         self.metrics.serving, self.engine.evaluator, self.engine.history,
+                         admin=admin)
         # httptools' C parser and uvloop: 178 instead of 285 us of server CPU per request,
         # all of it holding the GIL (h11 and asyncio's loop are pure Python;
         # bench/http_stack.py).
@@ -66,7 +70,7 @@ class Daemon:
         self._http_thread = threading.Thread(target=self._serve_http, name="ncf-http",
                                              daemon=True)
         self.grpc = GrpcServer(self.engine.recommender, self.engine.status,
-                               self.metrics.serving, s.grpc_host, s.grpc_port)
+                               self.metrics.serving, s.grpc_host, s.grpc_port, admin=admin)
         self.engine.on_publish.append(self._published)
 
     def _published(self, version: int) -> None:

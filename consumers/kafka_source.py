@@ -348,7 +348,7 @@ class KafkaSource:
             self._dead_letter(records, result.rejected)
         batch = EventBatch(result.events, offsets,
                            dict(Counter(rej.reason.value for rej in result.rejected)),
-                           len(result.skipped), result.availability)
+                           len(result.skipped), result.availability, result.deletions)
         if self._metrics is not None:
             count_batch(self._metrics, batch)
         return batch

@@ -106,6 +106,9 @@ class ProcessSource:
         self._stall_s = settings.source_stall_s
         self._out_of_step = False
         self._default_timeout = settings.kafka_poll_timeout_s
+        # Rows mapped here continue the engine's maps only while nothing else changes
+        # them: the engine reopens such a source after an admin deletion (Engine.forget).
+        self.maps_ids = id_maps is not None
         ids = None if id_maps is None else tuple(m.all_ids().tolist() for m in id_maps)
         self._call("start", settings, dict(positions or {}), logging.getLogger().level,
                    background, ids)
@@ -208,7 +211,10 @@ class _Child:
             return False, e
         if batch is not None and self.mapper is not None:
             assert isinstance(batch.events, Events)
-            batch = replace(batch, events=self.mapper.map(batch.events))
+            if len(batch.deletions):  # rare: sent by id, the engine maps in stream order
+                self.mapper.follow(batch.events, batch.deletions)
+            else:
+                batch = replace(batch, events=self.mapper.map(batch.events))
         return True, batch
 
     def deliver(self, deadline: float | None) -> tuple[bool, Any]:

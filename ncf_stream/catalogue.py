@@ -57,6 +57,12 @@ class ItemAvailability:
         if len(events):
             self._changes += 1
 
+    def forget(self, item: str) -> None:
+        """A deleted item leaves the set: its id is kept nowhere."""
+        if item in self._off:
+            self._off.discard(item)
+            self._changes += 1
+
     def rows(self, item_ids: IdMap, n_items: int) -> np.ndarray:
         """Sorted rows below ``n_items`` of the unavailable items the map knows.
 
@@ -129,6 +135,12 @@ class RecentCounts:
         rows, times = np.unique(items, return_counts=True)
         self.total[rows] += times
 
+    def forget(self, item: int) -> None:
+        """A deleted item's counts to zero, in every bucket."""
+        if 0 <= item < len(self.total):
+            self.ring[:, item] = 0
+            self.total[item] = 0
+
     def _advance(self, newest: int) -> None:
         """Move the window's head to bucket ``newest``, emptying the buckets it leaves."""
         if self.head is not None and newest <= self.head:
@@ -188,6 +200,11 @@ class Catalogue:
                  popular_window_s: float = default("popular_window_s")) -> None:
         self.availability = availability or ItemAvailability()
         self.recent = recent or RecentCounts(popular_window_s)
+
+    def forget_item(self, item: str, row: int) -> None:
+        """Forget a deleted item (id ``item``, row ``row``, -1 when it had none)."""
+        self.availability.forget(item)
+        self.recent.forget(row)
 
     def save(self, path: str | Path) -> None:
         np.savez(path, **self.availability.arrays(), **self.recent.arrays())  # type: ignore[arg-type]

@@ -5,7 +5,8 @@ A checkpoint is a directory ``ckpt-<seq>`` holding plain files:
 * ``model.pt``, ``optim.pt``: tensors and numbers only, loaded with
   ``torch.load(weights_only=True)`` (no pickled code is ever executed);
 * ``store.npz``, ``users.npz``, ``items.npz``: numpy arrays, loaded with
-  ``allow_pickle=False``;
+  ``allow_pickle=False``; a deleted id's row is an empty string in the id files
+  (a tombstone, :mod:`ncf_stream.ids`), so no file holds a deleted id;
 * ``catalogue.npz``: the stream's item state for serving (the unavailable items,
   :mod:`ncf_stream.catalogue`); optional, so checkpoints from before it still load
   (with an empty one);

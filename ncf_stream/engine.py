@@ -31,6 +31,7 @@ count knows later snapshots add nothing for those events.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -45,9 +47,11 @@ from ncf_stream import checkpoint
 from ncf_stream.anonymous import AnonymousConfig
 from ncf_stream.api import Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
+from ncf_stream.errors import NcfStreamError
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
+from ncf_stream.events import Deletions, Events, segments
 from ncf_stream.faults import crash_point
-from ncf_stream.ids import IdMap
+from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics, Metrics
 from ncf_stream.recommend import Recommender
 from ncf_stream.retrieval import IndexConfig
@@ -73,6 +77,10 @@ RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
 RESTART_RESET_S = 60.0
 HISTORY_EVERY_S = 2.0  # one point of the status page's charts
+# Retention sweeps run each time the newest event time moves on by this share of
+# retention_s: the store then holds at most 1 + 1/8 of the window, and a sweep's cost
+# (a pass over the stored pairs) is spread over an eighth of the window's events.
+EXPIRE_EVERY = 1 / 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,6 +159,18 @@ class SourceHealth:
         self.up_since = time.monotonic()
 
 
+def _segments(events: Events | MappedEvents, deletions: Deletions
+              ) -> list[tuple[Events | MappedEvents, Deletions]]:
+    """The batch in stream order: runs of interactions, each followed by the deletions
+    that came after it (Deletions.at)."""
+    if not len(deletions):
+        return [(events, deletions)]
+    if isinstance(events, MappedEvents):
+        raise NcfStreamError("a batch with deletions must carry unmapped events: rows mapped "
+                             "past a deletion would not match this engine's maps")
+    return list(segments(events, deletions))
+
+
 def _offsets(positions: Mapping[Partition, int]) -> str:
     return ", ".join(f"{t}[{p}] offset {o}" for (t, p), o in sorted(positions.items())) or (
         "the start of the topic")
@@ -221,6 +241,12 @@ class Engine:
         self._last_loss: torch.Tensor | None = None
         self.blocked: dict[Partition, Blocked] = {}  # as the source last reported
         self._blocks_logged: set[tuple[Partition, int]] = set()  # once each, across rebuilds
+        # Deletions asked for through the admin API: request threads only enqueue, the
+        # loop applies them between batches (the engine's state has one writer).
+        self._requested: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._dirty = False  # state changed by an admin request since the last checkpoint
+        self._newest_ts: float | None = None  # the newest event time seen (retention)
+        self._expired_at: float | None = None  # the newest event time at the last sweep
         # A factory's source is rebuilt when it fails (None meanwhile); a given one is not.
         self._factory: SourceFactory | None = None
         self.source: EventSource | None
@@ -242,9 +268,11 @@ class Engine:
     def cycle(self, stop: threading.Event | None = None) -> None:
         """One turn: poll (resting there while idle), ingest, train a slice, then
         whatever is due (publish, checkpoint, gauges)."""
+        self._apply_requested()
         batch = self._poll(stop)
         if batch is not None:
             self._ingest(batch)
+            self._maybe_expire()
         self._train(stop)
         self._maybe_publish()
         now = time.monotonic()
@@ -372,21 +400,133 @@ class Engine:
 
     def _ingest(self, batch: EventBatch) -> None:
         # Availability is not an interaction: it reaches the catalogue only, never the
-        # store, training or the online hit rate; the next snapshot publishes it.
-        self.catalogue.availability.apply(batch.availability)
-        users, items = self.trainer.rows(batch.events)
-        self.catalogue.recent.add(items, batch.events.ts)
-        self.online.observe(self.holder.get(), users, items)  # before training on them
-        result = self.trainer.ingest_rows(users, items, batch.events.ts)
+        # store, training or the online hit rate; the next snapshot publishes it. Its
+        # order matters only against deletions (of the same item), so it is applied
+        # between them, each event after the deletions that preceded it.
+        avail, done = batch.availability, 0
+        queued = 0
+        for part, deletions in _segments(batch.events, batch.deletions):
+            queued += self._ingest_events(part)
+            for kind, external_id in zip(deletions.kinds.tolist(), deletions.ids.tolist(),
+                                         strict=True):
+                self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after == done)))
+                self.forget(kind, external_id)
+                done += 1
+        self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after >= done)))
         crash_point("ingest")
         self.positions.update(batch.commit_offsets())
         c = self.counters
         c.consumed += batch.records
         c.rejected += batch.rejected
-        self.watermark.ingested(len(result.train_users), c.consumed)
-        self.metrics.engine.repeats.inc(result.repeats)
+        self.watermark.ingested(queued, c.consumed)
         if self._unpublished_since is None:
             self._unpublished_since = time.monotonic()
+
+    def _ingest_events(self, events: Events | MappedEvents) -> int:
+        """Ingest interactions; returns the positives queued for training."""
+        if not len(events):
+            return 0
+        users, items = self.trainer.rows(events)
+        self.catalogue.recent.add(items, events.ts)
+        self.online.observe(self.holder.get(), users, items)  # before training on them
+        result = self.trainer.ingest_rows(users, items, events.ts)
+        self.metrics.engine.repeats.inc(result.repeats)
+        newest = float(np.max(events.ts))
+        self._newest_ts = newest if self._newest_ts is None else max(self._newest_ts, newest)
+        return len(result.train_users)
+
+    # ---- forgetting and retention --------------------------------------------------------------
+
+    def forget(self, kind: str, external_id: str) -> bool:
+        """Delete a user or an item now, on the loop's thread (a Kafka delete event, or an
+        admin request taken off the queue); returns whether the id was known. An unknown
+        id is a no-op, counted: it may be a repeat, or name an id the stream never showed.
+        """
+        if kind == "user":
+            removed = self.trainer.forget_user(external_id)
+        elif kind == "item":
+            row = int(self.trainer.item_ids.rows([external_id], add=False)[0])
+            removed = self.trainer.forget_item(external_id)
+            self.catalogue.forget_item(external_id, row)  # known to the catalogue alone too
+        else:
+            raise ValueError(f"kind must be 'user' or 'item', not {kind!r}")
+        known = removed >= 0
+        self.metrics.engine.deletions.labels(kind=kind,
+                                             outcome="deleted" if known else "unknown").inc()
+        if known:
+            log.info("deleted %s row with %d interactions; gone from the next snapshot",
+                     kind, removed)  # never the id: logs outlive the deletion
+            self._changed(items_removed=kind == "item")
+        return known
+
+    def request_delete(self, kind: str, external_id: str) -> None:
+        """Ask the loop to delete a user or an item (any thread; the admin API). It is
+        applied before the next batch and served from the next snapshot; it is in the
+        next checkpoint, but not in Kafka: a restart from an older checkpoint replays
+        the topic without it (docs/operations.md, "Forgetting")."""
+        if kind not in ("user", "item"):
+            raise ValueError(f"kind must be 'user' or 'item', not {kind!r}")
+        self._requested.put((kind, external_id))
+
+    def knows(self, kind: str, external_id: str) -> bool:
+        """Whether the served snapshot knows a user or an item (any thread)."""
+        snap = self.holder.get()
+        if snap is None:
+            return False
+        if kind == "user":
+            return snap.user_row(external_id) is not None
+        return bool(snap.item_rows([external_id])[0] >= 0)
+
+    def _apply_requested(self) -> None:
+        while True:
+            try:
+                kind, external_id = self._requested.get_nowait()
+            except queue.Empty:
+                return
+            if self.forget(kind, external_id):
+                # No batch moved the offsets: the next checkpoint must be written anyway.
+                self._dirty = True
+                self._reopen_mapping_source()
+
+    def _reopen_mapping_source(self) -> None:
+        """A source that maps ids ahead of the engine (the daemon's source process) keeps
+        maps of its own, which a deletion outside the stream leaves behind: it would go
+        on mapping the deleted id to the tombstone. Reopen it from the engine's maps and
+        positions, as after a failure: nothing is lost or applied twice, and ingest
+        pauses for the child's start (admin deletions are rare; delete events on the
+        topic reach both maps in order and need none of this)."""
+        if self._factory is None or not getattr(self.source, "maps_ids", False):
+            return
+        old, self.source = self.source, None
+        try:
+            if old is not None:
+                old.close()
+            self.source = self._open_source(self._factory)
+        except SourceError as e:
+            self._source_failed(e, "start")
+    def _changed(self, items_removed: bool = False) -> None:
+        """The state changed outside training: publish soon even if no event trains."""
+        self.publisher.touch(items_removed)
+        if self._unpublished_since is None:
+            self._unpublished_since = time.monotonic()
+
+    def _maybe_expire(self) -> None:
+        """A retention sweep when the newest event time has moved on by EXPIRE_EVERY of
+        retention_s since the last one."""
+        keep_s = self.settings.retention_s
+        if keep_s is None or self._newest_ts is None:
+            return
+        if self._expired_at is not None and (
+                self._newest_ts - self._expired_at < keep_s * EXPIRE_EVERY):
+            return
+        self._expired_at = self._newest_ts
+        start = time.perf_counter()
+        dropped = self.trainer.store.expire(self._newest_ts - keep_s)
+        m = self.metrics.engine
+        m.expired.inc(dropped)
+        m.expire_seconds.observe(time.perf_counter() - start)
+        if dropped:
+            self._changed()
 
     def _count(self, stats: StepStats) -> None:
         m = self.metrics.engine
@@ -447,7 +587,8 @@ class Engine:
 
     def checkpoint(self) -> None:
         """Write a checkpoint of the state and the offsets it covers; then commit them."""
-        if not self.settings.checkpoint_dir or self.positions == self._checkpointed:
+        if not self.settings.checkpoint_dir or (
+                self.positions == self._checkpointed and not self._dirty):
             return
         if not self._check_finite():
             return  # never over a good checkpoint with a broken model
@@ -464,7 +605,7 @@ class Engine:
         path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
                                counters, keep=self.settings.checkpoint_keep,
                                catalogue=self.catalogue)
-        self._checkpointed = dict(self.positions)
+        self._checkpointed, self._dirty = dict(self.positions), False
         self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
         try:
             self.source.commit(self.positions)
@@ -490,8 +631,8 @@ class Engine:
         c = self.counters
         return Status(
             events_consumed=c.consumed, events_rejected=c.rejected, events_trained=c.trained,
-            consumer_lag=c.lag, users=len(self.trainer.user_ids),
-            items=len(self.trainer.item_ids), interactions=len(self.trainer.store),
+            consumer_lag=c.lag, users=self.trainer.user_ids.live,
+            items=self.trainer.item_ids.live, interactions=len(self.trainer.store),
             model_version=0 if snap is None else snap.version,
             snapshot_events=0 if snap is None else snap.events,
             snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3),
@@ -516,8 +657,8 @@ class Engine:
             except SourceError as e:
                 self._source_failed(e, "lag")
         m.interactions.set(len(store))
-        m.users.set(len(self.trainer.user_ids))
-        m.items.set(len(self.trainer.item_ids))
+        m.users.set(self.trainer.user_ids.live)
+        m.items.set(self.trainer.item_ids.live)
         m.holdouts.set(len(store.holdout().users))
         m.store_bytes.set(store.nbytes())
         sampler = self.trainer.sampler

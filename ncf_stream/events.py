@@ -18,6 +18,13 @@ stream order (:class:`Availability`), so they never reach id mapping, the
 store or training, and the event filter (``event_types``, ``min_weight``),
 which chooses interactions to train on, does not apply to them.
 
+Two more are **deletions** (forgetting, docs/operations.md):
+``{"user": "42", "type": "delete_user"}`` and ``{"item": "1193", "type": "delete_item"}``
+need only the id they name. They are handed apart too (:class:`Deletions`), each
+with its place among the batch's interactions, because unlike availability their
+order against interactions matters: a ``delete_user`` followed by events of the
+same id starts a new user. They never train and the filter never drops them.
+
 Everything else is rejected with a :class:`Reason` and a human-readable detail;
 :func:`decode_batch` never raises for bad input, so one bad record can never
 stop the daemon.
@@ -44,6 +51,8 @@ DEFAULT_TYPE = "interaction"
 # Event types that set an item's availability instead of recording an interaction:
 # the type -> the availability it sets.
 AVAILABILITY_TYPES = {"item_unavailable": False, "item_available": True}
+# Event types that delete a user or an item: the type -> the field naming the entity.
+DELETE_TYPES = {"delete_user": "user", "delete_item": "item"}
 
 
 class Reason(StrEnum):
@@ -138,22 +147,75 @@ class Availability:
 
     items: np.ndarray  # (n,) object: external item ids (str)
     available: np.ndarray  # (n,) bool
+    # (n,) int64: deletions of the same batch before each (Deletions): a delete_item and
+    # an availability event of one item take effect in their order.
+    after: np.ndarray
 
     def __len__(self) -> int:
         return len(self.items)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[str, bool]]) -> Availability:
+    def from_rows(cls, rows: Sequence[tuple[str, bool]],
+                  after: Sequence[int] | None = None) -> Availability:
         items = np.empty(len(rows), dtype=object)
         items[:] = [r[0] for r in rows]
-        return cls(items, np.array([r[1] for r in rows], dtype=bool))
+        return cls(items, np.array([r[1] for r in rows], dtype=bool),
+                   np.zeros(len(rows), np.int64) if after is None
+                   else np.asarray(after, dtype=np.int64))
 
     @classmethod
     def empty(cls) -> Availability:
         return cls.from_rows([])
 
     def take(self, index: np.ndarray) -> Availability:
-        return Availability(self.items[index], self.available[index])
+        return Availability(self.items[index], self.available[index], self.after[index])
+
+
+@dataclass(frozen=True)
+class Deletions:
+    """Deletion events in stream order: forget ``kinds[j]`` ("user" or "item") ``ids[j]``
+    after the first ``at[j]`` interactions of the same batch (the batch's ``events``)."""
+
+    kinds: np.ndarray  # (n,) object: "user" or "item"
+    ids: np.ndarray  # (n,) object: external ids (str)
+    at: np.ndarray  # (n,) int64, non-decreasing: interactions of the batch before it
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[str, str, int]]) -> Deletions:
+        kinds = np.empty(len(rows), dtype=object)
+        ids = np.empty(len(rows), dtype=object)
+        kinds[:] = [r[0] for r in rows]
+        ids[:] = [r[1] for r in rows]
+        return cls(kinds, ids, np.array([r[2] for r in rows], dtype=np.int64))
+
+    @classmethod
+    def empty(cls) -> Deletions:
+        return cls.from_rows([])
+
+    def take(self, index: np.ndarray) -> Deletions:
+        return Deletions(self.kinds[index], self.ids[index], np.zeros(len(index), np.int64))
+
+
+def segments(events: Events, deletions: Deletions) -> list[tuple[Events, Deletions]]:
+    """A batch in stream order: runs of interactions, each followed by the deletions
+    that came after it (``Deletions.at``). Whoever keeps id maps (the engine, a source
+    that maps rows ahead of it) applies a batch this way, so the maps stay equal."""
+    if not len(deletions):
+        return [(events, deletions)]
+    parts: list[tuple[Events, Deletions]] = []
+    lo = start = 0
+    for end in np.r_[np.flatnonzero(np.diff(deletions.at)) + 1, len(deletions)].tolist():
+        at = int(deletions.at[start])
+        sel = np.arange(start, end)
+        parts.append((events.take(np.arange(lo, at)),
+                      Deletions(deletions.kinds[sel], deletions.ids[sel], deletions.at[sel])))
+        lo, start = at, end
+    if lo < len(events):
+        parts.append((events.take(np.arange(lo, len(events))), Deletions.empty()))
+    return parts
 
 
 @dataclass(frozen=True)
@@ -165,6 +227,7 @@ class DecodeResult:
     rejected: list[Rejection]  # the invalid records, in input order
     skipped: np.ndarray  # int64: positions of valid events the filter dropped
     availability: Availability = field(default_factory=Availability.empty)
+    deletions: Deletions = field(default_factory=Deletions.empty)
 
 
 def decode_batch(
@@ -184,6 +247,8 @@ def decode_batch(
     skipped: list[int] = []
     rejected: list[Rejection] = []
     availability: list[tuple[str, bool]] = []
+    after: list[int] = []
+    deletions: list[tuple[str, str, int]] = []
     for i, value in enumerate(values):
         fallback = None if timestamps is None else timestamps[i]
         try:
@@ -191,8 +256,12 @@ def decode_batch(
         except _Reject as r:
             rejected.append(Rejection(i, r.reason, r.detail))
             continue
+        if len(row) == 3:  # a deletion: in its place among the interactions
+            deletions.append((row[0], row[1], len(rows)))
+            continue
         if len(row) == 2:  # an availability event: not an interaction, never filtered
             availability.append(row)
+            after.append(len(deletions))
             continue
         if event_filter is not None and not event_filter.keeps(row[3], row[4]):
             skipped.append(i)
@@ -204,7 +273,8 @@ def decode_batch(
         np.asarray(index, dtype=np.int64),
         rejected,
         np.asarray(skipped, dtype=np.int64),
-        Availability.from_rows(availability),
+        Availability.from_rows(availability, after),
+        Deletions.from_rows(deletions),
     )
 
 
@@ -239,10 +309,15 @@ def _decode(
 
 def _record(
     value: bytes | None, fallback_ts: float | None, *, max_record_bytes: int
-) -> tuple[str, str, float, str, float] | tuple[str, bool]:
-    """An interaction row, or (item, available) for an availability event."""
+) -> (tuple[str, str, float, str, float] | tuple[str, bool]
+      | tuple[str, str, None]):
+    """An interaction row, (item, available) for an availability event, or
+    (kind, id, None) for a deletion."""
     obj = _parse(value, max_record_bytes)
     kind = obj.get("type")  # may be any JSON value: only a string can name one
+    entity = DELETE_TYPES.get(kind) if isinstance(kind, str) else None
+    if entity is not None:
+        return entity, _id_field(obj, entity), None
     available = AVAILABILITY_TYPES.get(kind) if isinstance(kind, str) else None
     if available is None:
         return _fields(obj, fallback_ts)

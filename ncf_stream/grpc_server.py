@@ -2,7 +2,9 @@
 
 A thin servicer over the same :class:`Recommender` the HTTP app calls (grpc
 examples, ``health_checking/``). Bad input is INVALID_ARGUMENT, an unknown user
-or item NOT_FOUND, and no snapshot yet UNAVAILABLE.
+or item NOT_FOUND, and no snapshot yet UNAVAILABLE; the admin methods are
+UNIMPLEMENTED without an admin token, UNAUTHENTICATED or PERMISSION_DENIED without
+the right one (:mod:`ncf_stream.admin`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ncf_stream.admin import Admin, AdminError, AdminOff, Forbidden, NotAuthenticated
 from ncf_stream.api import (
     DEFAULT_K,
     DEFAULT_PAGE,
@@ -55,10 +58,20 @@ def _response(r: Recommendation) -> pb.RecommendResponse:
         items=[pb.ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
 
 
+# A refused admin call's status: the HTTP statuses' counterparts (UNIMPLEMENTED for a
+# server without an admin token: the methods are not offered, whatever the id).
+ADMIN_CODES: dict[type[AdminError], grpc.StatusCode] = {
+    AdminOff: grpc.StatusCode.UNIMPLEMENTED,
+    NotAuthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
 class Servicer(pb_grpc.RecommenderServicer):
     def __init__(self, recommender: Recommender, status: StatusSource,
-                 metrics: ServingMetrics) -> None:
+                 metrics: ServingMetrics, admin: Admin | None = None) -> None:
         self.recommender, self.status, self.metrics = recommender, status, metrics
+        self.admin = admin if admin is not None else Admin.off()
 
     @contextmanager
     def _call(self, endpoint: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -73,6 +86,9 @@ class Servicer(pb_grpc.RecommenderServicer):
             context.abort(code, e.args[0])
         except NotReady as e:
             code = grpc.StatusCode.UNAVAILABLE
+            context.abort(code, str(e))
+        except AdminError as e:
+            code = ADMIN_CODES.get(type(e), grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(code, str(e))
         finally:
             self.metrics.observe("grpc", endpoint, code.name, time.perf_counter() - start)
@@ -172,6 +188,25 @@ class Servicer(pb_grpc.RecommenderServicer):
                 items=[pb.KnownItem(item=i, ts=t) for i, t in zip(r.items, r.ts, strict=True)])
         raise AssertionError("unreachable")
 
+    def _delete(self, kind: str, request: pb.DeleteRequest,
+                context: grpc.ServicerContext) -> pb.DeleteResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        self.admin.authorize(metadata.get("authorization"))
+        d = self.admin.delete(kind, check_id(request.id, "id"))
+        return pb.DeleteResponse(kind=d.kind, id=d.id, known=d.known, detail=d.detail)
+
+    def DeleteUser(self, request: pb.DeleteRequest,
+                   context: grpc.ServicerContext) -> pb.DeleteResponse:
+        with self._call("DeleteUser", context):
+            return self._delete("user", request, context)
+        raise AssertionError("unreachable")
+
+    def DeleteItem(self, request: pb.DeleteRequest,
+                   context: grpc.ServicerContext) -> pb.DeleteResponse:
+        with self._call("DeleteItem", context):
+            return self._delete("item", request, context)
+        raise AssertionError("unreachable")
+
     def Status(self, request: pb.StatusRequest,
                context: grpc.ServicerContext) -> pb.StatusResponse:
         with self._call("Status", context):
@@ -183,11 +218,12 @@ class GrpcServer:
     """The server with the recommender, health and reflection services on one port."""
 
     def __init__(self, recommender: Recommender, status: StatusSource, metrics: ServingMetrics,
-                 host: str = "127.0.0.1", port: int = 50051, workers: int = 8) -> None:
+                 host: str = "127.0.0.1", port: int = 50051, workers: int = 8,
+                 admin: Admin | None = None) -> None:
         self.server = grpc.server(futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="ncf-grpc", initializer=reader_thread))
-        pb_grpc.add_RecommenderServicer_to_server(Servicer(recommender, status, metrics),
-                                                  self.server)
+        pb_grpc.add_RecommenderServicer_to_server(
+            Servicer(recommender, status, metrics, admin), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

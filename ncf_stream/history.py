@@ -92,6 +92,20 @@ class RecentItems:
         self.items[touched] = new_items
         self.ts[touched] = new_ts
 
+    def forget_user(self, user: int) -> None:
+        if 0 <= user < self.n_users:
+            self.items[user], self.ts[user] = -1, -np.inf
+
+    def forget_item(self, item: int) -> None:
+        """Remove ``item`` from every user's row, the newer ones keeping their order."""
+        hit = np.flatnonzero((self.items[: self.n_users] == item).any(axis=1))
+        if not len(hit):
+            return
+        keep = self.items[hit] != item
+        order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in order
+        self.items[hit] = np.take_along_axis(np.where(keep, self.items[hit], -1), order, 1)
+        self.ts[hit] = np.take_along_axis(np.where(keep, self.ts[hit], -np.inf), order, 1)
+
     def of(self, users: np.ndarray) -> np.ndarray:
         """(len(users), length) int64 item rows, newest first, -1 padding."""
         return self.items[np.asarray(users, dtype=np.int64)].astype(np.int64)

@@ -15,7 +15,7 @@ describes every response, so schemathesis can hold the server to it.
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, params
+from fastapi import FastAPI, Header, Query, Request, params
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -34,6 +34,7 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ncf_stream.admin import Admin, AdminError
 from ncf_stream.api import (
     DEFAULT_K,
     DEFAULT_PAGE,
@@ -229,6 +230,18 @@ class ErrorResponse(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+# The admin endpoints: 404 while admin_token is unset, 401 without a bearer token, 403
+# with another one.
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 422)}
+
+
+class DeleteResponse(BaseModel):
+    kind: str  # "user" or "item"
+    id: str
+    known: bool  # whether the served snapshot knows it; an unknown id is a no-op
+    status: str = "accepted"  # enqueued to the engine's loop: in the next snapshot
+    detail: str
 
 
 def error(status: int, kind: str, detail: str) -> JSONResponse:
@@ -355,6 +368,7 @@ def create_app(
     evaluator: Evaluator | None = None,
     history: History | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    admin: Admin | None = None,
 ) -> FastAPI:
     app = FastAPI(title="ncf-stream", version="1",
                   description="Online NeuMF recommendations from a Kafka stream.")
@@ -387,6 +401,13 @@ def create_app(
     @app.exception_handler(UnknownItem)
     async def _unknown_item(_: Request, exc: UnknownItem) -> JSONResponse:
         return error(404, "unknown_item", exc.args[0])
+
+    @app.exception_handler(AdminError)
+    async def _admin(_: Request, exc: AdminError) -> JSONResponse:
+        response = error(exc.status, exc.kind, str(exc))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="ncf-stream admin"'
+        return response
 
     @app.exception_handler(NotReady)
     async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
@@ -450,6 +471,33 @@ def create_app(
             user=r.user, items=[KnownItem(item=i, ts=t) for i, t in zip(r.items, r.ts,
                                                                          strict=True)],
             total=r.total, offset=offset, model_version=r.model_version)
+
+    gate = admin if admin is not None else Admin.off()
+
+    def delete(kind: str, external_id: str, authorization: str | None) -> DeleteResponse:
+        gate.authorize(authorization)
+        d = gate.delete(kind, external_id)
+        return DeleteResponse(kind=d.kind, id=d.id, known=d.known, detail=d.detail)
+
+    @app.delete("/v1/admin/users/{user}", status_code=202, response_model=DeleteResponse,
+                responses=ADMIN_ERRORS)
+    async def delete_user(
+        user: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_BYTES)],
+        authorization: Annotated[str | None, Header(description="Bearer <admin token>")] = None,
+    ) -> DeleteResponse:
+        """Forget a user: its interactions, row, history and id leave the next snapshot and
+        the next checkpoint. Needs the admin token; 404 while none is configured."""
+        return delete("user", user, authorization)
+
+    @app.delete("/v1/admin/items/{item}", status_code=202, response_model=DeleteResponse,
+                responses=ADMIN_ERRORS)
+    async def delete_item(
+        item: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_BYTES)],
+        authorization: Annotated[str | None, Header(description="Bearer <admin token>")] = None,
+    ) -> DeleteResponse:
+        """Forget an item: its interactions, rows, place in histories and popularity, and
+        id leave the next snapshot and the next checkpoint. Needs the admin token."""
+        return delete("item", item, authorization)
 
     @app.get("/v1/status", response_model=StatusResponse)
     async def get_status() -> StatusResponse:

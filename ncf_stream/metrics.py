@@ -91,6 +91,14 @@ class EngineMetrics:
         self.items = Gauge(f"{PREFIX}_items", "Known items", registry=r)
         self.holdouts = Gauge(f"{PREFIX}_holdouts", "Users with a held-out interaction",
                               registry=r)
+        self.deletions = Counter(
+            f"{PREFIX}_deletions", "Deletions applied, by kind (user, item) and outcome "
+            "(deleted; unknown: the id was not known, a no-op)",
+            ["kind", "outcome"], registry=r)
+        self.expired = Counter(f"{PREFIX}_store_expired",
+                               "Interactions dropped by retention (retention_s)", registry=r)
+        self.expire_seconds = Histogram(f"{PREFIX}_store_expire_seconds",
+                                        "Duration of one retention sweep", registry=r)
         self.snapshot_version = Gauge(f"{PREFIX}_snapshot_version", "Served snapshot version",
                                       registry=r)
         self.snapshot_events = Gauge(f"{PREFIX}_snapshot_events",

@@ -169,6 +169,26 @@ class NeuMF(nn.Module):
             self.context.ensure(n_items, self.cfg.init_std, self._gen)
             self.recent.ensure(n_users)
 
+    @torch.no_grad()
+    def forget_user(self, user: int) -> None:
+        """Zero a deleted user's row and history: a tombstone (ncf_stream.ids), which
+        nothing trains or serves again, so zeros are what is left of it."""
+        if 0 <= user < self.users.rows:
+            self.users.weight[user] = 0
+        if self.recent is not None:
+            self.recent.forget_user(user)
+
+    @torch.no_grad()
+    def forget_item(self, item: int) -> None:
+        """Zero a deleted item's rows (its own and its context row) and take it out of
+        every user's history."""
+        if 0 <= item < self.items.rows:
+            self.items.weight[item] = 0
+        if self.context is not None and 0 <= item < self.context.rows:
+            self.context.weight[item] = 0
+        if self.recent is not None:
+            self.recent.forget_item(item)
+
     def history_weights(self, valid: np.ndarray) -> np.ndarray:
         """Weights (n, L) of each row's valid history entries (newest first): decay^rank,
         counting valid entries only, summing to 1 per row; 0 for a row without any."""

@@ -56,6 +56,11 @@ class RowAdagrad:
         step = grad.div_(acc.sqrt_().add_(self.eps))
         weight.index_copy_(0, rows, current.add(step, alpha=-self.lr))
 
+    @torch.no_grad()
+    def reset(self, row: int) -> None:
+        """A deleted row's state back to its start: nothing of its gradients is kept."""
+        self.state[row] = self.initial
+
     def state_dict(self) -> dict[str, torch.Tensor | float]:
         return {"state": self.state[: self.table.rows].clone(), "lr": self.lr, "eps": self.eps,
                 "weight_decay": self.weight_decay}
@@ -104,6 +109,11 @@ class RowAdam:
         self.v.index_copy_(0, rows, v)
         lr = self.lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t)
         weight.index_copy_(0, rows, current.addcdiv(m, v.sqrt_().add_(self.eps), value=-lr))
+
+    @torch.no_grad()
+    def reset(self, row: int) -> None:
+        self.m[row] = 0
+        self.v[row] = 0
 
     def state_dict(self) -> dict[str, torch.Tensor | float | int]:
         rows = self.table.rows

@@ -179,16 +179,16 @@ class Recommender:
         else:
             rows, scores = top_k(snap, user, k, served_candidates(
                 snap.n_items, self.candidates, self.exact_items), exclude, narrow.hidden)
-        return Recommendation(name, snap.item_ids.ids(rows).tolist(), scores.tolist(),
-                              snap.version, cold_start=False,
+        names, scores = named(snap, rows, scores)
+        return Recommendation(name, names, scores.tolist(), snap.version, cold_start=False,
                               anonymous=isinstance(user, AnonymousUser))
 
     def _cold_start(self, snap: Snapshot, user: str, k: int, narrow: _Narrowing,
                     anonymous: bool = False) -> Recommendation:
         rows, share = popular_rows(snap, k, narrow.banned, narrow.include)
-        return Recommendation(user, snap.item_ids.ids(rows).tolist(),
-                              share.astype(float).tolist(), snap.version, cold_start=True,
-                              anonymous=anonymous)
+        names, share = named(snap, rows, share)
+        return Recommendation(user, names, share.astype(float).tolist(), snap.version,
+                              cold_start=True, anonymous=anonymous)
 
     def similar(self, item: str, k: int = DEFAULT_K) -> Similar:
         """The k items the model scores most alike to ``item`` across its users."""
@@ -201,8 +201,8 @@ class Recommender:
         if row >= snap.index.size:  # an IVF index lags the weights by up to one refresh
             raise UnknownItem(f"item {item!r} is not in the candidate index yet")
         rows, sims = top_similar(snap, row, k, snap.unavailable)
-        return Similar(item, snap.item_ids.ids(rows).tolist(), sims.astype(float).tolist(),
-                       snap.version)
+        names, sims = named(snap, rows, sims)
+        return Similar(item, names, sims.astype(float).tolist(), snap.version)
 
     def popular(self, k: int = DEFAULT_K) -> Popular:
         """The k items with the most interaction events over the recent window (fewer when
@@ -210,9 +210,8 @@ class Recommender:
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
         snap = self.snapshot()
-        rows = snap.recent[:k]
-        return Popular(snap.item_ids.ids(rows).tolist(), snap.recent_counts[:k].tolist(),
-                       snap.popular_window_s, snap.version)
+        names, counts = named(snap, snap.recent[:k], snap.recent_counts[:k])
+        return Popular(names, counts.tolist(), snap.popular_window_s, snap.version)
 
     def known_items(self, user: str, offset: int = 0, limit: int = DEFAULT_PAGE) -> KnownItems:
         """One page of the items the user has interacted with, newest first."""
@@ -223,8 +222,8 @@ class Recommender:
             raise UnknownUser(f"unknown user {user!r}")
         rows, ts = snap.store.newest_first(row)
         page = slice(offset, offset + limit)
-        return KnownItems(user, snap.item_ids.ids(rows[page]).tolist(), ts[page].tolist(),
-                          len(rows), snap.version)
+        names, ts = named(snap, rows[page], ts[page])
+        return KnownItems(user, names, ts.tolist(), len(rows), snap.version)
 
     def score(self, user: str, items: list[str]) -> Scores:
         snap = self.snapshot()
@@ -255,6 +254,18 @@ class _Narrowing:
         include = (None if filters.include_only is None
                    else known_rows(snap, filters.include_only))
         return cls(banned, include, hidden_rows(snap, banned))
+
+
+def named(snap: Snapshot, rows: np.ndarray, values: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The ids of ``rows`` and their ``values``, less the items deleted since the snapshot
+    was taken: its id maps are the live ones (copying them per snapshot would cost a
+    pointer per id), and a deleted item's id is gone from them at once, while its row
+    leaves the snapshot's answers only with the next one."""
+    names = snap.item_ids.ids(rows).tolist()
+    if None not in names:  # a scan in C: the request path pays nothing more without deletions
+        return names, np.asarray(values)
+    keep = np.array([name is not None for name in names], dtype=bool)
+    return [name for name in names if name is not None], np.asarray(values)[keep]
 
 
 def known_rows(snap: Snapshot, ids: tuple[str, ...]) -> np.ndarray:

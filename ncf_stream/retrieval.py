@@ -130,8 +130,12 @@ class CandidateIndex:
             return empty.astype(np.float32), empty.astype(np.int64)
         if self.kind == "flat":
             return self.index.search(queries, k)
-        reduced = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
-        dist, rows = self.index.search(reduced, k)
-        # |[q, 0] - [x, e]|^2 = |q|^2 + M^2 - 2 q.x: back to inner products
-        sq = np.einsum("ij,ij->i", queries, queries)[:, None]
-        return (sq + self.max_norm ** 2 - dist) / 2, rows
+        # Queries scaled onto the items' sphere (the ranking is scale-free): a short query
+        # would otherwise probe the cells with the shortest centroids, not the best ones.
+        norm = np.linalg.norm(queries, axis=1, keepdims=True)
+        scale = np.where(norm > 0, self.max_norm / np.maximum(norm, 1e-30), 1.0)
+        reduced = np.hstack([queries * scale, np.zeros((len(queries), 1), np.float32)])
+        dist, rows = self.index.search(reduced.astype(np.float32), k)
+        # |[s q, 0] - [x, e]|^2 = s^2 |q|^2 + M^2 - 2 s q.x: back to inner products
+        sq = np.einsum("ij,ij->i", reduced, reduced)[:, None]
+        return (sq + self.max_norm ** 2 - dist) / (2 * scale), rows

@@ -100,8 +100,10 @@ class NegativeSampler:
         return out.reshape(len(users), k)
 
     def _trained(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Touched, and not the user's current hold-out."""
-        return self.store.contains(users, items) & ~self.store.is_holdout(users, items)
+        """Touched, and not the user's current hold-out; or a deleted item, which no
+        one may be trained against (its row stays as it was reset)."""
+        return ((self.store.contains(users, items) & ~self.store.is_holdout(users, items))
+                | self.store.is_dead(items))
 
     def _draw(self, n: int) -> np.ndarray:
         self.drawn += n
@@ -117,23 +119,28 @@ class NegativeSampler:
 
     def _training_counts(self) -> np.ndarray:
         """Users per item, hold-outs not counted (cached until the store changes)."""
-        if self._counts is None or self._counts[0] != self.store.events:
+        if self._counts is None or self._counts[0] != self.store.events + self.store.removed:
             counts = self.store.item_counts().copy()
             counts -= np.bincount(self.store.holdout().items, minlength=len(counts))
-            self._counts = (self.store.events, counts)
+            self._counts = (self.store.events + self.store.removed, counts)
         return self._counts[1]
 
     def _popularity(self) -> PopularityTable:
         n_items, total = self.store.n_items, len(self.store)
         t = self._table
+        # Removals (deletions, retention) change counts without growing anything: a
+        # store under retention stays one size, so its turnover must refresh the table.
         if t is None or n_items > t.n_items * (1 + REFRESH_SHARE) or (
-                total > t.total * (1 + REFRESH_SHARE)):
+                total > t.total * (1 + REFRESH_SHARE)) or (
+                self.store.removed > t.removed + REFRESH_SHARE * max(t.total, 1)):
             t = self._table = PopularityTable(self.weights(np.arange(n_items)), total)
+            t.removed = self.store.removed
         return t
 
     def _from_complement(self, user: int, n: int) -> np.ndarray:
         seen = self.store.seen(user)
         seen = seen[~self.store.is_holdout(np.full(len(seen), user), seen)]
+        seen = np.union1d(seen, self.store.dead_items())
         n_free = self.store.n_items - len(seen)
         if n_free <= 0:
             return np.full(n, -1, dtype=np.int64)
@@ -161,6 +168,7 @@ class PopularityTable:
 
     def __init__(self, weights: np.ndarray, total: int) -> None:
         self.n_items, self.total = len(weights), total
+        self.removed = 0  # the store's removals when built (NegativeSampler sets it)
         if not np.sum(weights) > 0:  # nothing counted yet: uniform
             weights = np.ones(len(weights))
         self.cdf = np.cumsum(weights, dtype=np.float64)
@@ -206,6 +214,8 @@ def eval_negatives(view: StoreView, rows: np.ndarray, n: int = EVAL_NEGATIVES,
         item = _feistel(np.broadcast_to(j, (len(todo), j.shape[1])), np.uint64(b),
                         key[todo, None]).astype(np.int64)
         valid = item < m
+        if len(view.dead):  # a deleted item's zeroed row is no item to rank against
+            valid &= ~np.isin(item, view.dead)
         u = np.broadcast_to(users[todo, None], item.shape)
         valid[valid] = ~view.keys.contains(pair_keys(u[valid], item[valid]))
         rank = filled[todo, None] + np.cumsum(valid, axis=1) - 1

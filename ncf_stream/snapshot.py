@@ -57,7 +57,7 @@ class Snapshot:
     item_ids: IdMap
     popular: np.ndarray  # item rows, most popular first (unavailable ones left out)
     popularity: np.ndarray  # their share of all interactions
-    # Sorted rows of the items marked unavailable: never recommended.
+    # Sorted rows of the items marked unavailable, and of deleted items: never recommended.
     unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # The most interacted-with available items over the recent window, and their counts.
     recent: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
@@ -127,6 +127,7 @@ class Publisher:
         self._last_time = 0.0
         self._last_events = 0
         self._last_steps = 0
+        self._touched = False  # the state changed outside training (a deletion, retention)
         self._index: CandidateIndex | None = None
         self._a_ref: torch.Tensor | None = None
         self._index_version = 0
@@ -143,9 +144,19 @@ class Publisher:
         if self.version == 0:
             return True
         now = time.monotonic() if now is None else now
-        changed = events != self._last_events or self.trainer.steps != self._last_steps
+        changed = (events != self._last_events or self.trainer.steps != self._last_steps
+                   or self._touched)
         return changed and (now - self._last_time >= self.every_s
                             or events - self._last_events >= self.every_events)
+
+    def touch(self, items_removed: bool = False) -> None:
+        """The state changed outside training: the next publish is due on time alone.
+        ``items_removed``: items were deleted, so an IVF index (which the publisher
+        reuses between refreshes) is rebuilt from the next snapshot at once; until it
+        is ready the old one serves, its copies of their vectors hidden from answers."""
+        self._touched = True
+        if items_removed:
+            self._index_time = -float("inf")
 
     def since_last(self) -> float:
         """Seconds since the last publish."""
@@ -160,6 +171,9 @@ class Publisher:
         rebuilt = self._refresh_index(model)
         assert self._index is not None and self._a_ref is not None
         unavailable = self.catalogue.availability.rows(self.trainer.item_ids, model.n_items)
+        dead = self.trainer.store.dead_items()
+        if len(dead):  # deleted items' rows (tombstones) are hidden like unavailable ones
+            unavailable = np.union1d(unavailable, dead[dead < model.n_items])
         counts = self.trainer.store.item_counts()
         popular = np.argsort(-counts, kind="stable")
         if len(unavailable):
@@ -179,7 +193,7 @@ class Publisher:
         crash_point("publish")
         self.holder.set(snapshot)
         self._last_time, self._last_events = time.monotonic(), events
-        self._last_steps = self.trainer.steps
+        self._last_steps, self._touched = self.trainer.steps, False
         return PublishStats(self.version, time.perf_counter() - start, rebuilt)
 
     def _refresh_index(self, model: NeuMF) -> bool:

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ncf_stream.errors import NcfStreamError
-from ncf_stream.events import Availability, Events
+from ncf_stream.events import Availability, Deletions, Events
 from ncf_stream.ids import MappedEvents
 from ncf_stream.readers import read_events
 
@@ -44,6 +44,10 @@ class EventBatch:
     # Availability events (not interactions), in stream order: the engine applies them
     # to the catalogue, never to the store or training.
     availability: Availability = field(default_factory=Availability.empty)
+    # Deletions, each after the first ``at`` of ``events``: the engine applies them in
+    # that order among the interactions (a source that maps ids sends ``events``
+    # unmapped in a batch with deletions: see consumers.source_process).
+    deletions: Deletions = field(default_factory=Deletions.empty)
 
     @property
     def rejected(self) -> int:
@@ -117,7 +121,7 @@ class MemorySource:
     def __init__(self, events: Events | None = None, batch_size: int = 4096,
                  topic: str = "memory", offset: int = 0) -> None:
         """``offset``: that of the first event (a source resuming a checkpoint's position)."""
-        self._chunks: list[Events | Availability] = (
+        self._chunks: list[Events | Availability | Deletions] = (
             [] if events is None or len(events) == 0 else [events])
         self._batch_size = batch_size
         self._topic = topic
@@ -133,8 +137,9 @@ class MemorySource:
         """A ratings or events file (:mod:`ncf_stream.readers`), replayed in file order."""
         return cls(read_events(path, fmt).events, batch_size=batch_size)
 
-    def push(self, events: Events | Availability) -> None:
-        """Append events, or availability events (one record each, in their own batch)."""
+    def push(self, events: Events | Availability | Deletions) -> None:
+        """Append events, or availability events or deletions (one record each, in their
+        own batch)."""
         with self._arrived:
             if len(events):
                 self._chunks.append(events)
@@ -153,9 +158,11 @@ class MemorySource:
         offsets = {(self._topic, 0): (lo, self._pos)}
         if isinstance(batch, Availability):
             return EventBatch(Events.from_rows([]), offsets, availability=batch)
+        if isinstance(batch, Deletions):
+            return EventBatch(Events.from_rows([]), offsets, deletions=batch)
         return EventBatch(batch, offsets)
 
-    def _take(self) -> Events | Availability:
+    def _take(self) -> Events | Availability | Deletions:
         """Up to one batch from the front chunk (a batch never spans two pushes)."""
         head, lo = self._chunks[0], self._in_head
         hi = min(lo + self._batch_size, len(head))

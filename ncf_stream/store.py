@@ -14,6 +14,15 @@ is unavoidable online: when a user reaches ``min_history`` through a late
 event, the newest is an interaction that was already trained on (it arrived
 while the user had too little history to hold anything out).
 
+**Forgetting and retention.** :meth:`InteractionStore.forget_user` and
+:meth:`~InteractionStore.forget_item` remove every pair of a deleted user or
+item; :meth:`~InteractionStore.expire` removes the pairs whose last event is
+older than a cutoff (the ``retention_s`` setting). A user whose hold-out is
+removed with the pair has **no hold-out until their next event**, which becomes
+it: their next newest was trained on already, so holding it out would score the
+model on what it learnt from. A deleted item's row is marked dead, so negatives
+are never drawn from it.
+
 **Memory** (1M users, 200k items, 100M interactions): 12 bytes per
 interaction in the key set, 1-2 for its filter, 28 per user and 8 per item.
 """
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +94,8 @@ class StoreView:
     item_counts: np.ndarray  # (n_items,) int64
     holdout: HoldOut
     t0: float = 0.0  # the origin of the stored timestamps (whole seconds after it)
+    # Sorted rows of deleted items (tombstones): never an evaluation negative.
+    dead: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.keys.contains(pair_keys(users, items))
@@ -145,11 +156,12 @@ class InteractionStore:
             newest_seq=(np.dtype(np.int64), -1),
             evaluated=(np.dtype(np.bool_), True),
         )
-        self._items = _Growable(count=(np.dtype(np.int64), 0))
+        self._items = _Growable(count=(np.dtype(np.int64), 0), dead=(np.dtype(np.bool_), False))
         self.n_users = 0
         self.n_items = 0
         self.events = 0  # events appended, repeats included: the arrival counter
         self.repeats = 0
+        self.removed = 0  # pairs removed (deletions, retention): caches keyed on changes
         self._t0: float | None = None
 
     def __len__(self) -> int:
@@ -189,7 +201,9 @@ class InteractionStore:
             self._users["evaluated"][users] = evaluated
 
     def _has_holdout(self, users: np.ndarray, count: np.ndarray) -> np.ndarray:
-        return (count >= self.min_history) & self._users["evaluated"][users]
+        # newest_item < 0: the hold-out was forgotten or expired; none until the next event
+        u = self._users
+        return (count >= self.min_history) & u["evaluated"][users] & (u["newest_item"][users] >= 0)
 
     def _grow(self, n_users: int, n_items: int) -> None:
         self._users.ensure(n_users)
@@ -242,6 +256,59 @@ class InteractionStore:
         train_ts = np.concatenate([ts[~held], old_ts[released]])
         return AppendResult(train_u, train_i, train_ts, new, len(users) - new,
                             int(released.sum()), int(held.sum()))
+
+    # ---- forgetting and retention -----------------------------------------------------------
+
+    def forget_user(self, user: int) -> int:
+        """Remove every pair of user row ``user``; returns how many."""
+        if not 0 <= user < self.n_users:
+            return 0
+        gone = self._pairs.remove_where(lambda k, _: np.ones(len(k), dtype=bool),
+                                        user << ITEM_BITS, (user + 1) << ITEM_BITS)
+        self._removed(gone)
+        return len(gone)
+
+    def forget_item(self, item: int) -> int:
+        """Remove every pair of item row ``item`` (a scan of every key), and never draw it
+        as a negative again; returns how many pairs."""
+        if not 0 <= item < self.n_items:
+            return 0
+        self._items["dead"][item] = True
+        gone = self._pairs.remove_where(lambda k, _: (k & ITEM_MASK) == item)
+        self._removed(gone)
+        return len(gone)
+
+    def expire(self, cutoff: float) -> int:
+        """Remove the pairs whose last event time is before ``cutoff``; returns how many."""
+        if self._t0 is None or len(self._pairs) == 0:
+            return 0
+        rel = int(np.clip(np.ceil(cutoff - self._t0), _I32.min, _I32.max))
+        gone = self._pairs.remove_where(lambda _, v: v < rel)
+        self._removed(gone)
+        return len(gone)
+
+    def _removed(self, keys: np.ndarray) -> None:
+        """Counts and hold-outs after ``keys`` (sorted) left the pairs."""
+        if len(keys) == 0:
+            return
+        self.removed += len(keys)
+        users, items = split_keys(keys)
+        starts = _run_starts(users)
+        bu = users[starts]
+        self._users["count"][bu] -= np.diff(np.r_[starts, len(users)]).astype(np.int32)
+        item, times = np.unique(items, return_counts=True)
+        self._items["count"][item] -= times
+        u = self._users
+        lost = bu[u["newest_item"][bu] >= 0]
+        lost = lost[~self._pairs.contains(pair_keys(lost, u["newest_item"][lost]))]
+        u["newest_item"][lost], u["newest_ts"][lost], u["newest_seq"][lost] = -1, -np.inf, -1
+
+    def is_dead(self, items: np.ndarray) -> np.ndarray:
+        return self._items["dead"][items]
+
+    def dead_items(self) -> np.ndarray:
+        """Rows of deleted items, sorted."""
+        return np.flatnonzero(self._items["dead"][: self.n_items])
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -311,11 +378,11 @@ class InteractionStore:
     def view(self) -> StoreView:
         ho = self.holdout()
         return StoreView(self._pairs.view(), self.n_users, self.n_items,
-                         self.item_counts().copy(), ho, self._t0 or 0.0)
+                         self.item_counts().copy(), ho, self._t0 or 0.0, self.dead_items())
 
     def nbytes(self) -> int:
         per_row = sum(a.nbytes for a in self._users.cols.values())
-        return self._pairs.nbytes() + per_row + self._items["count"].nbytes
+        return self._pairs.nbytes() + per_row + sum(a.nbytes for a in self._items.cols.values())
 
     # ---- persistence ---------------------------------------------------------------------
 
@@ -326,6 +393,7 @@ class InteractionStore:
         arrays: dict[str, np.ndarray] = {f"user_{k}": v[:n] for k, v in self._users.cols.items()}
         arrays |= {
             "keys": keys, "vals": vals, "item_count": self.item_counts(),
+            "item_dead": self._items["dead"][: self.n_items],
             "scalars": np.array([self.min_history, n, self.n_items, self.events, self.repeats]),
             "t0": np.array([np.nan if self._t0 is None else self._t0]),
         }
@@ -342,6 +410,8 @@ class InteractionStore:
                 if f"user_{name}" in z:  # else its default: a checkpoint from before it
                     store._users[name][:n_users] = z[f"user_{name}"]
             store._items["count"][:n_items] = z["item_count"]
+            if "item_dead" in z:  # else none: a checkpoint from before forgetting
+                store._items["dead"][:n_items] = z["item_dead"]
             store.events, store.repeats = events, repeats
             t0 = float(z["t0"][0])
             store._t0 = None if np.isnan(t0) else t0

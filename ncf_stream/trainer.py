@@ -138,6 +138,42 @@ class Trainer:
             self._pending += len(result.train_users)
         return result
 
+    def forget_user(self, user_id: str) -> int:
+        """Delete a user: pairs, row, optimizer state, history, pending positives, id.
+        Returns the pairs removed, or -1 when the id is unknown (a no-op)."""
+        row = self.user_ids.forget(user_id)
+        if row < 0:
+            return -1
+        self._drop_fresh(lambda u, _: u == row)
+        self.model.forget_user(row)
+        self.opt_users.reset(row)
+        return self.store.forget_user(row)
+
+    def forget_item(self, item_id: str) -> int:
+        """Delete an item: pairs, rows (own and context), optimizer state, its place in
+        every history, pending positives, id. Returns the pairs removed, or -1 when the
+        id is unknown (a no-op)."""
+        row = self.item_ids.forget(item_id)
+        if row < 0:
+            return -1
+        self._drop_fresh(lambda _, i: i == row)
+        self.model.forget_item(row)
+        self.opt_items.reset(row)
+        if self.opt_context is not None:
+            self.opt_context.reset(row)
+        return self.store.forget_item(row)
+
+    def _drop_fresh(self, match: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Drop the waiting fresh positives ``match(users, items)`` selects: a deleted
+        entity is never trained on again."""
+        kept: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()
+        for u, i, t in self._fresh:
+            keep = ~match(u, i)
+            self._pending -= int(len(u) - keep.sum())
+            if keep.any():
+                kept.append((u[keep], i[keep], t[keep]))
+        self._fresh = kept
+
     def _take_fresh(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         taken = 0

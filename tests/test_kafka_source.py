@@ -28,6 +28,7 @@ from consumers import kafka_source
 from consumers.kafka_source import KafkaSource
 from consumers.produce import produce_file, publish
 from consumers.source_process import ProcessSource
+from ncf_stream.engine import Engine, Resume
 from ncf_stream.events import Events, Reason
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics
@@ -482,3 +483,95 @@ def test_availability_events_come_through_every_source_apart_and_in_order(
     assert [i for b in batches for i in b.events.items] == ["i1", "i2"]
     if isinstance(source, MappedBack):
         assert "only-flagged" not in source.items
+
+
+def test_deletions_reach_the_engine_in_order_through_the_child_that_maps_ids(
+    kafka_bootstrap: str, topics: tuple[str, str],
+) -> None:
+    """The daemon's way: the child maps ids ahead of the engine. A batch with deletions
+    comes by id, and the batches after it must still continue the engine's maps (an
+    IdMapMismatch otherwise), with a deleted user back as a new row."""
+    s = settings_for(kafka_bootstrap, topics).model_copy(update={
+        "kafka_max_poll_records": 7, "device": "cpu", "factors": 8, "mlp_layers": (16, 8),
+        "checkpoint_dir": "", "publish_every_s": 1e-6, "eval_interval_s": 3600.0})
+    values: list[dict[str, object]] = []
+    for j in range(30):
+        values.append({"user": f"u{j % 4}", "item": f"i{j % 9}", "ts": float(j)})
+        if j == 12:
+            values.append({"user": "u1", "type": "delete_user"})
+        if j == 20:
+            values.append({"item": "i3", "type": "delete_item"})
+            values.append({"item": "never-seen", "type": "delete_item"})
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for v in values:  # one partition: one order
+        producer.send(topics[0], json.dumps(v).encode(), partition=0)
+    producer.flush()
+    producer.close()
+
+    def factory(resume: Resume) -> EventSource:
+        return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
+                             id_maps=(resume.user_ids, resume.item_ids))
+
+    engine = Engine(s, factory)
+    try:
+        deadline = time.monotonic() + 60
+        while engine.counters.consumed < len(values):
+            assert time.monotonic() < deadline, engine.status()
+            engine.cycle()
+    finally:
+        engine.close(final_checkpoint=False)
+    t = engine.trainer
+    # u1's events after its deletion (j = 13, 17, 21, 25, 29) are a new user, row 4.
+    assert t.user_ids.tombstones().tolist() == [1]
+    assert int(t.user_ids.rows(["u1"], add=False)[0]) == 4
+    assert set(t.item_ids.ids(t.store.seen(4)).tolist()) == {"i4", "i8", "i3", "i7", "i2"}
+    # i3 came back after its deletion (j = 21) as a new item: the old row is a tombstone.
+    assert t.item_ids.tombstones().tolist() == [3]
+    assert int(t.item_ids.rows(["i3"], add=False)[0]) == 9
+    reg = engine.metrics.registry
+    assert reg.get_sample_value("ncf_stream_deletions_total",
+                                {"kind": "item", "outcome": "unknown"}) == 1
+
+
+def test_an_admin_deletion_reopens_the_child_that_maps_ids(
+    kafka_bootstrap: str, topics: tuple[str, str],
+) -> None:
+    """An admin deletion changes the engine's maps outside the stream; the child's maps
+    must follow, or the deleted user's next events would land on its tombstone."""
+    s = settings_for(kafka_bootstrap, topics).model_copy(update={
+        "device": "cpu", "factors": 8, "mlp_layers": (16, 8), "checkpoint_dir": "",
+        "publish_every_s": 1e-6, "eval_interval_s": 3600.0})
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+
+    def send(values: list[dict[str, object]]) -> None:
+        for v in values:
+            producer.send(topics[0], json.dumps(v).encode(), partition=0)
+        producer.flush()
+
+    def factory(resume: Resume) -> EventSource:
+        return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
+                             id_maps=(resume.user_ids, resume.item_ids))
+
+    def consume(engine: Engine, records: int) -> None:
+        deadline = time.monotonic() + 60
+        while engine.counters.consumed < records:
+            assert time.monotonic() < deadline, engine.status()
+            engine.cycle()
+
+    engine = Engine(s, factory)
+    try:
+        send([{"user": f"u{j % 3}", "item": f"i{j % 5}", "ts": float(j)} for j in range(12)])
+        consume(engine, 12)
+        old = int(engine.trainer.user_ids.rows(["u1"], add=False)[0])
+        engine.request_delete("user", "u1")
+        engine.cycle()
+        send([{"user": "u1", "item": "i9", "ts": 20.0}, {"user": "u7", "item": "i0", "ts": 21.0}])
+        consume(engine, 14)
+    finally:
+        producer.close()
+        engine.close(final_checkpoint=False)
+    t = engine.trainer
+    new = int(t.user_ids.rows(["u1"], add=False)[0])
+    assert new == 3 and t.user_ids.rows(["u7"], add=False).tolist() == [4]
+    assert len(t.store.seen(old)) == 0
+    assert t.item_ids.ids(t.store.seen(new)).tolist() == ["i9"]

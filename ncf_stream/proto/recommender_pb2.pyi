@@ -6,6 +6,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DeleteRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("kind", "id", "known", "detail")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    id: str
+    known: bool
+    detail: str
+    def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ..., known: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class RecommendRequest(_message.Message):
     __slots__ = ("user", "k", "exclude_seen", "exclude", "exclude_items", "include_only", "items")
     USER_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,16 @@ class RecommenderStub:
                 request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/ncf_stream.v1.Recommender/DeleteUser',
+                request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.DeleteItem = channel.unary_unary(
+                '/ncf_stream.v1.Recommender/DeleteItem',
+                request_serializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -123,6 +133,22 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """Forget a user or an item (admin): enqueued to the engine, gone from the next snapshot
+        and the next checkpoint. Needs metadata "authorization: Bearer <admin token>":
+        UNIMPLEMENTED while the server has no admin token, UNAUTHENTICATED without one,
+        PERMISSION_DENIED with another; INVALID_ARGUMENT for a bad id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +186,16 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.StatusRequest.FromString,
                     response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.StatusResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteRequest.FromString,
+                    response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteResponse.SerializeToString,
+            ),
+            'DeleteItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItem,
+                    request_deserializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteRequest.FromString,
+                    response_serializer=ncf__stream_dot_proto_dot_recommender__pb2.DeleteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +387,60 @@ class Recommender:
             '/ncf_stream.v1.Recommender/Status',
             ncf__stream_dot_proto_dot_recommender__pb2.StatusRequest.SerializeToString,
             ncf__stream_dot_proto_dot_recommender__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncf_stream.v1.Recommender/DeleteUser',
+            ncf__stream_dot_proto_dot_recommender__pb2.DeleteRequest.SerializeToString,
+            ncf__stream_dot_proto_dot_recommender__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncf_stream.v1.Recommender/DeleteItem',
+            ncf__stream_dot_proto_dot_recommender__pb2.DeleteRequest.SerializeToString,
+            ncf__stream_dot_proto_dot_recommender__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
