@@ -19,12 +19,13 @@ test:
 lint:
 	@$(ENSURE_VENV) && $$venv/bin/ruff check . && $$venv/bin/mypy
 
-# bench/quality.py and bench/levers.py need a ratings file; MovieLens is not part of the product.
+# bench/quality.py, levers.py and quality_anonymous.py need a ratings file; MovieLens is not
+# part of the product.
 QUALITY_DATA ?= ../shared/data/ml-latest-small/ratings.csv
 
 bench:
 	@$(ENSURE_VENV) && for b in bench/*.py; do \
-	  if [ $$b = bench/quality.py ] || [ $$b = bench/levers.py ]; then \
+	  if [ $$b = bench/quality.py ] || [ $$b = bench/levers.py ] || [ $$b = bench/quality_anonymous.py ]; then \
 	    [ -f "$(QUALITY_DATA)" ] || { echo "== $$b skipped: no $(QUALITY_DATA)"; continue; }; \
 	    echo "== $$b"; $$venv/bin/python $$b "$(QUALITY_DATA)" --quick | tail -n 1; continue; \
 	  fi; \

@@ -33,6 +33,9 @@ MAX_BATCH_USERS = 1000
 MAX_SCORE_ITEMS = 10_000
 # exclude_items and include_only: candidate lists of a few thousand items, scored whole.
 MAX_FILTER_ITEMS = 10_000
+# An anonymous request's items: a session or a profile, not a catalogue; its fit costs
+# a forward and backward pass over them and their negatives per step.
+MAX_ANONYMOUS_ITEMS = 1000
 MAX_BODY_BYTES = 1 << 20
 # A user's known items come in pages: a heavy user has thousands.
 DEFAULT_PAGE = 100

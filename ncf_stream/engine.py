@@ -44,6 +44,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from ncf_stream import checkpoint
+from ncf_stream.anonymous import AnonymousConfig
 from ncf_stream.api import Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
 from ncf_stream.errors import NcfStreamError
@@ -212,7 +213,8 @@ class Engine:
             IndexConfig.from_settings(s),
             every_s=s.publish_every_s, every_events=s.publish_every_events,
             index_refresh_s=s.index_refresh_s, catalogue=self.catalogue)
-        self.recommender = Recommender(self.holder, s.candidates, s.max_k, s.exact_items)
+        self.recommender = Recommender(self.holder, s.candidates, s.max_k, s.exact_items,
+                                       AnonymousConfig.from_settings(s))
         self.evaluator = Evaluator(
             self.holder, EvalConfig.from_settings(s), on_report=self._export_eval)
         self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates,

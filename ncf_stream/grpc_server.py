@@ -23,6 +23,7 @@ from ncf_stream.admin import Admin, AdminError, AdminOff, Forbidden, NotAuthenti
 from ncf_stream.api import (
     DEFAULT_K,
     DEFAULT_PAGE,
+    MAX_ANONYMOUS_ITEMS,
     MAX_BATCH_USERS,
     MAX_FILTER_ITEMS,
     MAX_SCORE_ITEMS,
@@ -53,6 +54,7 @@ SERVICE = "ncf_stream.v1.Recommender"
 def _response(r: Recommendation) -> pb.RecommendResponse:
     return pb.RecommendResponse(
         user=r.user, model_version=r.model_version, cold_start=r.cold_start,
+        anonymous=r.anonymous,
         items=[pb.ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores, strict=True)])
 
 
@@ -113,6 +115,16 @@ class Servicer(pb_grpc.RecommenderServicer):
     def Recommend(self, request: pb.RecommendRequest,
                   context: grpc.ServicerContext) -> pb.RecommendResponse:
         with self._call("Recommend", context):
+            if len(request.items):  # anonymous: a repeated field cannot be absent, so
+                if request.user:  # "neither" is an empty user and no items
+                    raise BadInput("give exactly one of 'user' and 'items'")
+                if len(request.items) > MAX_ANONYMOUS_ITEMS:
+                    raise BadInput(f"'items' must hold 1 to {MAX_ANONYMOUS_ITEMS} ids")
+                items = [check_id(i, "items[]") for i in request.items]
+                return _response(self.recommender.recommend_items(
+                    items, self._k(request), self._exclude(request), self._filters(request)))
+            if not request.user:
+                raise BadInput("give exactly one of 'user' and 'items' (neither was given)")
             user = check_id(request.user, "user")
             return _response(self.recommender.recommend(user, self._k(request),
                                                         self._exclude(request),

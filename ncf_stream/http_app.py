@@ -29,6 +29,7 @@ from pydantic import (
     StrictBool,
     StrictStr,
     create_model,
+    model_validator,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +38,7 @@ from ncf_stream.admin import Admin, AdminError
 from ncf_stream.api import (
     DEFAULT_K,
     DEFAULT_PAGE,
+    MAX_ANONYMOUS_ITEMS,
     MAX_BATCH_USERS,
     MAX_BODY_BYTES,
     MAX_FILTER_ITEMS,
@@ -85,6 +87,20 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _UserOrItems(_Request):
+    """Exactly one of ``user`` and ``items``: the schema says so (``oneOf``), and so does
+    validation, with a 422 naming both."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["user"]}, {"required": ["items"]}]})
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "_UserOrItems":
+        if (getattr(self, "user", None) is None) == (getattr(self, "items", None) is None):
+            raise ValueError("give exactly one of 'user' and 'items'")
+        return self
+
+
 def request_models(max_k: int) -> tuple[Any, Any, Any, Any]:
     """The request bodies, with the configured maximum k in their schema."""
     k = Annotated[int, Field(ge=1, le=max_k, description=f"how many items, 1 to {max_k}"),
@@ -103,8 +119,15 @@ def request_models(max_k: int) -> tuple[Any, Any, Any, Any]:
         description="rank these items only, each scored by the full model; unknown ids "
                     "are ignored; default: the whole catalogue")]
     recommend = create_model(
-        "RecommendRequest", __base__=_Request,
-        user=(Id, Field(description="user id; an unknown user gets popular items")),
+        "RecommendRequest", __base__=_UserOrItems,
+        # Not nullable, default absent: present means given, as the schema's oneOf says.
+        user=(Id, Field(None, description="user id; an unknown user gets popular "
+                                          "items. Exactly one of user and items")),
+        items=(list[Id], Field(
+            None, min_length=1, max_length=MAX_ANONYMOUS_ITEMS,
+            description="instead of a user: items someone interacted with, oldest first (a "
+                        "session); the answer is ranked for a row fitted to them and never "
+                        "stored. Unknown ids are ignored; with none known, popular items")),
         k=(k, DEFAULT_K), exclude_seen=(seen, True), exclude=(exclude, None),
         exclude_items=(excluded, None), include_only=(only, None))
     batch = create_model(
@@ -127,10 +150,11 @@ class ScoredItem(BaseModel):
 
 
 class RecommendResponse(BaseModel):
-    user: str
+    user: str = Field(description="the user asked about; empty for an anonymous request")
     items: list[ScoredItem]
     model_version: int
     cold_start: bool
+    anonymous: bool = Field(False, description="ranked for the request's items, not a user")
 
 
 class BatchRecommendResponse(BaseModel):
@@ -328,7 +352,7 @@ def _recommendation(r: Recommendation) -> RecommendResponse:
     return RecommendResponse(
         user=r.user, items=[ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores,
                                                                        strict=True)],
-        model_version=r.model_version, cold_start=r.cold_start)
+        model_version=r.model_version, cold_start=r.cold_start, anonymous=r.anonymous)
 
 
 def _filters(req: Any) -> Filters:
@@ -395,9 +419,13 @@ def create_app(
 
     @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(req: RecommendRequest) -> RecommendResponse:
-        user, k = str(req.user), req.k
-        return _recommendation(recommender.recommend(
-            user, k, resolve_exclude(req.exclude, req.exclude_seen), _filters(req)))
+        """Top k for a user, or for a list of items (an anonymous request)."""
+        exclude = resolve_exclude(req.exclude, req.exclude_seen)
+        if req.items is not None:
+            return _recommendation(recommender.recommend_items(
+                [str(i) for i in req.items], req.k, exclude, _filters(req)))
+        return _recommendation(recommender.recommend(str(req.user), req.k, exclude,
+                                                     _filters(req)))
 
     @app.post("/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
     async def recommend_batch(req: BatchRecommendRequest

@@ -150,6 +150,8 @@ class NeuMF(nn.Module):
         self.users = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.items = Table(torch.zeros((cap, cfg.row_dim), device=self.device))
         self.item_hidden: torch.Tensor | None = None  # frozen copies only (frozen_copy)
+        # The mean user row, frozen copies only: where an anonymous row may start.
+        self.mean_user: torch.Tensor | None = None
         # The history input (ncf_stream.history): a user's row plus the decayed mean of
         # the context rows of their recent items. None: the paper's model.
         self.context: Table | None = None
@@ -201,14 +203,20 @@ class NeuMF(nn.Module):
         rows = self.users.weight[users]
         if self.context is None or self.recent is None or len(users) == 0:
             return rows
-        recent = self.recent.of(users.cpu().numpy())
+        return rows + self.history_rows(self.recent.of(users.cpu().numpy()))
+
+    def history_rows(self, recent: np.ndarray) -> torch.Tensor:
+        """The history input of each row of ``recent`` (n, L) item rows, newest first,
+        -1 padding: the decayed mean of their context rows. (n, row_dim); zeros for a
+        row without items. Needs the history input (``context``)."""
+        if self.context is None:
+            raise ConfigError("the model has no history input (history_length is 0)")
         valid = recent >= 0
         w = self.history_weights(valid)
-        ctx = F.embedding_bag(
+        return F.embedding_bag(
             torch.from_numpy(recent[valid]).to(self.device), self.context.weight,
             torch.from_numpy(bag_offsets(valid)).to(self.device), mode="sum",
             per_sample_weights=torch.from_numpy(w[valid]).to(self.device))
-        return rows + ctx
 
     @torch.no_grad()
     def frozen_copy(self, item_hidden: bool = True) -> NeuMF:
@@ -229,6 +237,8 @@ class NeuMF(nn.Module):
         # scoring the whole catalogue as cheap as a flat index search.
         copy.item_hidden = copy.tower.first_item(
             copy.items.weight[: copy.n_items, self.cfg.factors:]) if item_hidden else None
+        copy.mean_user = (copy.users.weight.mean(0) if copy.n_users
+                          else torch.zeros(self.cfg.row_dim, device=self.device))
         copy.context, copy.recent, copy._decay = None, None, self._decay
         if self.context is not None and self.recent is not None:
             copy.context = Table(self.context.weight[: self.context.rows].clone(),
@@ -269,8 +279,22 @@ class NeuMF(nn.Module):
         The user's halves are computed once; the items' first-layer halves come from
         the snapshot's cache when there is one. Equal to ``forward`` up to float rounding.
         """
+        return self.row_logits(self.user_rows(torch.tensor([user], device=self.device))[0],
+                               items)
+
+    def row_logits(self, u: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`user_logits` for an effective row ``u`` (row_dim,) rather than a user:
+        one that is not in the table (an anonymous request's, ncf_stream.anonymous).
+        Differentiable in ``u``; the caller decides on ``no_grad``."""
+        return self.logits_from_parts(u, *self.item_parts(items))
+
+    def item_parts(self, items: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a row's logits need of item rows (default: the catalogue): their GMF
+        factors (n, factors; a view for the catalogue), and their first-layer halves
+        (n, hidden), from the snapshot's cache when there is one. Fixed for a frozen
+        model, so a caller scoring many rows against the same items computes them once."""
         f, tower = self.cfg.factors, self.tower
-        u = self.user_rows(torch.tensor([user], device=self.device))[0]
         hidden = self.item_hidden
         if items is None:
             rows = self.items.weight[: self.n_items]
@@ -279,9 +303,48 @@ class NeuMF(nn.Module):
             items = items.to(self.device)
             rows = self.items.weight[items]
             c = hidden[items] if hidden is not None else tower.first_item(rows[:, f:])
+        return rows[:, :f], c
+
+    def logits_from_parts(self, u: torch.Tensor, gmf: torch.Tensor,
+                          c: torch.Tensor) -> torch.Tensor:
+        """Logits (n,) of an effective row ``u`` (row_dim,) against :meth:`item_parts`."""
+        f, tower = self.cfg.factors, self.tower
         a = tower.first_user(u[f:])
-        gmf = rows[:, :f] @ (u[:f] * tower.out_gmf.weight[0])
-        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf
+        return tower.out_mlp(tower.mlp(c + a)).squeeze(-1) + gmf @ (u[:f] *
+                                                                   tower.out_gmf.weight[0])
+
+    @torch.no_grad()
+    def row_bce_grad(self, u: torch.Tensor, gmf: torch.Tensor, c: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+        """Gradient in ``u`` (row_dim,) of the summed binary cross-entropy of
+        :meth:`logits_from_parts` against 0/1 ``labels``: backpropagation written out
+        for the tower's Linear and ReLU layers, so a step is a handful of kernels. For
+        the few dozen rows of a session autograd's bookkeeping costs 2-3x the
+        arithmetic, and a fit takes several steps per request (ncf_stream.anonymous).
+        Equal to autograd's gradient (tests/test_anonymous.py). Eval mode only:
+        dropout is then the identity."""
+        f, tower = self.cfg.factors, self.tower
+        if tower.training:
+            raise RuntimeError("row_bce_grad needs the tower in eval mode")
+        x = c + tower.first_user(u[f:])  # (n, H)
+        backward: list[torch.Tensor | nn.Linear] = []  # per layer: its weight, or a mask
+        for layer in tower.mlp:
+            if isinstance(layer, nn.Linear):
+                x = layer(x)
+                backward.append(layer)
+            elif isinstance(layer, nn.ReLU):
+                mask = x > 0
+                x = x * mask
+                backward.append(mask)
+            elif not isinstance(layer, nn.Dropout):
+                raise TypeError(f"row_bce_grad cannot differentiate {layer}")
+        h_gmf = tower.out_gmf.weight[0]
+        logits = tower.out_mlp(x).squeeze(-1) + gmf @ (u[:f] * h_gmf)
+        r = torch.sigmoid(logits) - labels  # dL/dlogit, (n,)
+        g = torch.outer(r, tower.out_mlp.weight[0])  # (n, last)
+        for step in reversed(backward):
+            g = g @ step.weight if isinstance(step, nn.Linear) else g * step
+        return torch.cat([(r @ gmf) * h_gmf, g.sum(0) @ tower.first_user.weight])
 
     @torch.no_grad()
     def score_matrix(self, users: torch.Tensor, items: torch.Tensor | None = None,
@@ -340,9 +403,13 @@ class NeuMF(nn.Module):
 
     def retrieval_queries(self, users: torch.Tensor, a_ref: torch.Tensor) -> torch.Tensor:
         """(B, factors + hidden + 1) queries matching :meth:`retrieval_items`."""
-        f = self.cfg.factors
         with torch.no_grad():
-            rows = self.user_rows(users)
-            a = self.tower.first_user(rows[:, f:]) - a_ref
-            ones = torch.ones(len(rows), 1, device=rows.device)
-            return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)
+            return self.row_queries(self.user_rows(users), a_ref)
+
+    @torch.no_grad()
+    def row_queries(self, rows: torch.Tensor, a_ref: torch.Tensor) -> torch.Tensor:
+        """:meth:`retrieval_queries` for effective rows (B, row_dim) rather than users."""
+        f = self.cfg.factors
+        a = self.tower.first_user(rows[:, f:]) - a_ref
+        ones = torch.ones(len(rows), 1, device=rows.device)
+        return torch.cat([rows[:, :f] * self.tower.out_gmf.weight[0], a, ones], dim=1)

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncf_stream.api import DEFAULT_K, DEFAULT_PAGE, EXCLUDE, Exclude, check_page
+from ncf_stream.anonymous import AnonymousConfig, AnonymousUser, fit_row, negative_cdf
+from ncf_stream.api import (
+    DEFAULT_K,
+    DEFAULT_PAGE,
+    EXCLUDE,
+    MAX_ANONYMOUS_ITEMS,
+    Exclude,
+    check_page,
+)
 from ncf_stream.errors import BadInput, NcfStreamError
 from ncf_stream.ranking import best
 from ncf_stream.settings import default
@@ -25,6 +33,8 @@ from ncf_stream.similar import top_similar
 from ncf_stream.snapshot import POPULAR_KEPT, Snapshot, SnapshotHolder
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
+# Whom a ranking is for: a user's row in the snapshot, or an anonymous request's fitted row.
+User = int | AnonymousUser
 
 
 class NotReady(NcfStreamError):
@@ -46,6 +56,7 @@ class Recommendation:
     scores: list[float]  # model probability; popularity share when cold_start
     model_version: int
     cold_start: bool
+    anonymous: bool = False  # ranked for the request's items, not a user (user is "")
 
 
 @dataclass(frozen=True)
@@ -95,11 +106,15 @@ class Scores:
 class Recommender:
     def __init__(self, holder: SnapshotHolder, candidates: int = default("candidates"),
                  max_k: int = default("max_k"), exact_items: int = default("exact_items"),
-                 ) -> None:
+                 anonymous: AnonymousConfig | None = None) -> None:
         self.holder = holder
         self.candidates = candidates
         self.exact_items = exact_items
         self.max_k = max_k
+        self.anonymous = anonymous or AnonymousConfig()
+        # (snapshot version, its negatives' draw weights): computed once per snapshot
+        # (O(items)), not per anonymous request. One tuple, swapped whole: no lock.
+        self._negatives: tuple[int, np.ndarray | None] = (0, None)
 
     def snapshot(self) -> Snapshot:
         snap = self.holder.get()
@@ -119,32 +134,61 @@ class Recommender:
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
         snap = self.snapshot()
-        banned = known_rows(snap, filters.exclude_items)
-        include = None if filters.include_only is None else known_rows(snap,
-                                                                         filters.include_only)
-        hidden = hidden_rows(snap, banned)
+        narrow = _Narrowing.of(snap, filters)
         out = []
         for user in users:
             row = snap.user_row(user)
             if row is None:
-                out.append(self._cold_start(snap, user, k, banned, include))
+                out.append(self._cold_start(snap, user, k, narrow))
                 continue
-            if include is not None:
-                rows, scores = top_k_within(snap, row, k, include, exclude, hidden)
-            else:
-                rows, scores = top_k(snap, row, k, served_candidates(
-                    snap.n_items, self.candidates, self.exact_items), exclude, hidden)
-            names, scores = named(snap, rows, scores)
-            out.append(Recommendation(user, names, scores.tolist(), snap.version,
-                                      cold_start=False))
+            out.append(self._ranked(snap, user, row, k, exclude, narrow))
         return out
 
-    def _cold_start(self, snap: Snapshot, user: str, k: int, banned: np.ndarray,
-                    include: np.ndarray | None) -> Recommendation:
-        rows, share = popular_rows(snap, k, banned, include)
+    def recommend_items(self, items: list[str], k: int = DEFAULT_K, exclude: Exclude = "seen",
+                        filters: Filters = NO_FILTERS) -> Recommendation:
+        """Top k for someone known only by ``items`` (oldest first): ranked for a row fitted
+        to them on the spot and never stored (:mod:`ncf_stream.anonymous`). ``exclude``
+        "seen" (and "trained": there is no hold-out) leaves the given items out. Ids the
+        snapshot does not know are ignored; with none known, the answer is a cold start."""
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        if not 1 <= len(items) <= MAX_ANONYMOUS_ITEMS:
+            raise BadInput(f"'items' must hold 1 to {MAX_ANONYMOUS_ITEMS} ids")
+        if exclude not in EXCLUDE:
+            raise BadInput(f"exclude must be one of {', '.join(EXCLUDE)}, got {exclude!r}")
+        snap = self.snapshot()
+        narrow = _Narrowing.of(snap, filters)
+        rows = snap.item_rows(items)
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return self._cold_start(snap, "", k, narrow, anonymous=True)
+        user = fit_row(snap.model, rows, self.anonymous, self._negative_cdf(snap))
+        return self._ranked(snap, "", user, k, exclude, narrow)
+
+    def _negative_cdf(self, snap: Snapshot) -> np.ndarray | None:
+        version, cdf = self._negatives
+        if version != snap.version:
+            cdf = negative_cdf(snap.store.item_counts, snap.n_items, self.anonymous.alpha)
+            self._negatives = (snap.version, cdf)
+        return cdf
+
+    def _ranked(self, snap: Snapshot, name: str, user: User, k: int, exclude: Exclude,
+                narrow: _Narrowing) -> Recommendation:
+        if narrow.include is not None:
+            rows, scores = top_k_within(snap, user, k, narrow.include, exclude, narrow.hidden)
+        else:
+            rows, scores = top_k(snap, user, k, served_candidates(
+                snap.n_items, self.candidates, self.exact_items), exclude, narrow.hidden)
+        names, scores = named(snap, rows, scores)
+        return Recommendation(name, names, scores.tolist(), snap.version, cold_start=False,
+                              anonymous=isinstance(user, AnonymousUser))
+
+    def _cold_start(self, snap: Snapshot, user: str, k: int, narrow: _Narrowing,
+                    anonymous: bool = False) -> Recommendation:
+        rows, share = popular_rows(snap, k, narrow.banned, narrow.include)
         names, share = named(snap, rows, share)
         return Recommendation(user, names, share.astype(float).tolist(), snap.version,
-                              cold_start=True)
+                              cold_start=True, anonymous=anonymous)
 
     def similar(self, item: str, k: int = DEFAULT_K) -> Similar:
         """The k items the model scores most alike to ``item`` across its users."""
@@ -194,6 +238,22 @@ class Recommender:
             for j, p in zip(np.flatnonzero(known).tolist(), probs.tolist(), strict=True):
                 out[j] = p
         return Scores(user, out, snap.version)
+
+
+@dataclass(frozen=True)
+class _Narrowing:
+    """A request's filters as item rows of one snapshot."""
+
+    banned: np.ndarray  # exclude_items
+    include: np.ndarray | None  # include_only; None: the catalogue
+    hidden: np.ndarray  # banned and unavailable
+
+    @classmethod
+    def of(cls, snap: Snapshot, filters: Filters) -> _Narrowing:
+        banned = known_rows(snap, filters.exclude_items)
+        include = (None if filters.include_only is None
+                   else known_rows(snap, filters.include_only))
+        return cls(banned, include, hidden_rows(snap, banned))
 
 
 def named(snap: Snapshot, rows: np.ndarray, values: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -248,13 +308,32 @@ def served_candidates(n_items: int, candidates: int, exact_items: int) -> int:
     return n_items if n_items <= exact_items else candidates
 
 
-def score_rows(snap: Snapshot, user_row: int, item_rows: np.ndarray) -> np.ndarray:
-    """Probabilities of one user against the given item rows."""
+def score_rows(snap: Snapshot, user_row: User, item_rows: np.ndarray) -> np.ndarray:
+    """Probabilities of one user (or fitted row) against the given item rows."""
     items = torch.from_numpy(np.asarray(item_rows, dtype=np.int64))
-    return torch.sigmoid(snap.model.user_logits(user_row, items)).float().cpu().numpy()
+    return torch.sigmoid(logits_of(snap, user_row, items)).float().cpu().numpy()
 
 
-def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
+@torch.no_grad()
+def logits_of(snap: Snapshot, user: User, items: torch.Tensor | None = None) -> torch.Tensor:
+    """The full model's logits of a user or a fitted row against item rows (default:
+    the catalogue)."""
+    if isinstance(user, AnonymousUser):
+        return snap.model.row_logits(user.row, items)
+    return snap.model.user_logits(user, items)
+
+
+def retrieval_query(snap: Snapshot, user: User) -> np.ndarray:
+    """(1, d) the index query of a user or a fitted row."""
+    model = snap.model
+    if isinstance(user, AnonymousUser):
+        query = model.row_queries(user.row[None], snap.a_ref)
+    else:
+        query = model.retrieval_queries(torch.tensor([user], device=model.device), snap.a_ref)
+    return query.cpu().numpy()
+
+
+def top_k(snap: Snapshot, user_row: User, k: int, candidates: int,
           exclude: Exclude = "seen", hidden: np.ndarray = _NO_ROWS,
           ) -> tuple[np.ndarray, np.ndarray]:
     """(item rows, probabilities) of the user's top k: retrieval, then full rescoring.
@@ -266,7 +345,7 @@ def top_k(snap: Snapshot, user_row: int, k: int, candidates: int,
     return best(cand, probs, k)
 
 
-def top_k_within(snap: Snapshot, user_row: int, k: int, items: np.ndarray,
+def top_k_within(snap: Snapshot, user_row: User, k: int, items: np.ndarray,
                  exclude: Exclude = "seen", hidden: np.ndarray = _NO_ROWS,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The user's top k among ``items`` (sorted distinct rows), each scored by the full
@@ -280,7 +359,7 @@ def top_k_within(snap: Snapshot, user_row: int, k: int, items: np.ndarray,
     return best(rows, score_rows(snap, user_row, rows), k)
 
 
-def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
+def candidate_scores(snap: Snapshot, user_row: User, k: int, candidates: int,
                      exclude: Exclude = "seen", hidden: np.ndarray = _NO_ROWS,
                      ) -> tuple[np.ndarray, np.ndarray]:
     """What :func:`top_k` ranks: the retrieved item rows (sorted, seen and ``hidden``
@@ -295,9 +374,7 @@ def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
         seen, ask = np.union1d(seen, hidden), min(snap.n_items, want + len(hidden))
     if ask == snap.n_items:
         return _exact(snap, user_row, seen)
-    model = snap.model
-    query = model.retrieval_queries(torch.tensor([user_row], device=model.device), snap.a_ref)
-    _, found = snap.index.search(query.cpu().numpy(), ask)
+    _, found = snap.index.search(retrieval_query(snap, user_row), ask)
     cand = found[0][found[0] >= 0]  # best first by the index
     if len(seen):
         cand = cand[~np.isin(cand, seen, assume_unique=True)][:want]
@@ -311,30 +388,34 @@ def candidate_scores(snap: Snapshot, user_row: int, k: int, candidates: int,
     return cand, score_rows(snap, user_row, cand)
 
 
-def exact_top_k(snap: Snapshot, user_row: int, k: int,
+def exact_top_k(snap: Snapshot, user_row: User, k: int,
                 exclude: Exclude = "seen") -> tuple[np.ndarray, np.ndarray]:
     """The full model over the whole catalogue: what retrieval is measured against."""
     return best(*_exact(snap, user_row, excluded_items(snap, user_row, exclude)), k)
 
 
-def _exact(snap: Snapshot, user_row: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _exact(snap: Snapshot, user_row: User, excluded: np.ndarray,
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Every item row but the excluded ones, and its probability."""
-    probs = torch.sigmoid(snap.model.user_logits(user_row)).float().cpu().numpy()
+    probs = torch.sigmoid(logits_of(snap, user_row)).float().cpu().numpy()
     eligible = np.ones(len(probs), dtype=bool)
     eligible[excluded] = False
     items = np.flatnonzero(eligible)
     return items, probs[items]
 
 
-def excluded_items(snap: Snapshot, user_row: int, exclude: Exclude) -> np.ndarray:
-    """The item rows a request leaves out, sorted (see :data:`Exclude`)."""
+def excluded_items(snap: Snapshot, user_row: User, exclude: Exclude) -> np.ndarray:
+    """The item rows a request leaves out, sorted (see :data:`Exclude`). For a fitted
+    row, "seen" and "trained" are the items it was fitted to (it has no hold-out)."""
+    if exclude not in EXCLUDE:
+        raise BadInput(f"exclude must be one of {', '.join(EXCLUDE)}, got {exclude!r}")
     if exclude == "none":
         return np.empty(0, dtype=np.int64)
+    if isinstance(user_row, AnonymousUser):
+        return user_row.items
     seen = snap.store.seen(user_row)
     if exclude == "seen":
         return seen
-    if exclude != "trained":
-        raise BadInput(f"exclude must be one of {', '.join(EXCLUDE)}, got {exclude!r}")
     ho = snap.store.holdout  # users sorted: rows of users with a hold-out
     at = int(np.searchsorted(ho.users, user_row))
     if at < len(ho.users) and ho.users[at] == user_row:

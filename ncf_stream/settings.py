@@ -295,6 +295,37 @@ class Settings(BaseSettings):
                     "one daily cycle, so what is popular does not swing between day and night, "
                     "yet today's items outrank last week's.")
 
+    # ---- Anonymous requests (ncf_stream.anonymous) -------------------------------------------
+    anonymous_steps: int = Field(
+        10, ge=0, le=200,
+        description="POST /v1/recommend with items instead of a user fits a temporary user row "
+                    "to them in this many Adagrad steps (each a forward and backward pass over "
+                    "the items and their negatives) against the frozen snapshot. On a planted "
+                    "6-topic model, 10 steps at lr 0.3 put 45% of the answer in the session's "
+                    "topic (chance 17%, popularity 0%); on ml-latest-small's validation split "
+                    "(bench/quality_anonymous.py --defaults) every point tried from 0 to 10 "
+                    "steps was within noise of the others on full HR@10 (0.028-0.031), and a "
+                    "fit lifted sampled HR@10 from 0.56 to 0.61-0.63. 0: no fit; the row is "
+                    "the start row plus the history input, which the quality profile chose.")
+    anonymous_lr: float = Field(
+        0.3, gt=0,
+        description="Adagrad step size of the anonymous fit: on the planted model 0.1 "
+                    "recovered too little of the topic in 10 steps (28%), 0.3 45%, 1.0 50%; "
+                    "on ml-latest-small 0.03-0.3 were within noise of each other.")
+    anonymous_negatives: int = Field(
+        4, ge=1, le=32,
+        description="Negatives per given item in the anonymous fit, drawn from the catalogue "
+                    "less the given items as the trainer draws them (negative_alpha), seeded "
+                    "by the items (the same items get the same answer). 4: the paper's and "
+                    "the trainer's default.")
+    anonymous_init: Literal["zeros", "mean"] = Field(
+        "zeros",
+        description="Where the anonymous row starts: zeros, or the snapshot's mean user row. "
+                    "Within noise of each other on ml-latest-small's validation split at both "
+                    "the defaults and the quality profile (docs/benchmarks.md, Anonymous "
+                    "requests); zeros was better on the planted model (45% against 32% of the "
+                    "topic at the defaults) and needs nothing from the snapshot.")
+
     # ---- Evaluation -----------------------------------------------------------------------------
     eval_interval_s: float = Field(
         60.0, gt=0, description="Seconds between periodic evaluations.")
@@ -498,6 +529,7 @@ SECTIONS: Mapping[str, str] = {
     "max_record_bytes": "Event contract",
     "device": "Model and training",
     "publish_every_s": "Snapshots and retrieval",
+    "anonymous_steps": "Anonymous requests",
     "eval_interval_s": "Evaluation",
     "checkpoint_dir": "Checkpoints",
     "http_host": "Serving",

@@ -179,6 +179,44 @@ def test_cold_start_on_both_protocols(http: httpx.Client, stub: pb_grpc.Recommen
     assert [i["item"] for i in h["items"]] == [i.item for i in g.items]
 
 
+def test_anonymous_on_both_protocols(daemon: Daemon, http: httpx.Client,
+                                     stub: pb_grpc.RecommenderStub) -> None:
+    """Items instead of a user: the same answer on both protocols, flagged, never the
+    given items, and nothing stored (the daemon's users do not change)."""
+    users = len(daemon.engine.trainer.user_ids)
+    given = ["3", "17", 42, "no-such-item"]
+    h = http.post("/v1/recommend", json={"items": given, "k": 10})
+    assert h.status_code == 200, h.text
+    body = h.json()
+    g = stub.Recommend(pb.RecommendRequest(items=[str(i) for i in given], k=10))
+    assert body["anonymous"] and g.anonymous and body["user"] == g.user == ""
+    assert not body["cold_start"] and not g.cold_start
+    assert [i["item"] for i in body["items"]] == [i.item for i in g.items]
+    assert [i["score"] for i in body["items"]] == pytest.approx([i.score for i in g.items])
+    assert len(body["items"]) == 10 and not {"3", "17", "42"} & {i["item"] for i in
+                                                                 body["items"]}
+    kept = http.post("/v1/recommend", json={"items": given, "k": 5, "exclude": "none",
+                                            "include_only": given})
+    assert {i["item"] for i in kept.json()["items"]} == {"3", "17", "42"}
+    top = [i["item"] for i in body["items"]]
+    f = http.post("/v1/recommend", json={"items": given, "k": 3, "exclude_items": top[:2],
+                                         "include_only": top[:6]}).json()
+    fg = stub.Recommend(pb.RecommendRequest(items=[str(i) for i in given], k=3,
+                                            exclude_items=top[:2], include_only=top[:6]))
+    assert [i["item"] for i in f["items"]] == [i.item for i in fg.items] == top[2:5]
+    cold = http.post("/v1/recommend", json={"items": ["nothing-known"], "k": 4}).json()
+    cg = stub.Recommend(pb.RecommendRequest(items=["nothing-known"], k=4))
+    assert cold["cold_start"] and cold["anonymous"] and cg.cold_start and cg.anonymous
+    assert [i["item"] for i in cold["items"]] == [i.item for i in cg.items]
+    assert len(daemon.engine.trainer.user_ids) == users
+    known = http.post("/v1/recommend", json={"user": "3"}).json()
+    assert known["anonymous"] is False and known["user"] == "3"
+    # The contract test below generates both shapes from the document.
+    schema = http.get("/openapi.json").json()["components"]["schemas"]["RecommendRequest"]
+    assert "items" in schema["properties"] and schema["oneOf"] == [
+        {"required": ["user"]}, {"required": ["items"]}]
+
+
 def test_batch(http: httpx.Client, stub: pb_grpc.RecommenderStub) -> None:
     h = http.post("/v1/recommend/batch", json={"users": ["1", "x"], "k": 3}).json()
     g = stub.RecommendBatch(pb.RecommendBatchRequest(users=["1", "x"], k=3))
@@ -249,6 +287,17 @@ def test_grpc_reflection_lists_the_services(channel: grpc.Channel) -> None:
     ("/v1/recommend", {"user": 10**30}, 422, "invalid_request"),
     ("/v1/recommend", {"user": True}, 422, "invalid_request"),
     ("/v1/recommend", {"user": "1", "surprise": 1}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": "1", "items": ["1"]}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": []}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": ["1"] * 1001}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": "1"}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": [True]}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": [""]}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": [None]}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": ["1"], "k": 0}, 422, "invalid_request"),
+    ("/v1/recommend", {"items": ["1"], "exclude": "everything"}, 422, "invalid_request"),
+    ("/v1/recommend", {"user": None, "items": None}, 422, "invalid_request"),
+    ("/v1/recommend/batch", {"users": ["1"], "items": ["1"]}, 422, "invalid_request"),
     ("/v1/recommend", [1, 2], 422, "invalid_request"),
     ("/v1/score", {"user": "no-such-user", "items": ["1"]}, 404, "unknown_user"),
     ("/v1/score", {"user": "1", "items": []}, 422, "invalid_request"),
@@ -350,6 +399,13 @@ def test_the_demo_curl_hint_works(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize(("request_", "code"), [
     (pb.RecommendRequest(user="1", k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(user="1", items=["1"]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(items=["1"] * 1001), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(items=["1", ""]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(items=["u" * 300]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(items=["1"], k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RecommendRequest(items=["1"], exclude="everything"), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendRequest(user="", k=5), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.RecommendRequest(user="1", k=100_000), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.ScoreRequest(user="nobody", items=["1"]), grpc.StatusCode.NOT_FOUND),

@@ -25,20 +25,22 @@ class DeleteResponse(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ..., known: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user", "k", "exclude_seen", "exclude", "exclude_items", "include_only")
+    __slots__ = ("user", "k", "exclude_seen", "exclude", "exclude_items", "include_only", "items")
     USER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     user: str
     k: int
     exclude_seen: bool
     exclude: str
     exclude_items: _containers.RepeatedScalarFieldContainer[str]
     include_only: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ..., exclude_items: _Optional[_Iterable[str]] = ..., include_only: _Optional[_Iterable[str]] = ...) -> None: ...
+    items: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude: _Optional[str] = ..., exclude_items: _Optional[_Iterable[str]] = ..., include_only: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item", "score")
@@ -49,16 +51,18 @@ class ScoredItem(_message.Message):
     def __init__(self, item: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("user", "items", "model_version", "cold_start")
+    __slots__ = ("user", "items", "model_version", "cold_start", "anonymous")
     USER_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLD_START_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
     user: str
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: int
     cold_start: bool
-    def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
+    anonymous: bool
+    def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., cold_start: _Optional[bool] = ..., anonymous: _Optional[bool] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("users", "k", "exclude_seen", "exclude", "exclude_items", "include_only")
