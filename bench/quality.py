@@ -92,7 +92,7 @@ from ncf_stream.events import Events
 from ncf_stream.ids import IdMap
 from ncf_stream.readers import read_events
 from ncf_stream.sampler import NegativeSampler, SamplerConfig
-from ncf_stream.settings import Settings
+from ncf_stream.settings import Settings, default
 from ncf_stream.source import MemorySource
 from ncf_stream.store import InteractionStore, StoreView
 from ncf_stream.trainer import Trainer, TrainerConfig
@@ -288,10 +288,14 @@ def neumf_scores(trainer: Trainer) -> CatalogueScorer:
 def stream_settings(split: Split, cfg: Config, seed: int, budget: Budget) -> Settings:
     """The daemon's settings for the stream: ``cfg`` and the replay budget. Every user is
     evaluated (the daemon's default evaluates holdout_fraction of them)."""
-    negatives = cfg.get("negatives", Settings.model_fields["negatives"].default)
     return Settings(device="cpu", checkpoint_dir=None, replay_duty=1.0, seed=seed,
                     holdout_fraction=1.0, **cfg,
-                    replay_ratio=budget.replay_ratio(split, negatives))
+                    replay_ratio=budget.replay_ratio(split, negatives_of(cfg)))
+
+
+def negatives_of(cfg: Config) -> int:
+    """The stream's negatives per positive under ``cfg`` (the setting's default if unset)."""
+    return int(cfg.get("negatives", default("negatives")))
 
 
 def fit_stream(split: Split, cfg: Config, seed: int, budget: Budget,
@@ -471,7 +475,7 @@ def run_select(events: Events, n_trials: int, budget: Budget,
         chosen[method] = {"config": best["config"], "trials": results}
         if method == "stream":  # the budget as the daemon states it (deploy/quality.toml)
             chosen[method]["replay_ratio"] = round(budget.replay_ratio(
-                split, stream_settings(split, best["config"], 0, budget).negatives), 1)
+                split, negatives_of(best["config"])), 1)
         print(f"{method}: chose {best['config']} ({SELECT_METRIC} {best[SELECT_METRIC]:.4f})",
               file=sys.stderr)
     return {"metric": SELECT_METRIC, "trials_per_method": n_trials, "seed": SELECT_SEED,

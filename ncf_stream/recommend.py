@@ -116,6 +116,10 @@ class Recommender:
         # (O(items)), not per anonymous request. One tuple, swapped whole: no lock.
         self._negatives: tuple[int, np.ndarray | None] = (0, None)
 
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+
     def snapshot(self) -> Snapshot:
         snap = self.holder.get()
         if snap is None:
@@ -124,15 +128,12 @@ class Recommender:
 
     def recommend(self, user: str, k: int = DEFAULT_K, exclude: Exclude = "seen",
                   filters: Filters = NO_FILTERS) -> Recommendation:
-        if not 1 <= k <= self.max_k:
-            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
         return self.recommend_many([user], k, exclude, filters)[0]
 
     def recommend_many(self, users: list[str], k: int = DEFAULT_K, exclude: Exclude = "seen",
                        filters: Filters = NO_FILTERS) -> list[Recommendation]:
         """Top k for each user, all from the same snapshot."""
-        if not 1 <= k <= self.max_k:
-            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        self._check_k(k)
         snap = self.snapshot()
         narrow = _Narrowing.of(snap, filters)
         out = []
@@ -150,8 +151,7 @@ class Recommender:
         to them on the spot and never stored (:mod:`ncf_stream.anonymous`). ``exclude``
         "seen" (and "trained": there is no hold-out) leaves the given items out. Ids the
         snapshot does not know are ignored; with none known, the answer is a cold start."""
-        if not 1 <= k <= self.max_k:
-            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        self._check_k(k)
         if not 1 <= len(items) <= MAX_ANONYMOUS_ITEMS:
             raise BadInput(f"'items' must hold 1 to {MAX_ANONYMOUS_ITEMS} ids")
         if exclude not in EXCLUDE:
@@ -192,8 +192,7 @@ class Recommender:
 
     def similar(self, item: str, k: int = DEFAULT_K) -> Similar:
         """The k items the model scores most alike to ``item`` across its users."""
-        if not 1 <= k <= self.max_k:
-            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        self._check_k(k)
         snap = self.snapshot()
         row = int(snap.item_rows([item])[0])
         if row < 0:
@@ -207,8 +206,7 @@ class Recommender:
     def popular(self, k: int = DEFAULT_K) -> Popular:
         """The k items with the most interaction events over the recent window (fewer when
         fewer had any), counted per snapshot."""
-        if not 1 <= k <= self.max_k:
-            raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+        self._check_k(k)
         snap = self.snapshot()
         names, counts = named(snap, snap.recent[:k], snap.recent_counts[:k])
         return Popular(names, counts.tolist(), snap.popular_window_s, snap.version)
