@@ -59,6 +59,7 @@ class SnapshotWatcher:
         self.stale_s, self.poll_s = stale_s, poll_s
         self.on_load: list[Callable[[int], None]] = []  # called with each new version
         self.failure = ""  # why the newest export was rejected ("" once one loads)
+        self.unreadable = ""  # why the directory cannot be read ("" while it can)
         self._exported = Status()  # the trainer's status as of the served export
         self._tried: str | None = None  # the export last loaded or rejected
         self._seen: tuple[int, int] | None = None  # LATEST's (inode, mtime) when last read
@@ -80,8 +81,20 @@ class SnapshotWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.poll()
+            self.check()
             self._stop.wait(self.poll_s)
+
+    def check(self) -> None:
+        """One turn of the thread: :meth:`poll`, noting (not raising) a directory it
+        cannot read, which it tries again at the next turn."""
+        try:
+            self.poll()
+            self.unreadable = ""
+        except OSError as e:  # permissions, a lost network mount
+            unreadable = f"cannot read {self.directory / export.LATEST}: {e}"
+            if unreadable != self.unreadable:
+                log.error("%s; retrying every %g s", unreadable, self.poll_s)
+            self.unreadable, self._seen = unreadable, None
 
     def poll(self) -> bool:
         """Load the export LATEST names if it is new; returns whether one was swapped in."""
@@ -137,7 +150,7 @@ class SnapshotWatcher:
         """The trainer's counts as of the served export; the snapshot fields and ingest
         health are the replica's own."""
         snap = self.holder.get()
-        reasons = [self.failure] if self.failure else []
+        reasons = [r for r in (self.unreadable, self.failure) if r]
         if snap is None:
             reasons.insert(0, f"no snapshot loaded yet from {self.directory}")
         elif snap.age() > self.stale_s:

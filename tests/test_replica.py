@@ -279,6 +279,16 @@ def test_a_broken_export_is_rejected_and_the_last_good_one_serves_on(tmp_path: P
         engine.close()
 
 
+def test_an_unreadable_directory_degrades_and_recovers(tmp_path: Path) -> None:
+    w, _ = watcher(tmp_path)
+    (tmp_path / export.LATEST).mkdir()  # reading it fails as a lost mount would
+    w.check()
+    assert w.status().ingest == "degraded" and "cannot read" in w.status().ingest_reason
+    (tmp_path / export.LATEST).rmdir()
+    w.check()
+    assert w.unreadable == "" and "cannot read" not in w.status().ingest_reason
+
+
 def test_an_ivf_index_and_the_history_input_come_back_identical(tmp_path: Path) -> None:
     """The IVF quantizer travels with the export (a retrained one would find other
     candidates), and the history input's context rows and recent items too."""
