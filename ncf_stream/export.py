@@ -8,11 +8,11 @@
   configs, the trainer's status at publish time and a SHA-256 per file;
   ``model.pt`` the frozen weights (tensors only, loaded with ``weights_only=True``)
   with the cached item halves and mean user, so a replica scores bit for bit as the
-  trainer; ``arrays.npz`` the popular lists, unavailable items and the index's
-  vectors and linearisation point; ``store.npz`` the store view; ``users.npz`` /
-  ``items.npz`` the id maps up to the snapshot's rows; ``quantizer.faiss`` an IVF
-  index's trained centroids (the replica re-adds the vectors to them, which gives
-  the trainer's index; retraining would not).
+  trainer; ``arrays.npz`` the popular lists and unavailable items; ``index.npz``
+  the index's vectors and linearisation point; ``store.npz`` the store view;
+  ``users.npz`` / ``items.npz`` the id maps up to the snapshot's rows;
+  ``quantizer.faiss`` an IVF index's trained centroids (the replica re-adds the
+  vectors to them, which gives the trainer's index; retraining would not).
 * ``LATEST``: the name of the newest complete export, replaced atomically (a
   temporary file, then ``os.replace``).
 
@@ -65,7 +65,7 @@ EXPORT_FORMAT = 1
 KEEP = 3  # exports kept: a replica still reading the one before the newest finds it
 LATEST = "LATEST"
 EXPORT_PREFIX = "snap"
-EXPORT_FILES = ("model.pt", "arrays.npz", "store.npz", "users.npz", "items.npz")
+EXPORT_FILES = ("model.pt", "arrays.npz", "index.npz", "store.npz", "users.npz", "items.npz")
 QUANTIZER = "quantizer.faiss"  # IVF indexes only
 
 
@@ -97,7 +97,8 @@ def write(directory: str | Path, snapshot: Snapshot, status: Status) -> Path:
     torch.save(weights, tmp / "model.pt")
     np.savez(tmp / "arrays.npz", popular=snapshot.popular, popularity=snapshot.popularity,
              unavailable=snapshot.unavailable, recent=snapshot.recent,
-             recent_counts=snapshot.recent_counts, vectors=snapshot.index.vectors,
+             recent_counts=snapshot.recent_counts)
+    np.savez(tmp / "index.npz", vectors=snapshot.index.vectors,
              a_ref=snapshot.a_ref.cpu().numpy())
     snapshot.store.save(tmp / "store.npz")
     snapshot.user_ids.save(tmp / "users.npz", snapshot.n_users)
@@ -143,8 +144,19 @@ def latest(directory: str | Path) -> str | None:
         return None
 
 
-def read(path: str | Path, device: torch.device) -> tuple[Snapshot, Status]:
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    snapshot: Snapshot
+    status: Status  # the trainer's, as of the snapshot
+    index_key: str  # the checksums of the index's files: equal keys, equal indexes
+
+
+def read(path: str | Path, device: torch.device, previous: Loaded | None = None) -> Loaded:
     """An export as a :class:`Snapshot` on ``device``, and the trainer's status as of it.
+
+    ``previous``: the export loaded before; its index is reused when this one's index
+    files are the same (an IVF index is refreshed every ``index_refresh_s``, not with
+    every snapshot, and re-adding a million vectors to it costs seconds).
 
     Raises :class:`ExportFormatError` for a format this version cannot read,
     :class:`CorruptExport` when a file does not match its checksum (or meta.json is
@@ -164,27 +176,37 @@ def read(path: str | Path, device: torch.device) -> tuple[Snapshot, Status]:
         checkpoint.check_files(path, meta, files)
     except checkpoint.CheckpointError as e:
         raise CorruptExport(f"{path.name}: {e}") from None
-    return _snapshot(path, meta, device), _status(meta["status"])
+    key = json.dumps([meta["sha256"]["index.npz"], meta["sha256"].get(QUANTIZER),
+                      meta["index"]])
+    index = previous.snapshot.index if previous and previous.index_key == key else None
+    return Loaded(_snapshot(path, meta, device, index), _status(meta["status"]), key)
 
 
-def _snapshot(path: Path, meta: dict[str, Any], device: torch.device) -> Snapshot:
+def _snapshot(path: Path, meta: dict[str, Any], device: torch.device,
+              index: CandidateIndex | None) -> Snapshot:
     model = _model(path, meta["model"], device)
     with np.load(path / "arrays.npz", allow_pickle=False) as z:
         arrays = {name: z[name] for name in z.files}
-    quantizer = (faiss.deserialize_index(np.frombuffer((path / QUANTIZER).read_bytes(),
-                                                       dtype=np.uint8))
-                 if QUANTIZER in meta["sha256"] else None)
-    index_config = meta["index"]
-    index = CandidateIndex(arrays["vectors"], IndexConfig(**index_config), quantizer)
+    with np.load(path / "index.npz", allow_pickle=False) as z:  # members load lazily
+        a_ref = z["a_ref"]
+        if index is None:
+            index = _index(path, meta, z["vectors"])
     return Snapshot(
         version=meta["version"], published_at=meta["published_at"], events=meta["events"],
         model=model, index=index, index_version=meta["index_version"],
-        a_ref=torch.from_numpy(arrays["a_ref"]).to(device),
+        a_ref=torch.from_numpy(a_ref).to(device),
         store=StoreView.load(path / "store.npz"), user_ids=IdMap.load(path / "users.npz"),
         item_ids=IdMap.load(path / "items.npz"), popular=arrays["popular"],
         popularity=arrays["popularity"], unavailable=arrays["unavailable"],
         recent=arrays["recent"], recent_counts=arrays["recent_counts"],
         popular_window_s=meta["popular_window_s"])
+
+
+def _index(path: Path, meta: dict[str, Any], vectors: np.ndarray) -> CandidateIndex:
+    quantizer = (faiss.deserialize_index(np.frombuffer((path / QUANTIZER).read_bytes(),
+                                                       dtype=np.uint8))
+                 if QUANTIZER in meta["sha256"] else None)
+    return CandidateIndex(vectors, IndexConfig(**meta["index"]), quantizer)
 
 
 def _model(path: Path, config: dict[str, Any], device: torch.device) -> NeuMF:

@@ -40,6 +40,7 @@ from ncf_stream.recommend import Recommender
 from ncf_stream.servers import HttpServer, serve_metrics, tune_for_serving
 from ncf_stream.settings import Settings, default
 from ncf_stream.snapshot import SnapshotHolder
+from ncf_stream.threads import reader_thread
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class SnapshotWatcher:
         self.on_load: list[Callable[[int], None]] = []  # called with each new version
         self.failure = ""  # why the newest export was rejected ("" once one loads)
         self.unreadable = ""  # why the directory cannot be read ("" while it can)
-        self._exported = Status()  # the trainer's status as of the served export
+        self._loaded: export.Loaded | None = None  # the export served
         self._tried: str | None = None  # the export last loaded or rejected
         self._seen: tuple[int, int] | None = None  # LATEST's (inode, mtime) when last read
         self._stop = threading.Event()
@@ -80,6 +81,7 @@ class SnapshotWatcher:
         self._thread.join(10)
 
     def _run(self) -> None:
+        reader_thread()  # single-threaded kernels, as the request threads'
         while not self._stop.is_set():
             self.check()
             self._stop.wait(self.poll_s)
@@ -114,7 +116,7 @@ class SnapshotWatcher:
         path = self.directory / name
         start = time.perf_counter()
         try:
-            snapshot, status = export.read(path, self.device)
+            loaded = export.read(path, self.device, self._loaded)
         except FileNotFoundError as e:
             if not path.exists():  # deleted while read (KEEP newer ones since): read LATEST
                 self._seen = None  # again at the next poll
@@ -126,7 +128,8 @@ class SnapshotWatcher:
             return self._rejected(name, "format", str(e))
         except Exception as e:  # anything else about one export must not stop the replica
             return self._rejected(name, "error", f"{name}: {type(e).__name__}: {e}")
-        self._tried, self._exported, self.failure = name, status, ""
+        self._tried, self._loaded, self.failure = name, loaded, ""
+        snapshot = loaded.snapshot
         self.holder.set(snapshot)
         m = self.metrics
         m.loads.inc()
@@ -157,8 +160,9 @@ class SnapshotWatcher:
             reasons.insert(0, f"the served snapshot is {snap.age():.0f} s old (replica_stale_s "
                               f"{self.stale_s:g}): is the trainer running and exporting to "
                               f"{self.directory}?")
+        exported = Status() if self._loaded is None else self._loaded.status
         return dataclasses.replace(
-            self._exported, model_version=0 if snap is None else snap.version,
+            exported, model_version=0 if snap is None else snap.version,
             snapshot_events=0 if snap is None else snap.events,
             snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3),
             ingest="degraded" if reasons else "ok", ingest_reason="; ".join(reasons),

@@ -323,6 +323,38 @@ def test_an_ivf_index_and_the_history_input_come_back_identical(tmp_path: Path) 
         engine.close()
 
 
+def test_a_replica_reuses_its_index_while_the_trainer_does(tmp_path: Path) -> None:
+    """An IVF index is refreshed every index_refresh_s, not per snapshot: the replica
+    keeps its copy while the exported index files stay the same."""
+    engine = trained_engine(tmp_path, events=1200, ivf_threshold=30, exact_items=0,
+                            candidates=20, index_refresh_s=3600.0, replay=True)
+    try:
+        w, _ = watcher(tmp_path)
+        assert w.poll()
+        first = w.holder.get()
+        assert first is not None and first.index.kind == "ivf"
+        engine.trainer.step()  # new weights, the same (not yet refreshed) index
+        engine.publisher.publish(engine.watermark.value)
+        export.write(tmp_path, engine.holder.get(), engine.status())  # type: ignore[arg-type]
+        assert w.poll()
+        second = w.holder.get()
+        assert second is not None and second.version > first.version
+        assert second.index is first.index
+        assert not torch.equal(second.model.users.weight, first.model.users.weight)
+        engine.publisher.touch(items_removed=True)  # rebuilds it in the background
+
+        def rebuilt() -> bool:
+            engine.publisher.publish(engine.watermark.value)
+            return engine.holder.get().index_version != first.index_version  # type: ignore[union-attr]
+
+        until(rebuilt)
+        export.write(tmp_path, engine.holder.get(), engine.status())  # type: ignore[arg-type]
+        assert w.poll()
+        assert w.holder.get().index is not first.index  # type: ignore[union-attr]
+    finally:
+        engine.close()
+
+
 def test_export_never_blocks_training_and_failures_are_counted(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     calls: list[int] = []
