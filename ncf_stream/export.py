@@ -88,35 +88,15 @@ def write(directory: str | Path, snapshot: Snapshot, status: Status) -> Path:
     drop exports beyond :data:`KEEP`; returns its path."""
     root = Path(directory)
     seq, tmp = checkpoint.begin(root, EXPORT_PREFIX)
-    model = snapshot.model
-    weights = checkpoint.model_weights(model)
-    if model.mean_user is not None:
-        weights["mean_user"] = model.mean_user.cpu()
-    if model.item_hidden is not None:
-        weights["item_hidden"] = model.item_hidden.cpu()
-    torch.save(weights, tmp / "model.pt")
-    np.savez(tmp / "arrays.npz", popular=snapshot.popular, popularity=snapshot.popularity,
-             unavailable=snapshot.unavailable, recent=snapshot.recent,
-             recent_counts=snapshot.recent_counts)
-    np.savez(tmp / "index.npz", vectors=snapshot.index.vectors,
-             a_ref=snapshot.a_ref.cpu().numpy())
-    snapshot.store.save(tmp / "store.npz")
-    snapshot.user_ids.save(tmp / "users.npz", snapshot.n_users)
-    snapshot.item_ids.save(tmp / "items.npz", snapshot.n_items)
-    files: tuple[str, ...] = EXPORT_FILES
-    quantizer = getattr(snapshot.index, "quantizer", None)
-    if quantizer is not None:
-        (tmp / QUANTIZER).write_bytes(faiss.serialize_index(quantizer).tobytes())
-        files = (*EXPORT_FILES, QUANTIZER)
-    meta = {
+    files = _write_files(tmp, snapshot)
+    checkpoint.seal(tmp, files, {
         "format": EXPORT_FORMAT, "seq": seq, "version": snapshot.version,
         "published_at": snapshot.published_at, "events": snapshot.events,
         "index_version": snapshot.index_version,
         "popular_window_s": snapshot.popular_window_s,
-        "model": dataclasses.asdict(model.cfg), "index": dataclasses.asdict(snapshot.index.config),
-        "status": status.as_dict(),
-    }
-    checkpoint.seal(tmp, files, meta)
+        "model": dataclasses.asdict(snapshot.model.cfg),
+        "index": dataclasses.asdict(snapshot.index.config), "status": status.as_dict(),
+    })
     final = root / f"{EXPORT_PREFIX}-{seq:08d}"
     os.rename(tmp, final)
     checkpoint.fsync(root)
@@ -124,6 +104,30 @@ def write(directory: str | Path, snapshot: Snapshot, status: Status) -> Path:
     for old in sorted(root.glob(f"{EXPORT_PREFIX}-*"))[:-KEEP]:  # LATEST is past them now
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_files(directory: Path, snapshot: Snapshot) -> tuple[str, ...]:
+    """The snapshot's files (see the module's docstring); returns their names."""
+    model = snapshot.model
+    weights = checkpoint.model_weights(model)
+    if model.mean_user is not None:
+        weights["mean_user"] = model.mean_user.cpu()
+    if model.item_hidden is not None:
+        weights["item_hidden"] = model.item_hidden.cpu()
+    torch.save(weights, directory / "model.pt")
+    np.savez(directory / "arrays.npz", popular=snapshot.popular,
+             popularity=snapshot.popularity, unavailable=snapshot.unavailable,
+             recent=snapshot.recent, recent_counts=snapshot.recent_counts)
+    np.savez(directory / "index.npz", vectors=snapshot.index.vectors,
+             a_ref=snapshot.a_ref.cpu().numpy())
+    snapshot.store.save(directory / "store.npz")
+    snapshot.user_ids.save(directory / "users.npz", snapshot.n_users)
+    snapshot.item_ids.save(directory / "items.npz", snapshot.n_items)
+    quantizer = getattr(snapshot.index, "quantizer", None)
+    if quantizer is None:
+        return EXPORT_FILES
+    (directory / QUANTIZER).write_bytes(faiss.serialize_index(quantizer).tobytes())
+    return (*EXPORT_FILES, QUANTIZER)
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -146,6 +150,8 @@ def latest(directory: str | Path) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
+    """What :func:`read` returns."""
+
     snapshot: Snapshot
     status: Status  # the trainer's, as of the snapshot
     index_key: str  # the checksums of the index's files: equal keys, equal indexes
@@ -171,6 +177,8 @@ def read(path: str | Path, device: torch.device, previous: Loaded | None = None)
         raise ExportFormatError(f"{path.name} is export format {fmt}; this version reads "
                                 f"format {EXPORT_FORMAT}: run the same ncf-stream version as the "
                                 "trainer")
+    if not isinstance(meta.get("sha256"), dict):
+        raise CorruptExport(f"{path.name}: meta.json has no checksums")
     files = (*EXPORT_FILES, *([QUANTIZER] if QUANTIZER in meta["sha256"] else []))
     try:
         checkpoint.check_files(path, meta, files)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import drain_engine, small_engine_settings  # tests/conftest.py
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from ncf_stream import export
@@ -173,6 +174,8 @@ def test_replica_reports_itself_and_refuses_what_needs_the_trainer(
         g = stub.Status(pb.StatusRequest())
         assert g.role == "replica" and g.model_version == snap.version
         assert http.get("/readyz").json() == {"status": "ready", "model_version": snap.version}
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         for path in ("/v1/eval", "/v1/history", "/"):
             r = http.get(path)
             assert r.status_code == 404 and r.json()["error"] == "not_served", path
@@ -371,12 +374,15 @@ def test_export_never_blocks_training_and_failures_are_counted(
     engine.exporter.writer = full_disk
     try:
         with caplog.at_level(logging.ERROR, logger="ncf_stream.export"):
-            drain_engine(engine)  # the first export is stuck all along
-            assert engine.counters.trained > 0
-            assert engine.holder.get().version >= 3  # type: ignore[union-attr]
-            until(lambda: len(calls) == 1)
+            while engine.holder.get() is None:
+                engine.cycle()
+            until(lambda: len(calls) == 1)  # the first export is stuck from here on
+            steps = engine.trainer.steps
+            drain_engine(engine)
+            assert engine.trainer.steps > steps and engine.counters.trained > 0
             newest = engine.holder.get().version  # type: ignore[union-attr]
-            assert calls[0] < newest
+            assert newest > calls[0] + 1  # published on meanwhile
+            assert len(calls) == 1
             release.set()
 
             def failed() -> float:
