@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from ncf_stream import export
 from ncf_stream.engine import Engine
+from ncf_stream.errors import ConfigError
 from ncf_stream.metrics import ReplicaMetrics
 from ncf_stream.proto import recommender_pb2 as pb
 from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
@@ -191,6 +192,8 @@ def test_replica_reports_itself_and_refuses_what_needs_the_trainer(
 
 
 def test_replica_is_not_ready_until_a_snapshot_loads(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="snapshot_dir"):
+        Replica(settings(tmp_path).model_copy(update={"snapshot_dir": None}))
     replica = Replica(settings(tmp_path))
     replica.start()
     try:
