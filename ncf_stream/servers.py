@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # pure Python, as kafka-python's parser does: p50 4.9 ms at 0.1 ms, 3.2 ms at 20 us; at
 # 5 us no better).
 SWITCH_INTERVAL_S = 2e-5
+BACKLOG = 2048  # uvicorn's default
 
 
 class HttpServer:
@@ -65,6 +66,10 @@ def bind(host: str, port: int) -> socket.socket:
     # sockets it binds itself).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
+    # Listening from here on, not only once uvicorn's thread runs: the port is known (and
+    # printed) before the servers start, and a client that connects in between waits in
+    # the backlog instead of being refused (tests/test_observability.py's was, at times).
+    sock.listen(BACKLOG)
     return sock
 
 

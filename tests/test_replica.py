@@ -403,13 +403,6 @@ def test_export_never_blocks_training_and_failures_are_counted(
         engine.close()
 
 
-def ready(http: httpx.Client) -> bool:
-    try:
-        return http.get("/readyz").status_code == 200
-    except httpx.TransportError:  # not listening yet
-        return False
-
-
 def test_serve_replica_command(tmp_path: Path) -> None:
     """The real command in a process of its own, against an exported directory."""
     engine = trained_engine(tmp_path, events=1000)
@@ -427,7 +420,7 @@ def test_serve_replica_command(tmp_path: Path) -> None:
         assert "replica serving on http://" in line, line + proc.stderr.read()  # type: ignore[union-attr]
         base = line.split("http://")[1].split(" ")[0]
         with httpx.Client(base_url=f"http://{base}", timeout=10) as http:
-            until(lambda: ready(http), timeout=60)
+            until(lambda: http.get("/readyz").status_code == 200, timeout=60)
             got = http.post("/v1/recommend", json={"user": user, "k": 5}).json()
         assert [i["item"] for i in got["items"]] == want.items
         proc.terminate()
