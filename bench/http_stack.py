@@ -50,10 +50,10 @@ def measure(parser: str, loop: str, requests: int) -> dict[str, float]:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from consumers.daemon import _bind
     from ncf_stream.http_app import create_app
     from ncf_stream.metrics import ServingMetrics
     from ncf_stream.recommend import Recommendation
+    from ncf_stream.servers import bind
 
     class Stub:
         """Answers top k at once: the stack alone is measured."""
@@ -67,7 +67,7 @@ def measure(parser: str, loop: str, requests: int) -> dict[str, float]:
 
     registry = CollectorRegistry()
     app = create_app(Stub(), lambda: None, registry, ServingMetrics(registry))  # type: ignore[arg-type]
-    sock = _bind("127.0.0.1", 0)
+    sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            http=parser, loop=loop))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -18,7 +18,8 @@ from ncf_stream.synth import SynthConfig
 # reference (docs/configuration.md) all read these; help texts come from Settings.
 COMMON_FLAGS = {"kafka_bootstrap": "--bootstrap"}
 SERVING_FLAGS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "device": "--device"}
-FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS}
+SNAPSHOT_FLAGS = {"snapshot_dir": "--snapshot-dir"}
+FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS, **SNAPSHOT_FLAGS}
 # Keys of kafka_client_options whose values `ncf-stream config` does not print.
 SECRET_WORDS = ("password", "secret", "token")
 
@@ -65,6 +66,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     daemon = Daemon(_settings(args))
     serve_until_signalled(daemon)
+    return 0
+
+
+def cmd_serve_replica(args: argparse.Namespace) -> int:
+    import threading
+
+    from ncf_stream.replica import Replica
+    from ncf_stream.servers import stop_on_signals
+
+    replica = Replica(_settings(args))
+    stop = threading.Event()
+    stop_on_signals(stop.set)
+    s = replica.settings
+    print(f"ncf-stream replica serving on http://{s.http_host}:{replica.http_port} (API "
+          f"/v1/..., metrics /metrics) and gRPC {s.grpc_host}:{replica.grpc_port}; snapshots "
+          f"from {s.snapshot_dir}", flush=True)
+    replica.run(stop)
     return 0
 
 
@@ -118,8 +136,9 @@ def _setting_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncf-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML settings file")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", help="TOML settings file")
+    common = argparse.ArgumentParser(add_help=False, parents=[config])
     _setting_flags(common, COMMON_FLAGS)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,10 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serving = argparse.ArgumentParser(add_help=False)
     _setting_flags(serving, SERVING_FLAGS)
+    _setting_flags(serving, SNAPSHOT_FLAGS)
 
     p = sub.add_parser("serve", parents=[common, serving],
-                       help="run the daemon: consume, train, evaluate, serve HTTP and gRPC")
+                       help="run the daemon: consume, train, evaluate, serve HTTP and gRPC "
+                            "(and export snapshots to --snapshot-dir for replicas)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-replica", parents=[config, serving],
+                       help="serve HTTP and gRPC from the snapshots a trainer exports to "
+                            "--snapshot-dir (no Kafka, no training)")
+    p.set_defaults(func=cmd_serve_replica)
 
     p = sub.add_parser("demo", parents=[common, serving],
                        help="the daemon on a local broker (started if none runs) with a "

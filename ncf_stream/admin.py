@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ncf_stream.errors import NcfStreamError
 
 DELETABLE = ("user", "item")  # what an admin request may delete
+OFF = "the admin API is off: no admin_token is configured"
 
 
 class AdminError(NcfStreamError):
@@ -62,16 +63,19 @@ class DeleteAccepted:
 
 class Admin:
     def __init__(self, token: str | None, request: Callable[[str, str], None],
-                 knows: Callable[[str, str], bool]) -> None:
+                 knows: Callable[[str, str], bool], off_reason: str = OFF) -> None:
         """``request(kind, id)`` enqueues a deletion; ``knows(kind, id)``: whether the
-        served snapshot knows the id."""
+        served snapshot knows the id; ``off_reason``: what a request hears without a token."""
         self._token = None if token is None else token.encode("utf-8")
         self._request, self._knows = request, knows
+        self._off_reason = off_reason
 
     @classmethod
-    def off(cls) -> Admin:
-        """The gate of a server without an admin token: every request is AdminOff."""
-        return cls(None, lambda kind, external_id: None, lambda kind, external_id: False)
+    def off(cls, reason: str = OFF) -> Admin:
+        """The gate of a server without an admin token (or of a replica, which applies
+        no deletions: ``reason`` says so): every request is AdminOff."""
+        return cls(None, lambda kind, external_id: None, lambda kind, external_id: False,
+                   reason)
 
     @property
     def enabled(self) -> bool:
@@ -80,7 +84,7 @@ class Admin:
     def authorize(self, authorization: str | None) -> None:
         """Raise unless ``authorization`` (the header's value) carries the token."""
         if self._token is None:
-            raise AdminOff("the admin API is off: no admin_token is configured")
+            raise AdminOff(self._off_reason)
         scheme, _, credential = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise NotAuthenticated("send 'Authorization: Bearer <admin token>'")

@@ -65,6 +65,9 @@ class Status:
     snapshot_age_seconds: float = 0.0
     ingest: str = "ok"  # "degraded" while the source is down (serving goes on)
     ingest_reason: str = ""  # why it is degraded
+    # "trainer" (ncf-stream serve), or "replica" (ncf-stream serve-replica: it serves the
+    # trainer's exported snapshots; the counts above are the trainer's as of that export).
+    role: str = "trainer"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,6 +32,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from ncf_stream.errors import NcfStreamError
 from ncf_stream.faults import crash_point
 from ncf_stream.history import RecentItems
 from ncf_stream.ids import IdMap
+from ncf_stream.model import NeuMF
 from ncf_stream.source import Partition
 from ncf_stream.store import InteractionStore
 from ncf_stream.trainer import Trainer
@@ -72,12 +74,7 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
     """Write a checkpoint of ``trainer`` (and ``catalogue``) covering ``offsets``;
     returns its path."""
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash in the middle of a save
-        shutil.rmtree(stale, ignore_errors=True)
-    seq = _next_seq(root)
-    tmp = root / f".tmp-{seq:08d}-{os.getpid()}"
-    tmp.mkdir()
+    seq, tmp = begin(root, "ckpt")
     _write_state(tmp, trainer)
     files: tuple[str, ...] = FILES
     if catalogue is not None:
@@ -87,16 +84,12 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
         "format": FORMAT, "seq": seq, "created": time.time(),
         "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
         "counters": counters or {}, "model": _shape(trainer),
-        "sha256": {name: _digest(tmp / name) for name in files},
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    for name in (*files, "meta.json"):
-        _fsync(tmp / name)
-    _fsync(tmp)
+    seal(tmp, files, meta)
     crash_point("checkpoint-written")
     final = root / f"ckpt-{seq:08d}"
     os.rename(tmp, final)
-    _fsync(root)
+    fsync(root)
     crash_point("checkpoint-renamed")  # the caller commits the offsets after this
     for old in sorted(root.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -105,27 +98,47 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
 
 def _write_state(directory: Path, trainer: Trainer) -> None:
     model = trainer.model
-    weights: dict[str, Any] = {
-        "users": model.users.weight[: model.n_users].cpu(),
-        "items": model.items.weight[: model.n_items].cpu(),
-        "tower": {k: v.cpu() for k, v in model.tower.state_dict().items()},
-    }
     optim: dict[str, Any] = {
         "users": trainer.opt_users.state_dict(), "items": trainer.opt_items.state_dict(),
         "tower": trainer.opt_tower.state_dict(),
         "steps": trainer.steps, "samples": trainer.samples_trained,
         "fresh_samples": trainer.fresh_samples,
     }
-    if model.context is not None and model.recent is not None:  # the history input
-        assert trainer.opt_context is not None
-        weights["context"] = model.context.weight[: model.context.rows].cpu()
-        weights |= {k: torch.from_numpy(v.copy()) for k, v in model.recent.arrays().items()}
+    if trainer.opt_context is not None:  # the history input
         optim["context"] = trainer.opt_context.state_dict()
-    torch.save(weights, directory / "model.pt")
+    torch.save(model_weights(model), directory / "model.pt")
     torch.save(optim, directory / "optim.pt")
     trainer.store.save(directory / "store.npz")
     trainer.user_ids.save(directory / "users.npz")
     trainer.item_ids.save(directory / "items.npz")
+
+
+def model_weights(model: NeuMF) -> dict[str, Any]:
+    """The model's live rows and tower as tensors (for ``torch.load(weights_only=True)``):
+    what :func:`load_weights` puts back. Also the snapshot export's (ncf_stream.export)."""
+    weights: dict[str, Any] = {
+        "users": model.users.weight[: model.n_users].cpu(),
+        "items": model.items.weight[: model.n_items].cpu(),
+        "tower": {k: v.cpu() for k, v in model.tower.state_dict().items()},
+    }
+    if model.context is not None and model.recent is not None:  # the history input
+        weights["context"] = model.context.weight[: model.context.rows].cpu()
+        weights |= {k: torch.from_numpy(v.copy()) for k, v in model.recent.arrays().items()}
+    return weights
+
+
+def load_weights(model: NeuMF, weights: dict[str, Any]) -> None:
+    """Put :func:`model_weights` into a fresh ``model`` of the same shape."""
+    model.grow(len(weights["users"]), len(weights["items"]))
+    with torch.no_grad():
+        model.users.weight[: len(weights["users"])] = weights["users"].to(model.device)
+        model.items.weight[: len(weights["items"])] = weights["items"].to(model.device)
+        if model.context is not None:
+            model.context.weight[: len(weights["context"])] = weights["context"].to(model.device)
+            model.recent = RecentItems.from_arrays(weights["recent_items"].numpy(),
+                                                   weights["recent_ts"].numpy())
+            model.recent.ensure(len(weights["users"]))
+    model.tower.load_state_dict(weights["tower"])
 
 
 def load_latest(directory: str | Path, trainer: Trainer) -> Restored | None:
@@ -154,9 +167,7 @@ def _verify(path: Path, trainer: Trainer) -> dict[str, Any]:
         raise CheckpointError(f"format {meta.get('format')}, expected {FORMAT}")
     if meta["model"] != _shape(trainer):
         raise CheckpointError(f"model shape {meta['model']} differs from {_shape(trainer)}")
-    for name in (*FILES, *([CATALOGUE] if CATALOGUE in meta["sha256"] else [])):
-        if _digest(path / name) != meta["sha256"][name]:
-            raise CheckpointError(f"{name} does not match its checksum")
+    check_files(path, meta, (*FILES, *([CATALOGUE] if CATALOGUE in meta["sha256"] else [])))
     return meta
 
 
@@ -172,21 +183,11 @@ def _read_files(path: Path, has_catalogue: bool) -> dict[str, Any]:
 
 
 def _apply(state: dict[str, Any], trainer: Trainer) -> None:
-    model = trainer.model
     weights, optim, store = state["weights"], state["optim"], state["store"]
     trainer.user_ids, trainer.item_ids = state["users"], state["items"]
     trainer.store = store
     trainer.sampler.store = store
-    model.grow(len(weights["users"]), len(weights["items"]))
-    with torch.no_grad():
-        model.users.weight[: len(weights["users"])] = weights["users"].to(model.device)
-        model.items.weight[: len(weights["items"])] = weights["items"].to(model.device)
-        if model.context is not None:
-            model.context.weight[: len(weights["context"])] = weights["context"].to(model.device)
-            model.recent = RecentItems.from_arrays(weights["recent_items"].numpy(),
-                                                   weights["recent_ts"].numpy())
-            model.recent.ensure(len(weights["users"]))
-    model.tower.load_state_dict(weights["tower"])
+    load_weights(trainer.model, weights)
     if trainer.opt_context is not None:
         trainer.opt_context.load_state_dict(optim["context"])
     trainer.opt_users.load_state_dict(optim["users"])
@@ -206,10 +207,37 @@ def _shape(trainer: Trainer) -> dict[str, Any]:
     return shape | ({"history_length": m.history_length} if m.history_length else {})
 
 
-def _next_seq(root: Path) -> int:
-    existing = [int(p.name.split("-")[1]) for p in root.glob("ckpt-*")
+def begin(root: Path, prefix: str) -> tuple[int, Path]:
+    """The next sequence number of ``root``'s ``<prefix>-<seq>`` directories, and a fresh
+    temporary directory to write it in (those left by a crash mid-write are removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    existing = [int(p.name.split("-")[1]) for p in root.glob(f"{prefix}-*")
                 if p.name.split("-")[1].isdigit()]
-    return max(existing, default=0) + 1
+    seq = max(existing, default=0) + 1
+    tmp = root / f".tmp-{seq:08d}-{os.getpid()}"
+    tmp.mkdir()
+    return seq, tmp
+
+
+def seal(directory: Path, files: Sequence[str], meta: dict[str, Any]) -> None:
+    """Finish a directory written under a temporary name: ``meta`` with a SHA-256 of each
+    of ``files`` as meta.json, then every file and the directory fsynced. The caller
+    renames it into place (atomic on POSIX) and fsyncs the parent."""
+    meta["sha256"] = {name: _digest(directory / name) for name in files}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+    for name in (*files, "meta.json"):
+        fsync(directory / name)
+    fsync(directory)
+
+
+def check_files(path: Path, meta: dict[str, Any], files: Sequence[str]) -> None:
+    """Raise :class:`CheckpointError` unless each of ``files`` matches its checksum in the
+    ``meta`` that :func:`seal` wrote (a truncated or altered file does not)."""
+    for name in files:
+        if _digest(path / name) != meta["sha256"].get(name):
+            raise CheckpointError(f"{name} does not match its checksum")
 
 
 def _digest(path: Path) -> str:
@@ -220,7 +248,7 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

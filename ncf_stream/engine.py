@@ -44,12 +44,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from ncf_stream import checkpoint
-from ncf_stream.anonymous import AnonymousConfig
 from ncf_stream.api import Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
 from ncf_stream.errors import NcfStreamError
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.events import Deletions, Events, segments
+from ncf_stream.export import Exporter
 from ncf_stream.faults import crash_point
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics, Metrics
@@ -213,8 +213,11 @@ class Engine:
             IndexConfig.from_settings(s),
             every_s=s.publish_every_s, every_events=s.publish_every_events,
             index_refresh_s=s.index_refresh_s, catalogue=self.catalogue)
-        self.recommender = Recommender(self.holder, s.candidates, s.max_k, s.exact_items,
-                                       AnonymousConfig.from_settings(s))
+        self.recommender = Recommender.from_settings(self.holder, s)
+        # Published snapshots written to snapshot_dir for replicas, off this thread.
+        self.exporter = (Exporter(s.snapshot_dir, s.snapshot_export_every_s,
+                                  self.metrics.engine, s.background_policy)
+                         if s.snapshot_dir else None)
         self.evaluator = Evaluator(
             self.holder, EvalConfig.from_settings(s), on_report=self._export_eval)
         self.online = OnlineHitRate(s.online_fraction, candidates=s.candidates,
@@ -578,6 +581,8 @@ class Engine:
         snap = self.holder.get()
         if snap is not None:
             m.index_items.set(snap.index.size)
+            if self.exporter is not None:
+                self.exporter.offer(snap, self.status())
         if stats.version == 1:
             log.info("first snapshot published: ready")
         for listener in self.on_publish:
@@ -621,6 +626,8 @@ class Engine:
                 self.checkpoint()
         finally:
             self.publisher.close()
+            if self.exporter is not None:
+                self.exporter.close()
             if self.source is not None:
                 self.source.close()
 

@@ -125,7 +125,8 @@ class RecentItems:
         out = cls(items.shape[1], max(1, len(items)))
         out.ensure(len(items))
         out.items[: len(items)] = items
-        out.ts[: len(items)] = ts
+        if len(ts):  # a reader's copy keeps no times (copy): its rows stay -inf
+            out.ts[: len(items)] = ts
         return out
 
 

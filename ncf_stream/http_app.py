@@ -212,6 +212,7 @@ class StatusResponse(BaseModel):
     snapshot_age_seconds: float
     ingest: str
     ingest_reason: str
+    role: str = Field(description="trainer, or replica (ncf-stream serve-replica)")
 
 
 class EvalResponse(BaseModel):
@@ -369,7 +370,11 @@ def create_app(
     history: History | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     admin: Admin | None = None,
+    replica: bool = False,
 ) -> FastAPI:
+    """The app over ``recommender``. ``replica``: a serving replica's (ncf_stream.replica),
+    which has no trainer: evaluation, history and the status page answer 404
+    ``not_served`` saying where to ask instead."""
     app = FastAPI(title="ncf-stream", version="1",
                   description="Online NeuMF recommendations from a Kafka stream.")
     max_k = recommender.max_k
@@ -503,13 +508,22 @@ def create_app(
     async def get_status() -> StatusResponse:
         return StatusResponse(**status().as_dict())
 
-    @app.get("/v1/eval", response_model=EvalResponse)
-    async def get_eval() -> EvalResponse:
+    def not_served(what: str) -> JSONResponse:
+        return error(404, "not_served", f"this is a serving replica (ncf-stream "
+                     f"serve-replica): {what} live with the trainer (ncf-stream serve); "
+                     "ask it")
+
+    trainer_only: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
+
+    @app.get("/v1/eval", response_model=EvalResponse, responses=trainer_only)
+    async def get_eval() -> Any:
+        if replica:
+            return not_served("evaluation reports")
         history = [r.as_dict() for r in evaluator.history] if evaluator else []
         return EvalResponse(latest=history[-1] if history else None, history=history)
 
-    @app.post("/v1/eval", status_code=202, response_model=EvalResponse)
-    async def request_eval() -> EvalResponse:
+    @app.post("/v1/eval", status_code=202, response_model=EvalResponse, responses=trainer_only)
+    async def request_eval() -> Any:
         """Ask for an evaluation now; the report appears in GET /v1/eval when done."""
         if evaluator is not None:
             evaluator.request()
@@ -534,14 +548,16 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/history", response_model=HistoryResponse)
-    async def get_history() -> HistoryResponse:
+    @app.get("/v1/history", response_model=HistoryResponse, responses=trainer_only)
+    async def get_history() -> Any:
         """Figures sampled every few seconds: what the status page at / draws."""
+        if replica:
+            return not_served("the status page's figures")
         return HistoryResponse(samples=history.as_list() if history is not None else [])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> str:
-        return PAGE
+    async def page() -> Any:
+        return not_served("the status page and its figures") if replica else PAGE
 
     json_routes = frozenset((method, route.path) for route in app.routes
                             if isinstance(route, APIRoute) and route.body_field is not None

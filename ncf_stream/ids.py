@@ -134,9 +134,10 @@ class IdMap:
         return self._rows.__sizeof__() + strings + self._ids.nbytes
 
     # Saved as UTF-8 bytes plus offsets: plain arrays, nothing that executes on load.
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, rows: int | None = None) -> None:
+        """The map, or its first ``rows`` rows (a snapshot's, while the map grows on)."""
         encoded = [b"" if s is None else s.encode("utf-8", "surrogatepass")
-                   for s in self.all_ids().tolist()]
+                   for s in self.all_ids()[:rows].tolist()]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)

@@ -30,7 +30,7 @@ and 1/8 byte of fence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +167,10 @@ class KeyView:
         k, v = np.concatenate(keys), np.concatenate(vals)
         order = np.argsort(k)
         return k[order], v[order]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All keys (sorted) and their payloads, as one pair of arrays."""
+        return _flatten(self.levels, self.values)
 
     def ranges(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys in [lo[j], hi[j]) for every j, as (row index j, key), grouped by row."""
@@ -342,11 +346,7 @@ class KeySet:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All keys (sorted) and their payloads, as one pair of arrays."""
-        if not self._keys:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
-        k, v = np.concatenate([lv.keys for lv in self._keys]), np.concatenate(self._vals)
-        order = np.argsort(k)
-        return k[order], v[order]
+        return _flatten(self._keys, self._vals)
 
     @classmethod
     def from_arrays(cls, keys: np.ndarray, values: np.ndarray) -> KeySet:
@@ -378,6 +378,16 @@ def _locate(
         pos[todo[hit]] = p[hit]
         todo = todo[~hit]
     return level, pos
+
+
+def _flatten(levels: Sequence[Level], values: Sequence[np.ndarray],
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint levels as one sorted key array and its payloads."""
+    if not levels:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
+    k, v = np.concatenate([lv.keys for lv in levels]), np.concatenate(values)
+    order = np.argsort(k)
+    return k[order], v[order]
 
 
 def _merge(keys: list[np.ndarray], vals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -120,6 +120,16 @@ class EngineMetrics:
                                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.index_items = Gauge(f"{PREFIX}_index_items", "Items in the candidate index",
                                  registry=r)
+        self.exports = Counter(f"{PREFIX}_snapshot_exports",
+                               "Snapshots exported to snapshot_dir for replicas", registry=r)
+        self.export_failures = Counter(
+            f"{PREFIX}_snapshot_export_failures",
+            "Snapshot exports that failed, by reason (the errno name, or the exception's "
+            "type); training and serving go on", ["reason"], registry=r)
+        self.export_seconds = Histogram(f"{PREFIX}_snapshot_export_seconds",
+                                        "Time to write one snapshot export (off the training "
+                                        "thread)", registry=r,
+                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.candidate_recall = Gauge(
             f"{PREFIX}_candidate_recall",
             "Recall@10 of candidates + rescoring against the exact ranking (sampled users)",
@@ -173,6 +183,33 @@ class ServingMetrics:
         self.requests.labels(protocol=protocol, endpoint=endpoint, code=code).inc()
         if endpoint in QUERY_ENDPOINTS:
             self.window.add(seconds)
+
+
+class ReplicaMetrics:
+    """A serving replica's snapshots (ncf-stream serve-replica; ncf_stream.replica)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = _registry(registry)
+        self.version = Gauge(f"{PREFIX}_replica_snapshot_version",
+                             "Version of the snapshot the replica serves (0: none yet)",
+                             registry=r)
+        self.age = Gauge(f"{PREFIX}_replica_snapshot_age_seconds",
+                         "Seconds since the trainer published the snapshot the replica serves "
+                         "(wall clocks of two machines, when they are two); computed at "
+                         "scrape time", registry=r)
+        self.loads = Counter(f"{PREFIX}_replica_snapshot_loads",
+                             "Exported snapshots loaded and swapped in", registry=r)
+        self.load_failures = Counter(
+            f"{PREFIX}_replica_snapshot_load_failures",
+            "Exported snapshots rejected (corrupt: a checksum or a file that does not "
+            "match; format: a format this replica cannot read; error: anything else); the "
+            "last good one keeps serving", ["reason"], registry=r)
+        self.load_seconds = Histogram(f"{PREFIX}_replica_snapshot_load_seconds",
+                                      "Time to read, check and build one exported snapshot",
+                                      registry=r,
+                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        for reason in ("corrupt", "format", "error"):
+            self.load_failures.labels(reason=reason)
 
 
 class Metrics:

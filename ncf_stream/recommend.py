@@ -28,7 +28,7 @@ from ncf_stream.api import (
 )
 from ncf_stream.errors import BadInput, NcfStreamError
 from ncf_stream.ranking import best
-from ncf_stream.settings import default
+from ncf_stream.settings import Settings, default
 from ncf_stream.similar import top_similar
 from ncf_stream.snapshot import POPULAR_KEPT, Snapshot, SnapshotHolder
 
@@ -115,6 +115,11 @@ class Recommender:
         # (snapshot version, its negatives' draw weights): computed once per snapshot
         # (O(items)), not per anonymous request. One tuple, swapped whole: no lock.
         self._negatives: tuple[int, np.ndarray | None] = (0, None)
+
+    @classmethod
+    def from_settings(cls, holder: SnapshotHolder, s: Settings) -> Recommender:
+        """The trainer's and a replica's: the same settings give the same answers."""
+        return cls(holder, s.candidates, s.max_k, s.exact_items, AnonymousConfig.from_settings(s))
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:

@@ -383,6 +383,27 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         5.0, ge=0, description="How long the servers finish in-flight requests at shutdown.")
 
+    # ---- Snapshot export and serving replicas (docs/operations.md, "Serving replicas") ------
+    snapshot_dir: str | None = Field(
+        None,
+        description="The trainer (ncf-stream serve) exports its published snapshots here, and "
+                    "ncf-stream serve-replica serves them from here. On one machine put it on "
+                    "/dev/shm (memory, no disk writes); across machines a shared directory. "
+                    "Empty or unset: no export.")
+    snapshot_export_every_s: float = Field(
+        1.0, gt=0,
+        description="Export the newest published snapshot at most this often. An export is "
+                    "written off the training thread; one still running when the next is due "
+                    "makes that one wait, and snapshots published meanwhile are skipped but "
+                    "the newest. 1 s keeps replicas within about a publish interval "
+                    "(publish_every_s) plus a second of the trainer.")
+    replica_stale_s: float = Field(
+        60.0, gt=0,
+        description="A replica whose snapshot is older than this reports ingest degraded: "
+                    "the trainer publishes every publish_every_s while it trains, replay "
+                    "included, so an old snapshot means the trainer or its export stopped "
+                    "(with replay_ratio set, a quiet stream stops publishing too).")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -533,6 +554,7 @@ SECTIONS: Mapping[str, str] = {
     "eval_interval_s": "Evaluation",
     "checkpoint_dir": "Checkpoints",
     "http_host": "Serving",
+    "snapshot_dir": "Snapshot export and replicas",
 }
 
 _BOUNDS: tuple[tuple[type, str, str], ...] = (

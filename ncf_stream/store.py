@@ -117,6 +117,25 @@ class StoreView:
         order = np.argsort(-rel.astype(np.int64), kind="stable")  # keys sorted: ties by row
         return keys[order] & ITEM_MASK, rel[order].astype(np.float64) + self.t0
 
+    # Plain arrays in one .npz, like InteractionStore.save: nothing executes on load.
+    def save(self, path: str | Path) -> None:
+        keys, vals = self.keys.arrays()
+        ho = self.holdout
+        np.savez(path, keys=keys, vals=vals, item_counts=self.item_counts, dead=self.dead,
+                 holdout_users=ho.users, holdout_items=ho.items, holdout_ts=ho.ts,
+                 holdout_seq=ho.seq, shape=np.array([self.n_users, self.n_items]),
+                 t0=np.array([self.t0]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> StoreView:
+        """A view equal to the saved one for every query (its keys in one level)."""
+        with np.load(path, allow_pickle=False) as z:
+            n_users, n_items = z["shape"].tolist()
+            holdout = HoldOut(z["holdout_users"], z["holdout_items"], z["holdout_ts"],
+                              z["holdout_seq"])
+            return cls(KeySet.from_arrays(z["keys"], z["vals"]).view(), n_users, n_items,
+                       z["item_counts"], holdout, float(z["t0"][0]), z["dead"])
+
 
 class _Growable:
     """Per-row arrays that grow by doubling, so growth never reallocates per event."""
