@@ -17,7 +17,8 @@ from ncf_stream.synth import SynthConfig
 # The settings that have a flag, and the flag. The parsers, the loaders and the
 # reference (docs/configuration.md) all read these; help texts come from Settings.
 COMMON_FLAGS = {"kafka_bootstrap": "--bootstrap"}
-SERVING_FLAGS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "device": "--device"}
+SERVING_FLAGS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "device": "--device",
+                 "kafka_sources": "--kafka-sources"}
 FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS}
 # Keys of kafka_client_options whose values `ncf-stream config` does not print.
 SECRET_WORDS = ("password", "secret", "token")
