@@ -120,7 +120,7 @@ class ParallelSource:
         partitions = self._children[0].partition_count()
         if 0 < partitions < n and (topic, n) not in _warned_idle:
             _warned_idle.add((topic, n))
-            log.warning("kafka_sources = %d but %s has %d partitions: %d source processes "
+            log.warning("kafka_sources = %d but %s has %d partitions: %d of the source processes "
                         "will sit idle", n, topic, partitions, n - partitions)
 
     # ---- poll ----------------------------------------------------------------------------------

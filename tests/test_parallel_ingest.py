@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import same_content, small_engine_settings  # tests/conftest.py
+from conftest import running, same_content, small_engine_settings  # tests/conftest.py
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import MemberToRemove
 
@@ -308,3 +308,32 @@ def test_a_child_told_to_seek_reads_from_there_again(
     finally:
         child.close()
     assert seen[0][0] == lo < seen[0][1]  # the same records again, not what followed
+
+
+def test_more_sources_than_partitions_warns_once(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"par-{uuid.uuid4().hex[:10]}"
+    create_topics(kafka_bootstrap, [name, f"{name}.dlq"], partitions=2)
+    s = settings_for(kafka_bootstrap, name, sources=3)
+    with caplog.at_level("WARNING", logger="consumers.parallel_source"):
+        for _ in range(2):  # a rebuilt source says it no more
+            ParallelSource(s).close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"kafka_sources = 3 but {name} has 2 partitions: 1 of the source processes will "
+        "sit idle"]
+
+
+def test_the_daemon_runs_kafka_sources_children(
+    kafka_bootstrap: str, topic: str, stream: Events
+) -> None:
+    s = settings_for(kafka_bootstrap, topic).model_copy(update={
+        "kafka_group_instance_id": "", "http_port": 0, "grpc_port": 0, "shutdown_grace_s": 1.0})
+    publish(kafka_bootstrap, topic, stream, 0, EVENTS)
+    with running(s) as (daemon, _):
+        deadline = time.monotonic() + 60
+        while daemon.engine.counters.consumed < EVENTS:
+            assert time.monotonic() < deadline, daemon.engine.status()
+            time.sleep(0.1)
+        assert isinstance(daemon.engine.source, ParallelSource)
+        assert len(daemon.engine.source._children) == 2
