@@ -43,6 +43,7 @@ from its positions, losing nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -112,7 +113,8 @@ class ParallelSource:
                 child.started()
             self._warn_if_idle(settings)
         except BaseException:
-            self.close()
+            with contextlib.suppress(Exception):  # the start's failure is the one to raise
+                self.close()
             raise
 
     def _warn_if_idle(self, settings: Settings) -> None:
@@ -221,6 +223,13 @@ class ParallelSource:
         return [child.owned() for child in self._children]
 
     def close(self) -> None:
-        """Close every child; each takes and drops its answer in flight first."""
+        """Close every child, even when one fails to (raised after the rest are closed);
+        each takes and drops its answer in flight first."""
+        failure: Exception | None = None
         for child in self._children:
-            child.close()
+            try:
+                child.close()
+            except Exception as e:  # what a child raised on close: the others still close
+                failure = failure or e
+        if failure is not None:
+            raise failure

@@ -13,7 +13,8 @@ Positions: the child seeks on every assignment to the positions it was started
 with plus every batch it has delivered since. The daemon applies every batch it
 receives, in order, so that is exactly the daemon's state; a batch in flight
 when the daemon dies is lost with the daemon's memory, and the restart begins
-from the checkpoint's offsets again.
+from the checkpoint's offsets again. (Several source processes, kafka_sources > 1,
+cannot rely on that alone: consumers.parallel_source.)
 
 Ids: given the engine's id maps, the child maps ids to rows as well
 (:class:`~ncf_stream.ids.RowMapper`, started from the maps' ids) and the batches
@@ -160,7 +161,8 @@ class ProcessSource:
 
     def _receive(self) -> Any:
         """The answer to the request in flight."""
-        assert self._reply_by is not None, "no request in flight"
+        if self._reply_by is None:
+            raise SourceProcessError("no request in flight to take an answer for")
         try:
             while not self._conn.poll(min(0.5, max(0.0, self._reply_by - time.monotonic()))):
                 self.answering()
@@ -233,7 +235,7 @@ class ProcessSource:
         try:
             self._receive()
         except SourceProcessError:
-            raise
+            raise  # gone or wedged: close kills it
         except Exception as e:  # what the child raised: moot, we are closing
             log.debug("source process: dropped an answer on close: %s", e)
 
@@ -348,10 +350,10 @@ class _Child:
 
     def commit(self, offsets: dict[Partition, int], owned_only: bool = False) -> None:
         """``owned_only``: only the partitions we hold, a member of several in the group.
-        kafka-python and a classic group's coordinator accept a member's commit of any
-        partition, but a member in a rebalance has every commit refused, and one stale
-        member's offsets would overwrite the owner's; so each partition's offset goes to
-        its owner alone. A partition between owners now is committed at the next
+        kafka-python and a classic group's coordinator take a member's commit of any
+        partition, but a member in a rebalance has its whole commit refused, and N
+        members committing everything is N times the writes; so each partition's offset
+        goes to its owner alone. A partition between owners now is committed at the next
         checkpoint (the engine commits every position each time)."""
         if owned_only:
             owned = self.source.owned()
