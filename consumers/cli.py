@@ -19,7 +19,8 @@ from ncf_stream.synth import SynthConfig
 COMMON_FLAGS = {"kafka_bootstrap": "--bootstrap"}
 SERVING_FLAGS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "device": "--device"}
 SNAPSHOT_FLAGS = {"snapshot_dir": "--snapshot-dir"}
-FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS, **SNAPSHOT_FLAGS}
+INGEST_FLAGS = {"kafka_sources": "--kafka-sources"}  # the trainer's, not a replica's
+FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS, **SNAPSHOT_FLAGS, **INGEST_FLAGS}
 # Keys of kafka_client_options whose values `ncf-stream config` does not print.
 SECRET_WORDS = ("password", "secret", "token")
 
@@ -168,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     serving = argparse.ArgumentParser(add_help=False)
     _setting_flags(serving, SERVING_FLAGS)
     _setting_flags(serving, SNAPSHOT_FLAGS)
+    ingest = argparse.ArgumentParser(add_help=False)  # serve, demo, config: not replicas
+    _setting_flags(ingest, INGEST_FLAGS)
 
-    p = sub.add_parser("serve", parents=[common, serving],
+    p = sub.add_parser("serve", parents=[common, serving, ingest],
                        help="run the daemon: consume, train, evaluate, serve HTTP and gRPC "
                             "(and export snapshots to --snapshot-dir for replicas)")
     p.set_defaults(func=cmd_serve)
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--snapshot-dir (no Kafka, no training)")
     p.set_defaults(func=cmd_serve_replica)
 
-    p = sub.add_parser("demo", parents=[common, serving],
+    p = sub.add_parser("demo", parents=[common, serving, ingest],
                        help="the daemon on a local broker (started if none runs) with a "
                             "synthetic demo stream")
     p.add_argument("--events", type=_positive_int, default=1_000_000,
@@ -189,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("config", parents=[common, serving],
+    p = sub.add_parser("config", parents=[common, serving, ingest],
                        help="print the effective settings and where each came from "
                             "(default, file, env, flag)")
     p.add_argument("--markdown", action="store_true",

@@ -18,6 +18,7 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from consumers.kafka_source import KafkaSource
+from consumers.parallel_source import ParallelSource
 from consumers.source_process import ProcessSource
 from ncf_stream.admin import Admin
 from ncf_stream.engine import Engine, Resume, SourceFactory
@@ -65,6 +66,9 @@ class Daemon:
 
     def _kafka_source(self, resume: Resume) -> EventSource:
         s = self.settings
+        if s.kafka_sources > 1:  # several processes; they send ids, the engine maps them
+            return ParallelSource(s, metrics=resume.metrics, positions=resume.positions,
+                                  background=s.background_policy)
         if s.kafka_source_process:
             return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
                                  background=s.background_policy,  # ingest work: requests first

@@ -317,6 +317,37 @@ class KafkaSource:
         """Whether the consumer holds a partition now."""
         return bool(self._consumer.assignment())
 
+    def owned(self) -> set[Partition]:
+        """The partitions the consumer holds now."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def partition_count(self) -> int:
+        """The topic's partitions (0 while the topic is unknown); may ask the broker."""
+        with _kafka_errors(f"reading the partitions of {self._settings.kafka_topic}"):
+            return len(self._consumer.partitions_for_topic(self._settings.kafka_topic))
+
+    def seek(self, positions: Mapping[Partition, int | None]) -> None:
+        """Read on from these offsets (None: the partition's beginning). Partitions the
+        consumer does not hold are left alone: their next assignment seeks them from the
+        state's positions (_PositionFromState)."""
+        owned = self._consumer.assignment()
+        with _kafka_errors("seeking"):
+            for (topic, partition), offset in positions.items():
+                tp = TopicPartition(topic, partition)
+                if tp not in owned:
+                    continue
+                if offset is None:
+                    self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, offset)
+
+    def _idle_by_design(self) -> bool:
+        """Whether holding nothing is expected: one of kafka_sources members of a group
+        with fewer partitions than members. Rejoining would only restart the group's
+        rebalance, every UNASSIGNED_REJOIN_S, for every member."""
+        return (self._settings.kafka_sources > 1
+                and self.partition_count() < self._settings.kafka_sources)
+
     def _check_assignment(self) -> None:
         """Leave and rejoin the group after UNASSIGNED_REJOIN_S without a partition."""
         if self._listener is None:
@@ -327,7 +358,11 @@ class KafkaSource:
         now = time.monotonic()
         if self._unassigned_since is None:
             self._unassigned_since = now
-        elif now - self._unassigned_since >= UNASSIGNED_REJOIN_S:
+        elif now - self._unassigned_since < UNASSIGNED_REJOIN_S:
+            return
+        elif self._idle_by_design():
+            self._unassigned_since = now  # asked again one period on
+        else:
             log.warning("no partition of %s assigned for %.0f s: leaving and rejoining group %s",
                         self._settings.kafka_topic, now - self._unassigned_since,
                         self._settings.kafka_group_id)

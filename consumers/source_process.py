@@ -13,7 +13,8 @@ Positions: the child seeks on every assignment to the positions it was started
 with plus every batch it has delivered since. The daemon applies every batch it
 receives, in order, so that is exactly the daemon's state; a batch in flight
 when the daemon dies is lost with the daemon's memory, and the restart begins
-from the checkpoint's offsets again.
+from the checkpoint's offsets again. (Several source processes, kafka_sources > 1,
+cannot rely on that alone: consumers.parallel_source.)
 
 Ids: given the engine's id maps, the child maps ids to rows as well
 (:class:`~ncf_stream.ids.RowMapper`, started from the maps' ids) and the batches
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -74,6 +75,10 @@ class Delivery:
     batch: EventBatch | None
     lag: int | None  # the consumer lag, when the child measured it since the last delivery
     blocked: dict[Partition, Blocked]  # the partitions stopped at an undecodable batch
+    # Per partition of the batch: where the child read it from (its position before the
+    # batch; None: the partition's beginning). consumers.parallel_source checks that this
+    # is where the engine is; one source process never needs to.
+    bases: dict[Partition, int | None] = field(default_factory=dict)
 
 
 class ProcessSource:
@@ -86,12 +91,17 @@ class ProcessSource:
     ``id_maps``: the engine's (user, item) maps; the child then delivers
     :class:`~ncf_stream.ids.MappedEvents` that continue them, and the engine must
     apply every batch, in order (:meth:`ncf_stream.trainer.Trainer.rows`).
+    ``wait``: False returns once the child is spawned; :meth:`started` waits for it
+    (several children then start side by side).
+
+    One request is in flight at a time: :meth:`poll` is :meth:`request_poll` and
+    :meth:`delivery`, which a caller waiting on several children calls apart.
     """
 
     def __init__(self, settings: Settings, *, metrics: IngestMetrics | None = None,
                  positions: Mapping[Partition, int] | None = None,
                  background: BackgroundPolicy | None = None,
-                 id_maps: tuple[IdMap, IdMap] | None = None) -> None:
+                 id_maps: tuple[IdMap, IdMap] | None = None, wait: bool = True) -> None:
         self._metrics = metrics
         self._lag = 0
         self._blocked: dict[Partition, Blocked] = {}
@@ -103,6 +113,8 @@ class ProcessSource:
         child.close()
         self._conn = Connection(parent.detach())
         self._closed = False
+        self._reply_by: float | None = None  # when the request in flight must be answered
+        self._reply_s = 0.0  # ... counted from when it was sent
         self._stall_s = settings.source_stall_s
         self._out_of_step = False
         self._default_timeout = settings.kafka_poll_timeout_s
@@ -110,49 +122,122 @@ class ProcessSource:
         # them: the engine reopens such a source after an admin deletion (Engine.forget).
         self.maps_ids = id_maps is not None
         ids = None if id_maps is None else tuple(m.all_ids().tolist() for m in id_maps)
-        self._call("start", settings, dict(positions or {}), logging.getLogger().level,
+        self._send("start", settings, dict(positions or {}), logging.getLogger().level,
                    background, ids)
+        if wait:
+            self.started()
 
-    def _call(self, *request: Any, reply_s: float = REPLY_TIMEOUT_S) -> Any:
+    def started(self) -> None:
+        """Wait until the child has started its source (raises what it raised)."""
+        self._receive()
+
+    @property
+    def connection(self) -> Connection:
+        """Readable when the answer to the request in flight has arrived (or the child died)."""
+        return self._conn
+
+    def _send(self, *request: Any, reply_s: float = REPLY_TIMEOUT_S) -> None:
         if self._closed:
             raise SourceProcessError("the source is closed")
         try:
             self._conn.send(request)
-            deadline = time.monotonic() + reply_s
-            while not self._conn.poll(min(0.5, reply_s)):
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    code = self._proc.returncode
-                    self._out_of_step = True  # a late reply would answer the next request
-                    raise SourceProcessError("the source process " + (
-                        f"stopped answering for {reply_s:.0f} s (wedged)" if code is None
-                        else f"exited with {code}"))
+        except OSError as e:
+            raise SourceProcessError(f"the source process is gone ({e})") from e
+        self._reply_by = time.monotonic() + reply_s
+        self._reply_s = reply_s
+
+    def answering(self) -> None:
+        """Raise SourceProcessError if the child has died, or has not answered the request
+        in flight by its time (wedged)."""
+        if self._reply_by is None:
+            return
+        if self._proc.poll() is None and time.monotonic() <= self._reply_by:
+            return
+        code = self._proc.returncode
+        self._out_of_step = True  # a late reply would answer the next request
+        raise SourceProcessError("the source process " + (
+            f"stopped answering for {self._reply_s:.0f} s (wedged)" if code is None
+            else f"exited with {code}"))
+
+    def _receive(self) -> Any:
+        """The answer to the request in flight."""
+        if self._reply_by is None:
+            raise SourceProcessError("no request in flight to take an answer for")
+        try:
+            while not self._conn.poll(min(0.5, max(0.0, self._reply_by - time.monotonic()))):
+                self.answering()
             ok, value = self._conn.recv()
         except (EOFError, OSError) as e:
             raise SourceProcessError(f"the source process is gone ({e})") from e
+        self._reply_by = None
         if not ok:
             raise value  # the child's exception, re-raised on the engine's thread
         return value
 
-    def poll(self, timeout_s: float | None = None) -> EventBatch | None:
+    def _call(self, *request: Any, reply_s: float = REPLY_TIMEOUT_S) -> Any:
+        self._send(*request, reply_s=reply_s)
+        return self._receive()
+
+    def request_poll(self, deadline: float | None = None,
+                     seeks: Mapping[Partition, int | None] | None = None) -> None:
+        """Ask for the next batch by ``deadline`` (time.monotonic(); None: the default
+        poll timeout from now), having first read ``seeks`` again from those offsets
+        (:meth:`_Child.reposition`). The answer: :meth:`delivery`."""
         # A deadline rather than a timeout: the child may be finishing a fetch ahead
         # when the request arrives, and that wait counts (CLOCK_MONOTONIC is system-wide).
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        wait = self._default_timeout if timeout_s is None else timeout_s
-        delivery: Delivery = self._call("poll", deadline, reply_s=wait + self._stall_s)
+        wait = self._default_timeout if deadline is None else max(
+            0.0, deadline - time.monotonic())
+        self._send("poll", deadline, dict(seeks) if seeks else None,
+                   reply_s=wait + self._stall_s)
+
+    def delivery(self) -> Delivery:
+        """The answer to :meth:`request_poll`; its lag and blocked partitions noted here."""
+        delivery: Delivery = self._receive()
         self._blocked = delivery.blocked
         if delivery.lag is not None:
             self._lag = delivery.lag
             if self._metrics is not None:
                 self._metrics.consumer_lag.set(delivery.lag)
-        if delivery.batch is not None and self._metrics is not None:
-            count_batch(self._metrics, delivery.batch)
-        return delivery.batch
+        return delivery
+
+    def poll(self, timeout_s: float | None = None) -> EventBatch | None:
+        self.request_poll(None if timeout_s is None else time.monotonic() + timeout_s)
+        batch = self.delivery().batch
+        if batch is not None and self._metrics is not None:
+            count_batch(self._metrics, batch)
+        return batch
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self._call("flush", timeout_s)
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         self._call("commit", dict(offsets))
+
+    def commit_owned(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit those of ``offsets`` whose partitions the child holds now (one member of
+        several in a group: consumers.parallel_source)."""
+        self._call("commit", dict(offsets), True)
+
+    def owned(self) -> set[Partition]:
+        """The partitions the child's consumer holds now."""
+        owned: set[Partition] = self._call("owned")
+        return owned
+
+    def partition_count(self) -> int:
+        """The topic's partitions (0 while the topic is unknown)."""
+        count: int = self._call("partitions")
+        return count
+
+    def _drain(self) -> None:
+        """Take and drop the answer in flight, if any: the child answers in order."""
+        if self._reply_by is None:
+            return
+        try:
+            self._receive()
+        except SourceProcessError:
+            raise  # gone or wedged: close kills it
+        except Exception as e:  # what the child raised: moot, we are closing
+            log.debug("source process: dropped an answer on close: %s", e)
 
     def lag(self) -> int:
         """The lag the child measured last (it measures once a second)."""
@@ -170,6 +255,7 @@ class ProcessSource:
             return
         try:
             if self._proc.poll() is None and not self._out_of_step:
+                self._drain()
                 self._call("close", reply_s=self._stall_s)
         except SourceError as e:
             log.warning("source process: %s; killing it", e)
@@ -217,14 +303,21 @@ class _Child:
                 batch = replace(batch, events=self.mapper.map(batch.events))
         return True, batch
 
-    def deliver(self, deadline: float | None) -> tuple[bool, Any]:
+    def deliver(self, deadline: float | None,
+                seeks: dict[Partition, int | None] | None = None) -> tuple[bool, Any]:
+        if seeks:
+            self.reposition(seeks)
         ok, batch = self.ahead if self.ahead is not None else self.fetch(
             self.default_timeout if deadline is None else max(0.0, deadline - time.monotonic()))
         self.ahead = None
         if not ok:
             return ok, batch
         self.flowing = batch is not None
+        bases: dict[Partition, int | None] = {}
         if batch is not None:
+            # Nothing moves positions between a fetch and its delivery (a fetch ahead is
+            # delivered before the next one; reposition drops it), so they are the bases.
+            bases = {tp: self.positions.get(tp) for tp in batch.offsets}
             self.positions.update(batch.commit_offsets())
         lag = None
         if time.monotonic() - self.last_lag >= LAG_EVERY_S:
@@ -233,7 +326,39 @@ class _Child:
                 lag = self.source.lag()
             except Exception as e:  # a lag is a gauge, not worth failing for
                 log.debug("lag unavailable: %s", e)
-        return True, Delivery(batch, lag, self.source.blocked())
+        return True, Delivery(batch, lag, self.source.blocked(), bases)
+
+    def reposition(self, seeks: dict[Partition, int | None]) -> None:
+        """Read these partitions again from these offsets (None: the beginning): the
+        parallel source refused a batch of ours that did not start where the engine is.
+        A batch fetched ahead over any of them was read from the old place: it is dropped
+        and its partitions read again too."""
+        if self.mapper is not None:  # its maps have taken in what would be dropped
+            raise ValueError("a source process that maps ids cannot be repositioned")
+        for tp, offset in seeks.items():
+            if offset is None:
+                self.positions.pop(tp, None)
+            else:
+                self.positions[tp] = offset
+        again = set(seeks)
+        if self.ahead is not None and self.ahead[0] and self.ahead[1] is not None:
+            fetched = set(self.ahead[1].offsets)
+            if fetched & again:
+                again |= fetched
+                self.ahead = None
+        self.source.seek({tp: self.positions.get(tp) for tp in again})
+
+    def commit(self, offsets: dict[Partition, int], owned_only: bool = False) -> None:
+        """``owned_only``: only the partitions we hold, a member of several in the group.
+        kafka-python and a classic group's coordinator take a member's commit of any
+        partition, but a member in a rebalance has its whole commit refused, and N
+        members committing everything is N times the writes; so each partition's offset
+        goes to its owner alone. A partition between owners now is committed at the next
+        checkpoint (the engine commits every position each time)."""
+        if owned_only:
+            owned = self.source.owned()
+            offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+        self.source.commit(offsets)
 
     def serve(self) -> None:
         while True:
@@ -261,8 +386,12 @@ class _Child:
                     self.source.flush(*args)
                     reply = (True, None)
                 elif kind == "commit":
-                    self.source.commit(*args)
+                    self.commit(*args)
                     reply = (True, None)
+                elif kind == "owned":
+                    reply = (True, self.source.owned())
+                elif kind == "partitions":
+                    reply = (True, self.source.partition_count())
                 elif kind == "close":
                     self.source.close()
                     self.conn.send((True, None))

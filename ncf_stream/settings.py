@@ -100,6 +100,15 @@ class Settings(BaseSettings):
         description="Run the consumer and the decoder in a process of their own "
                     "(consumers.source_process): their pure-Python record parsing then never "
                     "holds the GIL that requests need. false keeps them on the trainer thread.")
+    kafka_sources: int = Field(
+        1, ge=1,
+        description="Source processes, each a member of the consumer group with the "
+                    "topic's partitions split among them (consumers.parallel_source). One "
+                    "kafka-python consumer tops out at a few hundred thousand events/s, which "
+                    "a GPU trainer can outrun; more need the cores to run on and at least as "
+                    "many partitions (extra members sit idle). Above 1 the engine maps ids "
+                    "itself, on its GIL (docs/operations.md). Above 1 implies "
+                    "kafka_source_process.")
     kafka_group_instance_id: str = Field(
         "",
         description="Static group membership (KIP-345): a consumer that joins with the id of "
