@@ -154,10 +154,10 @@ class Settings(BaseSettings):
         32, ge=1,
         description="GMF predictive factors: the paper's model (its best on MovieLens was 32 "
                     "to 64). On a validation split of ml-latest-small, bench/quality.py --select "
-                    "chose 128 with lr 0.05, 2 negatives, negative_alpha 0.5, weight_decay 1e-4 "
-                    "and history_length 50 (bench/chosen.json), which beat or tied every "
+                    "chose 256 with sampled softmax, 8 negatives and the history input "
+                    "(bench/chosen.json, deploy/quality.toml), which beat or tied every "
                     "baseline on the test split (docs/benchmarks.md, Quality); the defaults "
-                    "stay the paper's model until throughput and latency are measured there.")
+                    "stay the paper's model, which trains about twice as fast.")
     mlp_layers: MlpLayers = Field(
         (64, 32, 16),
         description="MLP tower widths; the first is the concatenated [user ; item] embedding, "
