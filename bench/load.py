@@ -96,7 +96,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +121,27 @@ def progress(text: str) -> None:
     print(f"[{time.monotonic() - START:5.1f} s] {text}", file=sys.stderr, flush=True)
 
 
+def serving_env(bootstrap: str, topic: str, settings: Mapping[str, str] | None = None,
+                snapshot_dir: str | None = None, **own: str) -> dict[str, str]:
+    """The environment of a daemon (``own``: its checkpoints and consumer group) and of its
+    replicas: the same ``settings`` for both, so a replica answers with the trainer's
+    serving settings (docs/operations.md, "Serving replicas")."""
+    return {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
+            **({"NCF_STREAM_SNAPSHOT_DIR": snapshot_dir} if snapshot_dir else {}), **own,
+            "NCF_STREAM_DEVICE": "cpu", **(settings or {})}
+
+
 @contextlib.contextmanager
-def daemon(bootstrap: str, topic: str, name: str,
-           settings: Mapping[str, str] | None = None) -> Iterator[tuple[int, int]]:
-    """A daemon reading ``topic`` from the beginning in a consumer group of its own;
-    ``settings``: more ``NCF_STREAM_*`` environment variables (bench/quality_daemon.py)."""
-    http_port, grpc_port = free_port(), free_port()
-    log = open(f"/tmp/ncf-load-{topic}-{name}.log", "w")  # noqa: SIM115 - closed below
-    checkpoints = tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-")
-    env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
-           "NCF_STREAM_CHECKPOINT_DIR": checkpoints.name,
-           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-{name}", "NCF_STREAM_DEVICE": "cpu",
-           **(settings or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
+def server_process(command: str, http_port: int, grpc_port: int, env: Mapping[str, str],
+                   log_name: str) -> Iterator[None]:
+    """``ncf-stream <command>`` on these ports as a subprocess, its stderr in
+    /tmp/ncf-load-<log_name>.log; stopped with SIGTERM, killed if it takes over 30 s."""
+    log = open(f"/tmp/ncf-load-{log_name}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", command, "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
-        yield http_port, grpc_port
+        yield
     finally:
         proc.terminate()
         try:
@@ -146,7 +150,22 @@ def daemon(bootstrap: str, topic: str, name: str,
             proc.kill()
             proc.wait()
         log.close()
-        checkpoints.cleanup()  # each run left two state copies in /tmp
+
+
+@contextlib.contextmanager
+def daemon(bootstrap: str, topic: str, name: str, settings: Mapping[str, str] | None = None,
+           snapshot_dir: str | None = None) -> Iterator[tuple[int, int]]:
+    """A daemon reading ``topic`` from the beginning in a consumer group of its own;
+    ``settings``: more ``NCF_STREAM_*`` environment variables (bench/quality_daemon.py);
+    ``snapshot_dir``: where it exports its snapshots for replicas (none unless given)."""
+    http_port, grpc_port = free_port(), free_port()
+    # Each run leaves two state copies: removed once the daemon has stopped.
+    with tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-") as checkpoints:
+        env = serving_env(bootstrap, topic, settings, snapshot_dir,
+                          NCF_STREAM_CHECKPOINT_DIR=checkpoints,
+                          NCF_STREAM_KAFKA_GROUP_ID=f"{topic}-{name}")
+        with server_process("serve", http_port, grpc_port, env, f"{topic}-{name}"):
+            yield http_port, grpc_port
 
 
 def get(http_port: int, path: str, timeout: float = 10.0) -> bytes:
@@ -233,6 +252,22 @@ def ingest_rate(http_port: int, total: int, on_ready: threading.Event | None = N
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def ingest_watch(http_port: int, total: int) -> Iterator[dict[str, float]]:
+    """``ingest_rate`` on a thread of its own: entered once the daemon serves, left once it
+    has consumed the whole stream; the rate is then the yielded dict's ``rate``."""
+    ready = threading.Event()
+    result: dict[str, float] = {}
+    # A daemon thread: a failure in the body must not leave the bench waiting on it.
+    watcher = threading.Thread(target=lambda: result.update(rate=ingest_rate(http_port, total,
+                                                                            ready)),
+                               daemon=True)
+    watcher.start()
+    ready.wait(300)
+    yield result
+    watcher.join()
+
+
 MIN_ABOVE = 10  # requests above a quantile needed before it is reported
 LATE_S = 0.001  # a send this long after its scheduled time counts as late
 
@@ -313,14 +348,15 @@ class Covered:
 
 
 def client_main(protocol: str, port: int, status_port: int, users_file: str, seconds: float,
-                qps: float, unknown_share: float, seed: int) -> None:
+                qps: float, unknown_share: float, seed: int, together: bool = False) -> None:
     """One connection, one request at a time, on the open-loop schedule of ``due_times``
     (``qps`` 0: back to back for ``seconds``), each to a user the served snapshot knows
     (``Covered``, ``pick_known``) or, at ``unknown_share``, to one never published.
     Prints, per request, the scheduled, send and completion times (s after the start),
     whether the user was never published, whether the answer was a cold start and
     whether the daemon had yet to consume the whole stream when it was sent (as of the
-    last poll)."""
+    last poll). ``together``: says "ready" on stdout once set up and starts when a line
+    comes in on stdin (``run_clients``)."""
     rng = np.random.default_rng(seed)
     published = np.load(users_file)
     users, first, events = published["users"], published["first"], int(published["events"])
@@ -357,6 +393,9 @@ def client_main(protocol: str, port: int, status_port: int, users_file: str, sec
     out: dict[str, list[float]] = {"due": [], "sent": [], "done": [], "unknown": [], "cold": [],
                                    "ingesting": []}
     covered = Covered(status_port)
+    if together:
+        print("ready", flush=True)
+        sys.stdin.readline()
     begin = time.perf_counter()
     i = 0
     while (i < len(schedule)) if qps else (time.perf_counter() < begin + seconds):
@@ -381,18 +420,48 @@ def client_main(protocol: str, port: int, status_port: int, users_file: str, sec
     print(json.dumps(out))
 
 
-def run_clients(http_port: int, grpc_port: int, users_file: str, seconds: float,
-                clients: int, qps: float, unknown_share: float) -> dict[str, dict[str, Any]]:
+def spread(clients: int, servers: int) -> list[int]:
+    """The server each of ``clients`` clients (of one protocol) queries: client i the
+    i % ``servers``-th, so the load is spread evenly and the same way for both protocols."""
+    if clients < 0 or servers < 1:
+        raise ValueError(f"need clients >= 0 and servers >= 1, got {clients}, {servers}")
+    return [c % servers for c in range(clients)]
+
+
+def run_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: float,
+                clients: int, qps: float, unknown_share: float,
+                together: bool = False) -> dict[str, dict[str, Any]]:
+    """``clients`` clients per protocol, spread over ``servers`` (HTTP, gRPC ports) by
+    ``spread``, each polling the status of the server it queries (a replica knows the
+    users of the snapshot it serves, which may lag the trainer's). ``together``: they
+    start their windows at once, when every one has its status poller running (else each
+    starts as soon as it is set up)."""
     procs = []
-    for protocol, port in (("http", http_port), ("grpc", grpc_port)):
-        for c in range(clients):
+    for protocol in ENDPOINTS:
+        for c, server in enumerate(spread(clients, len(servers))):
+            http_port, grpc_port = servers[server]
             seed = (1 if protocol == "http" else 2) + 1000 * c
             procs.append((protocol, subprocess.Popen(
-                [sys.executable, __file__, "--client", protocol, "--port", str(port),
+                [sys.executable, __file__, "--client", protocol,
+                 "--port", str(http_port if protocol == "http" else grpc_port),
                  "--status-port", str(http_port), "--users-file", users_file,
                  "--seconds", str(seconds), "--qps", str(qps),
-                 "--unknown-share", str(unknown_share), "--seed", str(seed)],
-                stdout=subprocess.PIPE, text=True)))
+                 "--unknown-share", str(unknown_share), "--seed", str(seed),
+                 *(["--together"] if together else [])],
+                stdin=subprocess.PIPE if together else None, stdout=subprocess.PIPE,
+                text=True)))
+    if together:
+        # Each says "ready" once set up (imports, first status poll) and waits for a line:
+        # a start staggered by process start-up would leave fewer clients running at the
+        # ends of the window, which a closed-loop throughput would count as more per client.
+        for protocol, p in procs:
+            assert p.stdout is not None and p.stdin is not None
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {protocol} client failed to start ({p.wait()})")
+        for _, p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
     runs: dict[str, list[dict[str, list[float]]]] = {"http": [], "grpc": []}
     for protocol, p in procs:
         stdout, _ = p.communicate(timeout=seconds + 120)
@@ -451,6 +520,13 @@ def unit_share(text: str) -> float:
     return value
 
 
+def under_ingest_seconds(events: int, rate_alone: float) -> float:
+    """The clients' window under ingest: most of it (it is slower under load than alone),
+    and at 1M events enough requests to carry a p99 (0.8 of it gave 983 of the 1000
+    needed)."""
+    return max(5.0, 0.9 * events / rate_alone)
+
+
 IDLE_REQUESTS = 1000  # after ingest: enough per protocol to carry a p99
 QUICK_EVENTS = 150_000
 
@@ -471,10 +547,11 @@ def main() -> None:
     parser.add_argument("--users-file", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--together", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args.client, args.port, args.status_port, args.users_file, args.seconds,
-                    args.qps, args.unknown_share, args.seed)
+                    args.qps, args.unknown_share, args.seed, args.together)
         return
     n = args.events or (QUICK_EVENTS if args.quick else 1_000_000)
     users = max(1000, n // 10)
@@ -511,27 +588,18 @@ def main() -> None:
             rate_alone = ingest_rate(http_port, n)
             progress(f"ingest alone: {rate_alone:,.0f} events/s")
 
-        with daemon(bootstrap, topic, "loaded") as (http_port, grpc_port):
-            ready = threading.Event()
-            result: dict[str, float] = {}
-            watcher = threading.Thread(
-                target=lambda: result.update(rate=ingest_rate(http_port, n, ready)))
-            watcher.start()
-            ready.wait(300)
-            progress("serving: clients under ingest")
-            # Most of the ingest (it is slower under load than alone), and at 1M events
-            # enough requests to carry a p99 (0.8 of it gave 983 of the 1000 needed).
-            seconds = max(5.0, 0.9 * n / rate_alone)
-            before = server_counts(http_port)
-            latency = run_clients(http_port, grpc_port, users_file, seconds, args.clients,
-                                  args.qps, args.unknown_share)
-            shares = slow_shares(latency, before, server_counts(http_port))
-            watcher.join()
+        with daemon(bootstrap, topic, "loaded") as ports:
+            with ingest_watch(ports[0], n) as result:
+                progress("serving: clients under ingest")
+                before = server_counts(ports[0])
+                latency = run_clients([ports], users_file, under_ingest_seconds(n, rate_alone),
+                                      args.clients, args.qps, args.unknown_share)
+                shares = slow_shares(latency, before, server_counts(ports[0]))
             progress("stream consumed: clients after ingest")
             # The same clients once the stream is consumed (replay training goes on):
             # what ingest adds to the latencies.
-            idle = run_clients(http_port, grpc_port, users_file, idle_seconds, args.clients,
-                               args.qps, args.unknown_share)
+            idle = run_clients([ports], users_file, idle_seconds, args.clients, args.qps,
+                               args.unknown_share)
         rate_loaded = result["rate"]
     print(f"ingest under load: {rate_loaded:,.0f} events/s; {latency}", file=sys.stderr)
     print(f"after the stream is consumed: {idle}", file=sys.stderr)
