@@ -1,7 +1,7 @@
 """Serving under ingest: query latency over HTTP and gRPC while the daemon trains at full speed.
 
     python bench/load.py [--quick] [--events N] [--items I] [--clients C] [--qps Q]
-                         [--unknown-share S]
+                         [--unknown-share S] [--replicas N[,N...]]
 
 A real daemon (``ncf-stream serve``, a subprocess) consumes a synthetic stream
 from the real broker as fast as it can, twice: the events are published once,
@@ -75,6 +75,53 @@ JSON keys (the last stdout line):
   ``unknown_share_target``; ``ingest_alone_per_s``, ``ingest_under_load_per_s``
   and ``ingest_ratio_under_load`` (under load / alone).
 
+**Serving replicas** (``--replicas 0,1,2,4``; issue #22): per count N, in this one
+run after the ingest baseline, a trainer (the daemon above, exporting its snapshots
+to a fresh directory on /dev/shm, else the temporary directory) reads the topic from
+the beginning in a consumer group of its own at full speed, beside N
+``ncf-stream serve-replica`` processes on that directory, in the trainer's
+environment so that their serving settings are its. N = 0 is the baseline: the
+clients query the trainer itself, which exports nothing, as without ``--replicas``.
+Client i of each
+protocol queries replica i % N and polls that replica's ``/v1/status``, whose
+``snapshot_events`` is that of the export it serves: the users it knows, which may
+lag the trainer's. Every count gets the same clients per protocol,
+``max(--clients, largest N)``: the same offered load (``--qps`` each), so that the
+counts compare, with every replica queried. The replicas and the clients start
+before the trainer (their start-up, seconds of CPU per process, would otherwise
+come out of the ingest measured); the clients' window starts once every replica
+answers ``/readyz`` 200 and every client has seen a served snapshot, for all of
+them at once. Two load shapes per count, each beside a trainer of its own at full
+ingest (one ingest is too short for both): the open-loop schedule above, for the
+daemon run's window under ingest (latency), and back to back for 5 s
+(throughput: requests per second of all clients of a protocol, summed over the
+replicas; both protocols at once, as in the latency window). The trainer's ingest
+rate beside each says what the replicas and their clients cost it on a shared
+machine. There is no after-ingest phase.
+
+JSON keys with ``--replicas`` (the last stdout line):
+
+* ``replicas``: one entry per count, in the order given: ``n``; ``http`` /
+  ``grpc``: the latency window's figures per protocol, as ``http`` / ``grpc``
+  above (``p50_ms``, ``p99_ms`` with ``p99_ci95_ms``, ``p999_ms``,
+  ``sent_during_ingest_share``, ...; ``sent_during_ingest_share`` says how much
+  of the window ran beside the ingest, as of the trainer's counts in the export
+  the replica serves); ``throughput_rps``: ``http``, ``grpc``, requests/s summed
+  over all clients of the protocol in the back-to-back window;
+  ``ingest_under_load_per_s``, ``ingest_under_throughput_per_s``: the trainer's
+  events/s over its whole ingest beside the latency and the throughput window.
+* ``ingest_alone_per_s``: the trainer alone (no export, no replicas, no clients);
+  ``events``, ``items``, ``clients_per_protocol``, ``target_qps_per_client``,
+  ``unknown_share_target``, ``latency_seconds``, ``throughput_seconds`` (the
+  windows).
+
+``--quick --replicas``: 150k events, a 2 s window per shape, both beside one
+trainer per count (its ingest is mostly over before the clients start, so the
+figures are those of replicas beside replay training; the two ingest rates are one);
+about two minutes on 2 cores for 0,1,2,4, mostly process start-up. At 1M events
+the ingest lasts about as long as the latency window: ``sent_during_ingest_share``
+says how much of it ran beside the ingest; ``--events`` lengthens both.
+
 ``--quick`` (under a minute on 2 cores): 150k events over 100k items, so ingest
 is over within the 5 s the clients run under it and the p99s under ingest are
 null (500 requests per protocol); the p99s after ingest are carried. Full: 1M
@@ -86,6 +133,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import math
@@ -154,11 +202,13 @@ def server_process(command: str, http_port: int, grpc_port: int, env: Mapping[st
 
 @contextlib.contextmanager
 def daemon(bootstrap: str, topic: str, name: str, settings: Mapping[str, str] | None = None,
-           snapshot_dir: str | None = None) -> Iterator[tuple[int, int]]:
+           snapshot_dir: str | None = None,
+           ports: tuple[int, int] | None = None) -> Iterator[tuple[int, int]]:
     """A daemon reading ``topic`` from the beginning in a consumer group of its own;
     ``settings``: more ``NCF_STREAM_*`` environment variables (bench/quality_daemon.py);
-    ``snapshot_dir``: where it exports its snapshots for replicas (none unless given)."""
-    http_port, grpc_port = free_port(), free_port()
+    ``snapshot_dir``: where it exports its snapshots for replicas (none unless given);
+    ``ports``: its HTTP and gRPC ports (free ones unless given)."""
+    http_port, grpc_port = ports or (free_port(), free_port())
     # Each run leaves two state copies: removed once the daemon has stopped.
     with tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-") as checkpoints:
         env = serving_env(bootstrap, topic, settings, snapshot_dir,
@@ -166,6 +216,51 @@ def daemon(bootstrap: str, topic: str, name: str, settings: Mapping[str, str] | 
                           NCF_STREAM_KAFKA_GROUP_ID=f"{topic}-{name}")
         with server_process("serve", http_port, grpc_port, env, f"{topic}-{name}"):
             yield http_port, grpc_port
+
+
+def export_dir() -> tempfile.TemporaryDirectory[str]:
+    """A fresh directory for a trainer's snapshot exports: on /dev/shm where there is one,
+    as docs/operations.md advises on one machine (memory: no disk in the figures)."""
+    shm = Path("/dev/shm")
+    return tempfile.TemporaryDirectory(prefix="ncf-load-snap-",
+                                       dir=shm if shm.is_dir() else None)
+
+
+@contextlib.contextmanager
+def replica(bootstrap: str, topic: str, name: str, snapshot_dir: str,
+            settings: Mapping[str, str] | None = None) -> Iterator[tuple[int, int]]:
+    """``ncf-stream serve-replica`` on ``snapshot_dir``, in the environment a daemon of the
+    same ``settings`` gets; yields its (HTTP, gRPC) ports as soon as it is started."""
+    http_port, grpc_port = free_port(), free_port()
+    with server_process("serve-replica", http_port, grpc_port,
+                        serving_env(bootstrap, topic, settings, snapshot_dir),
+                        f"{topic}-{name}"):
+        yield http_port, grpc_port
+
+
+def http_code(http_port: int, path: str) -> int | None:
+    """The status code of a GET, or None while nothing answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_http(http_port: int, path: str = "/readyz", want: int | None = None,
+              timeout: float = 180.0) -> None:
+    """Until the server on ``http_port`` answers ``path`` (with ``want``, when given)."""
+    deadline = time.monotonic() + timeout
+    while (code := http_code(http_port, path)) is None or want not in (None, code):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {http_port}: GET {path} gave {code} for {timeout:g} s "
+                               "(see its log in /tmp/ncf-load-*.log)")
+        time.sleep(0.1)
 
 
 def get(http_port: int, path: str, timeout: float = 10.0) -> bytes:
@@ -266,6 +361,37 @@ def ingest_watch(http_port: int, total: int) -> Iterator[dict[str, float]]:
     ready.wait(300)
     yield result
     watcher.join()
+
+
+@contextlib.contextmanager
+def trainer_with_replicas(
+        bootstrap: str, topic: str, name: str, replicas: int, total: int,
+        launch: Callable[[list[tuple[int, int]]], Clients],
+) -> Iterator[tuple[list[tuple[int, int]], Clients, dict[str, float]]]:
+    """A daemon reading ``topic`` from the beginning (``daemon``) and ``replicas`` replicas
+    on its exports, every one serving. ``launch`` starts clients on the (HTTP, gRPC) ports
+    they are to query (the replicas', or with none the trainer's) before the trainer
+    starts. Yields those ports, what ``launch`` returned and the trainer's
+    ``ingest_watch``, left once it has consumed all ``total`` events."""
+    trainer = free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        snapshot_dir = stack.enter_context(export_dir()) if replicas else None
+        servers = [stack.enter_context(replica(bootstrap, topic, f"{name}-replica{i}",
+                                               str(snapshot_dir)))
+                   for i in range(replicas)]
+        # Replicas and clients are up before the trainer starts: their start-up (imports,
+        # mostly; seconds of CPU each) would otherwise come out of the ingest measured.
+        # Replicas answer 503 until the first export loads, clients wait for a snapshot.
+        for http_port, _ in servers:
+            wait_http(http_port)
+        clients = launch(servers or [trainer])
+        stack.callback(kill_left, clients)  # none left unless something failed
+        stack.enter_context(daemon(bootstrap, topic, name, snapshot_dir=snapshot_dir,
+                                   ports=trainer))
+        ingest = stack.enter_context(ingest_watch(trainer[0], total))
+        for http_port, _ in servers:
+            wait_http(http_port, want=200)
+        yield servers or [trainer], clients, ingest
 
 
 MIN_ABOVE = 10  # requests above a quantile needed before it is reported
@@ -428,15 +554,18 @@ def spread(clients: int, servers: int) -> list[int]:
     return [c % servers for c in range(clients)]
 
 
-def run_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: float,
-                clients: int, qps: float, unknown_share: float,
-                together: bool = False) -> dict[str, dict[str, Any]]:
-    """``clients`` clients per protocol, spread over ``servers`` (HTTP, gRPC ports) by
-    ``spread``, each polling the status of the server it queries (a replica knows the
-    users of the snapshot it serves, which may lag the trainer's). ``together``: they
-    start their windows at once, when every one has its status poller running (else each
-    starts as soon as it is set up)."""
-    procs = []
+Clients = list[tuple[str, "subprocess.Popen[str]"]]
+
+
+def launch_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: float,
+                   clients: int, qps: float, unknown_share: float,
+                   together: bool = False) -> Clients:
+    """``clients`` client processes per protocol, spread over ``servers`` (HTTP, gRPC
+    ports) by ``spread``, each polling the status of the server it queries (a replica
+    knows the users of the snapshot it serves, which may lag the trainer's).
+    ``together``: each waits, once set up (imports, a served snapshot seen), for
+    ``collect_clients`` to start them all at once."""
+    procs: Clients = []
     for protocol in ENDPOINTS:
         for c, server in enumerate(spread(clients, len(servers))):
             http_port, grpc_port = servers[server]
@@ -450,18 +579,30 @@ def run_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: fl
                  *(["--together"] if together else [])],
                 stdin=subprocess.PIPE if together else None, stdout=subprocess.PIPE,
                 text=True)))
-    if together:
-        # Each says "ready" once set up (imports, first status poll) and waits for a line:
-        # a start staggered by process start-up would leave fewer clients running at the
-        # ends of the window, which a closed-loop throughput would count as more per client.
-        for protocol, p in procs:
-            assert p.stdout is not None and p.stdin is not None
-            if p.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"a {protocol} client failed to start ({p.wait()})")
-        for _, p in procs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
+    return procs
+
+
+def kill_left(procs: Clients) -> None:
+    for _, p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def collect_clients(procs: Clients, seconds: float) -> dict[str, dict[str, Any]]:
+    """Start clients launched ``together`` (the others started themselves), wait for their
+    windows of ``seconds`` and summarize them per protocol."""
+    waiting = [(protocol, p) for protocol, p in procs if p.stdin is not None]
+    # Each says "ready" once set up and waits for a line: a start staggered by process
+    # start-up would leave fewer clients running at the ends of the window, which a
+    # closed-loop throughput would count as more per client.
+    for protocol, p in waiting:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a {protocol} client failed to start ({p.wait()})")
+    for _, p in waiting:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     runs: dict[str, list[dict[str, list[float]]]] = {"http": [], "grpc": []}
     for protocol, p in procs:
         stdout, _ = p.communicate(timeout=seconds + 120)
@@ -469,6 +610,14 @@ def run_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: fl
             raise RuntimeError(f"{protocol} client exited with {p.returncode}")
         runs[protocol].append(json.loads(stdout.strip().splitlines()[-1]))
     return {protocol: summarize(r) for protocol, r in runs.items()}
+
+
+def run_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: float,
+                clients: int, qps: float, unknown_share: float,
+                together: bool = False) -> dict[str, dict[str, Any]]:
+    """``launch_clients``, then ``collect_clients``."""
+    return collect_clients(launch_clients(servers, users_file, seconds, clients, qps,
+                                          unknown_share, together), seconds)
 
 
 def summarize(runs: list[dict[str, list[float]]]) -> dict[str, Any]:
@@ -527,6 +676,68 @@ def under_ingest_seconds(events: int, rate_alone: float) -> float:
     return max(5.0, 0.9 * events / rate_alone)
 
 
+def replica_counts(text: str) -> list[int]:
+    """``--replicas``: replica counts, comma-separated, each >= 0 (0: the clients query the
+    trainer itself, as without ``--replicas``)."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated counts, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"a replica count is >= 0, got {text!r}")
+    return counts
+
+
+def replica_clients(clients: int, counts: Sequence[int]) -> int:
+    """Clients per protocol in replica mode: the same for every count, so every count gets
+    the same offered load and their figures compare, and at least the largest count, so
+    every replica is queried."""
+    return max(clients, *counts)
+
+
+QUICK_WINDOW_S = 2.0  # --quick --replicas: each load shape's client window
+THROUGHPUT_S = 5.0  # the closed-loop window of a full run
+
+
+def replica_runs(bootstrap: str, topic: str, n: int, users_file: str, counts: Sequence[int],
+                 clients: int, qps: float, unknown_share: float, windows: tuple[float, float],
+                 one_trainer: bool = False) -> list[dict[str, Any]]:
+    """Per replica count, the clients on the open-loop schedule at ``qps`` each (latency),
+    then back to back (throughput), for ``windows`` seconds each. Each beside a trainer of
+    its own at full ingest (one ingest is too short for both windows); ``one_trainer``:
+    both beside one trainer (``--quick``, whose ingest is over before the clients start
+    anyway)."""
+    def launch(servers: Sequence[tuple[int, int]], rate: float, seconds: float) -> Clients:
+        # Together: the window is the same for every client, which the summed per-client
+        # rates of a throughput need.
+        return launch_clients(servers, users_file, seconds, clients, rate, unknown_share,
+                              together=True)
+
+    shapes = (("latency", qps, windows[0]), ("throughput", 0.0, windows[1]))
+    groups = [shapes] if one_trainer else [shapes[:1], shapes[1:]]
+    out = []
+    for count in counts:
+        summaries, rates = {}, {}
+        for group in groups:
+            name = f"n{count}-" + "-".join(shape for shape, _, _ in group)
+            first = functools.partial(launch, rate=group[0][1], seconds=group[0][2])
+            with trainer_with_replicas(bootstrap, topic, name, count, n, first) as (
+                    servers, procs, ingest):
+                for i, (shape, rate, seconds) in enumerate(group):
+                    progress(f"{count} replicas: {shape}, {clients} clients per protocol")
+                    summaries[shape] = collect_clients(
+                        procs if i == 0 else launch(servers, rate, seconds), seconds)
+            rates.update({shape: round(ingest["rate"]) for shape, _, _ in group})
+        latency = summaries["latency"]
+        out.append({"n": count, **latency,
+                    "throughput_rps": {p: summaries["throughput"][p]["qps"] for p in ENDPOINTS},
+                    "ingest_under_load_per_s": rates["latency"],
+                    "ingest_under_throughput_per_s": rates["throughput"]})
+        progress(f"{count} replicas: p99 {latency['http']['p99_ms']} / "
+                 f"{latency['grpc']['p99_ms']} ms, {out[-1]['throughput_rps']} requests/s")
+    return out
+
+
 IDLE_REQUESTS = 1000  # after ingest: enough per protocol to carry a p99
 QUICK_EVENTS = 150_000
 
@@ -541,6 +752,8 @@ def main() -> None:
                         help="each client's schedule, requests/s (0: back to back, no schedule)")
     parser.add_argument("--unknown-share", type=unit_share, default=0.05,
                         help="share of requests for users never published (cold starts)")
+    parser.add_argument("--replicas", type=replica_counts,
+                        help="replica counts to compare, e.g. 0,1,2,4 (see the docstring)")
     parser.add_argument("--client", choices=["http", "grpc"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--status-port", type=int, help=argparse.SUPPRESS)
@@ -587,6 +800,18 @@ def main() -> None:
         with daemon(bootstrap, topic, "alone") as (http_port, _):
             rate_alone = ingest_rate(http_port, n)
             progress(f"ingest alone: {rate_alone:,.0f} events/s")
+        if args.replicas is not None:
+            clients = replica_clients(args.clients, args.replicas)
+            windows = ((QUICK_WINDOW_S, QUICK_WINDOW_S) if args.quick else
+                       (under_ingest_seconds(n, rate_alone), THROUGHPUT_S))
+            runs = replica_runs(bootstrap, topic, n, users_file, args.replicas, clients,
+                                args.qps, args.unknown_share, windows, one_trainer=args.quick)
+            print(json.dumps({
+                "events": n, "items": args.items, "clients_per_protocol": clients,
+                "target_qps_per_client": args.qps, "unknown_share_target": args.unknown_share,
+                "latency_seconds": round(windows[0], 1), "throughput_seconds": windows[1],
+                "ingest_alone_per_s": round(rate_alone), "replicas": runs}))
+            return
 
         with daemon(bootstrap, topic, "loaded") as ports:
             with ingest_watch(ports[0], n) as result:
