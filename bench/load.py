@@ -705,8 +705,8 @@ def replica_runs(bootstrap: str, topic: str, n: int, users_file: str, counts: Se
     """Per replica count, the clients on the open-loop schedule at ``qps`` each (latency),
     then back to back (throughput), for ``windows`` seconds each. Each beside a trainer of
     its own at full ingest (one ingest is too short for both windows); ``one_trainer``:
-    both beside one trainer (``--quick``, whose ingest is over before the clients start
-    anyway)."""
+    both beside one trainer (``--quick``, whose ingest is mostly over before the clients
+    start anyway)."""
     def launch(servers: Sequence[tuple[int, int]], rate: float, seconds: float) -> Clients:
         # Together: the window is the same for every client, which the summed per-client
         # rates of a throughput need.
