@@ -1,7 +1,7 @@
 """Serving under ingest: query latency over HTTP and gRPC while the daemon trains at full speed.
 
     python bench/load.py [--quick] [--events N] [--items I] [--clients C] [--qps Q]
-                         [--unknown-share S]
+                         [--unknown-share S] [--replicas N[,N...]]
 
 A real daemon (``ncf-stream serve``, a subprocess) consumes a synthetic stream
 from the real broker as fast as it can, twice: the events are published once,
@@ -75,6 +75,53 @@ JSON keys (the last stdout line):
   ``unknown_share_target``; ``ingest_alone_per_s``, ``ingest_under_load_per_s``
   and ``ingest_ratio_under_load`` (under load / alone).
 
+**Serving replicas** (``--replicas 0,1,2,4``; issue #22): per count N, in this one
+run after the ingest baseline, a trainer (the daemon above, exporting its snapshots
+to a fresh directory on /dev/shm, else the temporary directory) reads the topic from
+the beginning in a consumer group of its own at full speed, beside N
+``ncf-stream serve-replica`` processes on that directory, in the trainer's
+environment so that their serving settings are its. N = 0 is the baseline: the
+clients query the trainer itself, which exports nothing, as without ``--replicas``.
+Client i of each
+protocol queries replica i % N and polls that replica's ``/v1/status``, whose
+``snapshot_events`` is that of the export it serves: the users it knows, which may
+lag the trainer's. Every count gets the same clients per protocol,
+``max(--clients, largest N)``: the same offered load (``--qps`` each), so that the
+counts compare, with every replica queried. The replicas and the clients start
+before the trainer (their start-up, seconds of CPU per process, would otherwise
+come out of the ingest measured); the clients' window starts once every replica
+answers ``/readyz`` 200 and every client has seen a served snapshot, for all of
+them at once. Two load shapes per count, each beside a trainer of its own at full
+ingest (one ingest is too short for both): the open-loop schedule above, for the
+daemon run's window under ingest (latency), and back to back for 5 s
+(throughput: requests per second of all clients of a protocol, summed over the
+replicas; both protocols at once, as in the latency window). The trainer's ingest
+rate beside each says what the replicas and their clients cost it on a shared
+machine. There is no after-ingest phase.
+
+JSON keys with ``--replicas`` (the last stdout line):
+
+* ``replicas``: one entry per count, in the order given: ``n``; ``http`` /
+  ``grpc``: the latency window's figures per protocol, as ``http`` / ``grpc``
+  above (``p50_ms``, ``p99_ms`` with ``p99_ci95_ms``, ``p999_ms``,
+  ``sent_during_ingest_share``, ...; ``sent_during_ingest_share`` says how much
+  of the window ran beside the ingest, as of the trainer's counts in the export
+  the replica serves); ``throughput_rps``: ``http``, ``grpc``, requests/s summed
+  over all clients of the protocol in the back-to-back window;
+  ``ingest_under_load_per_s``, ``ingest_under_throughput_per_s``: the trainer's
+  events/s over its whole ingest beside the latency and the throughput window.
+* ``ingest_alone_per_s``: the trainer alone (no export, no replicas, no clients);
+  ``events``, ``items``, ``clients_per_protocol``, ``target_qps_per_client``,
+  ``unknown_share_target``, ``latency_seconds``, ``throughput_seconds`` (the
+  windows).
+
+``--quick --replicas``: 150k events, a 2 s window per shape, both beside one
+trainer per count (its ingest is mostly over before the clients start, so the
+figures are those of replicas beside replay training; the two ingest rates are one);
+about two minutes on 2 cores for 0,1,2,4, mostly process start-up. At 1M events
+the ingest lasts about as long as the latency window: ``sent_during_ingest_share``
+says how much of it ran beside the ingest; ``--events`` lengthens both.
+
 ``--quick`` (under a minute on 2 cores): 150k events over 100k items, so ingest
 is over within the 5 s the clients run under it and the p99s under ingest are
 null (500 requests per protocol); the p99s after ingest are carried. Full: 1M
@@ -86,6 +133,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import math
@@ -96,7 +144,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +169,27 @@ def progress(text: str) -> None:
     print(f"[{time.monotonic() - START:5.1f} s] {text}", file=sys.stderr, flush=True)
 
 
+def serving_env(bootstrap: str, topic: str, settings: Mapping[str, str] | None = None,
+                snapshot_dir: str | None = None, **own: str) -> dict[str, str]:
+    """The environment of a daemon (``own``: its checkpoints and consumer group) and of its
+    replicas: the same ``settings`` for both, so a replica answers with the trainer's
+    serving settings (docs/operations.md, "Serving replicas")."""
+    return {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
+            **({"NCF_STREAM_SNAPSHOT_DIR": snapshot_dir} if snapshot_dir else {}), **own,
+            "NCF_STREAM_DEVICE": "cpu", **(settings or {})}
+
+
 @contextlib.contextmanager
-def daemon(bootstrap: str, topic: str, name: str,
-           settings: Mapping[str, str] | None = None) -> Iterator[tuple[int, int]]:
-    """A daemon reading ``topic`` from the beginning in a consumer group of its own;
-    ``settings``: more ``NCF_STREAM_*`` environment variables (bench/quality_daemon.py)."""
-    http_port, grpc_port = free_port(), free_port()
-    log = open(f"/tmp/ncf-load-{topic}-{name}.log", "w")  # noqa: SIM115 - closed below
-    checkpoints = tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-")
-    env = {**os.environ, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
-           "NCF_STREAM_CHECKPOINT_DIR": checkpoints.name,
-           "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-{name}", "NCF_STREAM_DEVICE": "cpu",
-           **(settings or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--http-port",
+def server_process(command: str, http_port: int, grpc_port: int, env: Mapping[str, str],
+                   log_name: str) -> Iterator[None]:
+    """``ncf-stream <command>`` on these ports as a subprocess, its stderr in
+    /tmp/ncf-load-<log_name>.log; stopped with SIGTERM, killed if it takes over 30 s."""
+    log = open(f"/tmp/ncf-load-{log_name}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", command, "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
-        yield http_port, grpc_port
+        yield
     finally:
         proc.terminate()
         try:
@@ -146,7 +198,69 @@ def daemon(bootstrap: str, topic: str, name: str,
             proc.kill()
             proc.wait()
         log.close()
-        checkpoints.cleanup()  # each run left two state copies in /tmp
+
+
+@contextlib.contextmanager
+def daemon(bootstrap: str, topic: str, name: str, settings: Mapping[str, str] | None = None,
+           snapshot_dir: str | None = None,
+           ports: tuple[int, int] | None = None) -> Iterator[tuple[int, int]]:
+    """A daemon reading ``topic`` from the beginning in a consumer group of its own;
+    ``settings``: more ``NCF_STREAM_*`` environment variables (bench/quality_daemon.py);
+    ``snapshot_dir``: where it exports its snapshots for replicas (none unless given);
+    ``ports``: its HTTP and gRPC ports (free ones unless given)."""
+    http_port, grpc_port = ports or (free_port(), free_port())
+    # Each run leaves two state copies: removed once the daemon has stopped.
+    with tempfile.TemporaryDirectory(prefix="ncf-load-ckpt-") as checkpoints:
+        env = serving_env(bootstrap, topic, settings, snapshot_dir,
+                          NCF_STREAM_CHECKPOINT_DIR=checkpoints,
+                          NCF_STREAM_KAFKA_GROUP_ID=f"{topic}-{name}")
+        with server_process("serve", http_port, grpc_port, env, f"{topic}-{name}"):
+            yield http_port, grpc_port
+
+
+def export_dir() -> tempfile.TemporaryDirectory[str]:
+    """A fresh directory for a trainer's snapshot exports: on /dev/shm where there is one,
+    as docs/operations.md advises on one machine (memory: no disk in the figures)."""
+    shm = Path("/dev/shm")
+    return tempfile.TemporaryDirectory(prefix="ncf-load-snap-",
+                                       dir=shm if shm.is_dir() else None)
+
+
+@contextlib.contextmanager
+def replica(bootstrap: str, topic: str, name: str, snapshot_dir: str,
+            settings: Mapping[str, str] | None = None) -> Iterator[tuple[int, int]]:
+    """``ncf-stream serve-replica`` on ``snapshot_dir``, in the environment a daemon of the
+    same ``settings`` gets; yields its (HTTP, gRPC) ports as soon as it is started."""
+    http_port, grpc_port = free_port(), free_port()
+    with server_process("serve-replica", http_port, grpc_port,
+                        serving_env(bootstrap, topic, settings, snapshot_dir),
+                        f"{topic}-{name}"):
+        yield http_port, grpc_port
+
+
+def http_code(http_port: int, path: str) -> int | None:
+    """The status code of a GET, or None while nothing answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_http(http_port: int, path: str = "/readyz", want: int | None = None,
+              timeout: float = 180.0) -> None:
+    """Until the server on ``http_port`` answers ``path`` (with ``want``, when given)."""
+    deadline = time.monotonic() + timeout
+    while (code := http_code(http_port, path)) is None or want not in (None, code):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {http_port}: GET {path} gave {code} for {timeout:g} s "
+                               "(see its log in /tmp/ncf-load-*.log)")
+        time.sleep(0.1)
 
 
 def get(http_port: int, path: str, timeout: float = 10.0) -> bytes:
@@ -233,6 +347,53 @@ def ingest_rate(http_port: int, total: int, on_ready: threading.Event | None = N
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def ingest_watch(http_port: int, total: int) -> Iterator[dict[str, float]]:
+    """``ingest_rate`` on a thread of its own: entered once the daemon serves, left once it
+    has consumed the whole stream; the rate is then the yielded dict's ``rate``."""
+    ready = threading.Event()
+    result: dict[str, float] = {}
+    # A daemon thread: a failure in the body must not leave the bench waiting on it.
+    watcher = threading.Thread(target=lambda: result.update(rate=ingest_rate(http_port, total,
+                                                                            ready)),
+                               daemon=True)
+    watcher.start()
+    ready.wait(300)
+    yield result
+    watcher.join()
+
+
+@contextlib.contextmanager
+def trainer_with_replicas(
+        bootstrap: str, topic: str, name: str, replicas: int, total: int,
+        launch: Callable[[list[tuple[int, int]]], Clients],
+) -> Iterator[tuple[list[tuple[int, int]], Clients, dict[str, float]]]:
+    """A daemon reading ``topic`` from the beginning (``daemon``) and ``replicas`` replicas
+    on its exports, every one serving. ``launch`` starts clients on the (HTTP, gRPC) ports
+    they are to query (the replicas', or with none the trainer's) before the trainer
+    starts. Yields those ports, what ``launch`` returned and the trainer's
+    ``ingest_watch``, left once it has consumed all ``total`` events."""
+    trainer = free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        snapshot_dir = stack.enter_context(export_dir()) if replicas else None
+        servers = [stack.enter_context(replica(bootstrap, topic, f"{name}-replica{i}",
+                                               str(snapshot_dir)))
+                   for i in range(replicas)]
+        # Replicas and clients are up before the trainer starts: their start-up (imports,
+        # mostly; seconds of CPU each) would otherwise come out of the ingest measured.
+        # Replicas answer 503 until the first export loads, clients wait for a snapshot.
+        for http_port, _ in servers:
+            wait_http(http_port)
+        clients = launch(servers or [trainer])
+        stack.callback(kill_left, clients)  # none left unless something failed
+        stack.enter_context(daemon(bootstrap, topic, name, snapshot_dir=snapshot_dir,
+                                   ports=trainer))
+        ingest = stack.enter_context(ingest_watch(trainer[0], total))
+        for http_port, _ in servers:
+            wait_http(http_port, want=200)
+        yield servers or [trainer], clients, ingest
+
+
 MIN_ABOVE = 10  # requests above a quantile needed before it is reported
 LATE_S = 0.001  # a send this long after its scheduled time counts as late
 
@@ -313,14 +474,15 @@ class Covered:
 
 
 def client_main(protocol: str, port: int, status_port: int, users_file: str, seconds: float,
-                qps: float, unknown_share: float, seed: int) -> None:
+                qps: float, unknown_share: float, seed: int, together: bool = False) -> None:
     """One connection, one request at a time, on the open-loop schedule of ``due_times``
     (``qps`` 0: back to back for ``seconds``), each to a user the served snapshot knows
     (``Covered``, ``pick_known``) or, at ``unknown_share``, to one never published.
     Prints, per request, the scheduled, send and completion times (s after the start),
     whether the user was never published, whether the answer was a cold start and
     whether the daemon had yet to consume the whole stream when it was sent (as of the
-    last poll)."""
+    last poll). ``together``: says "ready" on stdout once set up and starts when a line
+    comes in on stdin (``run_clients``)."""
     rng = np.random.default_rng(seed)
     published = np.load(users_file)
     users, first, events = published["users"], published["first"], int(published["events"])
@@ -357,6 +519,9 @@ def client_main(protocol: str, port: int, status_port: int, users_file: str, sec
     out: dict[str, list[float]] = {"due": [], "sent": [], "done": [], "unknown": [], "cold": [],
                                    "ingesting": []}
     covered = Covered(status_port)
+    if together:
+        print("ready", flush=True)
+        sys.stdin.readline()
     begin = time.perf_counter()
     i = 0
     while (i < len(schedule)) if qps else (time.perf_counter() < begin + seconds):
@@ -381,18 +546,63 @@ def client_main(protocol: str, port: int, status_port: int, users_file: str, sec
     print(json.dumps(out))
 
 
-def run_clients(http_port: int, grpc_port: int, users_file: str, seconds: float,
-                clients: int, qps: float, unknown_share: float) -> dict[str, dict[str, Any]]:
-    procs = []
-    for protocol, port in (("http", http_port), ("grpc", grpc_port)):
-        for c in range(clients):
+def spread(clients: int, servers: int) -> list[int]:
+    """The server each of ``clients`` clients (of one protocol) queries: client i the
+    i % ``servers``-th, so the load is spread evenly and the same way for both protocols."""
+    if clients < 0 or servers < 1:
+        raise ValueError(f"need clients >= 0 and servers >= 1, got {clients}, {servers}")
+    return [c % servers for c in range(clients)]
+
+
+Clients = list[tuple[str, "subprocess.Popen[str]"]]
+
+
+def launch_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: float,
+                   clients: int, qps: float, unknown_share: float,
+                   together: bool = False) -> Clients:
+    """``clients`` client processes per protocol, spread over ``servers`` (HTTP, gRPC
+    ports) by ``spread``, each polling the status of the server it queries (a replica
+    knows the users of the snapshot it serves, which may lag the trainer's).
+    ``together``: each waits, once set up (imports, a served snapshot seen), for
+    ``collect_clients`` to start them all at once."""
+    procs: Clients = []
+    for protocol in ENDPOINTS:
+        for c, server in enumerate(spread(clients, len(servers))):
+            http_port, grpc_port = servers[server]
             seed = (1 if protocol == "http" else 2) + 1000 * c
             procs.append((protocol, subprocess.Popen(
-                [sys.executable, __file__, "--client", protocol, "--port", str(port),
+                [sys.executable, __file__, "--client", protocol,
+                 "--port", str(http_port if protocol == "http" else grpc_port),
                  "--status-port", str(http_port), "--users-file", users_file,
                  "--seconds", str(seconds), "--qps", str(qps),
-                 "--unknown-share", str(unknown_share), "--seed", str(seed)],
-                stdout=subprocess.PIPE, text=True)))
+                 "--unknown-share", str(unknown_share), "--seed", str(seed),
+                 *(["--together"] if together else [])],
+                stdin=subprocess.PIPE if together else None, stdout=subprocess.PIPE,
+                text=True)))
+    return procs
+
+
+def kill_left(procs: Clients) -> None:
+    for _, p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def collect_clients(procs: Clients, seconds: float) -> dict[str, dict[str, Any]]:
+    """Start clients launched ``together`` (the others started themselves), wait for their
+    windows of ``seconds`` and summarize them per protocol."""
+    waiting = [(protocol, p) for protocol, p in procs if p.stdin is not None]
+    # Each says "ready" once set up and waits for a line: a start staggered by process
+    # start-up would leave fewer clients running at the ends of the window, which a
+    # closed-loop throughput would count as more per client.
+    for protocol, p in waiting:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a {protocol} client failed to start ({p.wait()})")
+    for _, p in waiting:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     runs: dict[str, list[dict[str, list[float]]]] = {"http": [], "grpc": []}
     for protocol, p in procs:
         stdout, _ = p.communicate(timeout=seconds + 120)
@@ -400,6 +610,14 @@ def run_clients(http_port: int, grpc_port: int, users_file: str, seconds: float,
             raise RuntimeError(f"{protocol} client exited with {p.returncode}")
         runs[protocol].append(json.loads(stdout.strip().splitlines()[-1]))
     return {protocol: summarize(r) for protocol, r in runs.items()}
+
+
+def run_clients(servers: Sequence[tuple[int, int]], users_file: str, seconds: float,
+                clients: int, qps: float, unknown_share: float,
+                together: bool = False) -> dict[str, dict[str, Any]]:
+    """``launch_clients``, then ``collect_clients``."""
+    return collect_clients(launch_clients(servers, users_file, seconds, clients, qps,
+                                          unknown_share, together), seconds)
 
 
 def summarize(runs: list[dict[str, list[float]]]) -> dict[str, Any]:
@@ -451,6 +669,75 @@ def unit_share(text: str) -> float:
     return value
 
 
+def under_ingest_seconds(events: int, rate_alone: float) -> float:
+    """The clients' window under ingest: most of it (it is slower under load than alone),
+    and at 1M events enough requests to carry a p99 (0.8 of it gave 983 of the 1000
+    needed)."""
+    return max(5.0, 0.9 * events / rate_alone)
+
+
+def replica_counts(text: str) -> list[int]:
+    """``--replicas``: replica counts, comma-separated, each >= 0 (0: the clients query the
+    trainer itself, as without ``--replicas``)."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated counts, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"a replica count is >= 0, got {text!r}")
+    return counts
+
+
+def replica_clients(clients: int, counts: Sequence[int]) -> int:
+    """Clients per protocol in replica mode: the same for every count, so every count gets
+    the same offered load and their figures compare, and at least the largest count, so
+    every replica is queried."""
+    return max(clients, *counts)
+
+
+QUICK_WINDOW_S = 2.0  # --quick --replicas: each load shape's client window
+THROUGHPUT_S = 5.0  # the closed-loop window of a full run
+
+
+def replica_runs(bootstrap: str, topic: str, n: int, users_file: str, counts: Sequence[int],
+                 clients: int, qps: float, unknown_share: float, windows: tuple[float, float],
+                 one_trainer: bool = False) -> list[dict[str, Any]]:
+    """Per replica count, the clients on the open-loop schedule at ``qps`` each (latency),
+    then back to back (throughput), for ``windows`` seconds each. Each beside a trainer of
+    its own at full ingest (one ingest is too short for both windows); ``one_trainer``:
+    both beside one trainer (``--quick``, whose ingest is mostly over before the clients
+    start anyway)."""
+    def launch(servers: Sequence[tuple[int, int]], rate: float, seconds: float) -> Clients:
+        # Together: the window is the same for every client, which the summed per-client
+        # rates of a throughput need.
+        return launch_clients(servers, users_file, seconds, clients, rate, unknown_share,
+                              together=True)
+
+    shapes = (("latency", qps, windows[0]), ("throughput", 0.0, windows[1]))
+    groups = [shapes] if one_trainer else [shapes[:1], shapes[1:]]
+    out = []
+    for count in counts:
+        summaries, rates = {}, {}
+        for group in groups:
+            name = f"n{count}-" + "-".join(shape for shape, _, _ in group)
+            first = functools.partial(launch, rate=group[0][1], seconds=group[0][2])
+            with trainer_with_replicas(bootstrap, topic, name, count, n, first) as (
+                    servers, procs, ingest):
+                for i, (shape, rate, seconds) in enumerate(group):
+                    progress(f"{count} replicas: {shape}, {clients} clients per protocol")
+                    summaries[shape] = collect_clients(
+                        procs if i == 0 else launch(servers, rate, seconds), seconds)
+            rates.update({shape: round(ingest["rate"]) for shape, _, _ in group})
+        latency = summaries["latency"]
+        out.append({"n": count, **latency,
+                    "throughput_rps": {p: summaries["throughput"][p]["qps"] for p in ENDPOINTS},
+                    "ingest_under_load_per_s": rates["latency"],
+                    "ingest_under_throughput_per_s": rates["throughput"]})
+        progress(f"{count} replicas: p99 {latency['http']['p99_ms']} / "
+                 f"{latency['grpc']['p99_ms']} ms, {out[-1]['throughput_rps']} requests/s")
+    return out
+
+
 IDLE_REQUESTS = 1000  # after ingest: enough per protocol to carry a p99
 QUICK_EVENTS = 150_000
 
@@ -465,16 +752,19 @@ def main() -> None:
                         help="each client's schedule, requests/s (0: back to back, no schedule)")
     parser.add_argument("--unknown-share", type=unit_share, default=0.05,
                         help="share of requests for users never published (cold starts)")
+    parser.add_argument("--replicas", type=replica_counts,
+                        help="replica counts to compare, e.g. 0,1,2,4 (see the docstring)")
     parser.add_argument("--client", choices=["http", "grpc"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--status-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--users-file", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--together", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args.client, args.port, args.status_port, args.users_file, args.seconds,
-                    args.qps, args.unknown_share, args.seed)
+                    args.qps, args.unknown_share, args.seed, args.together)
         return
     n = args.events or (QUICK_EVENTS if args.quick else 1_000_000)
     users = max(1000, n // 10)
@@ -510,28 +800,31 @@ def main() -> None:
         with daemon(bootstrap, topic, "alone") as (http_port, _):
             rate_alone = ingest_rate(http_port, n)
             progress(f"ingest alone: {rate_alone:,.0f} events/s")
+        if args.replicas is not None:
+            clients = replica_clients(args.clients, args.replicas)
+            windows = ((QUICK_WINDOW_S, QUICK_WINDOW_S) if args.quick else
+                       (under_ingest_seconds(n, rate_alone), THROUGHPUT_S))
+            runs = replica_runs(bootstrap, topic, n, users_file, args.replicas, clients,
+                                args.qps, args.unknown_share, windows, one_trainer=args.quick)
+            print(json.dumps({
+                "events": n, "items": args.items, "clients_per_protocol": clients,
+                "target_qps_per_client": args.qps, "unknown_share_target": args.unknown_share,
+                "latency_seconds": round(windows[0], 1), "throughput_seconds": windows[1],
+                "ingest_alone_per_s": round(rate_alone), "replicas": runs}))
+            return
 
-        with daemon(bootstrap, topic, "loaded") as (http_port, grpc_port):
-            ready = threading.Event()
-            result: dict[str, float] = {}
-            watcher = threading.Thread(
-                target=lambda: result.update(rate=ingest_rate(http_port, n, ready)))
-            watcher.start()
-            ready.wait(300)
-            progress("serving: clients under ingest")
-            # Most of the ingest (it is slower under load than alone), and at 1M events
-            # enough requests to carry a p99 (0.8 of it gave 983 of the 1000 needed).
-            seconds = max(5.0, 0.9 * n / rate_alone)
-            before = server_counts(http_port)
-            latency = run_clients(http_port, grpc_port, users_file, seconds, args.clients,
-                                  args.qps, args.unknown_share)
-            shares = slow_shares(latency, before, server_counts(http_port))
-            watcher.join()
+        with daemon(bootstrap, topic, "loaded") as ports:
+            with ingest_watch(ports[0], n) as result:
+                progress("serving: clients under ingest")
+                before = server_counts(ports[0])
+                latency = run_clients([ports], users_file, under_ingest_seconds(n, rate_alone),
+                                      args.clients, args.qps, args.unknown_share)
+                shares = slow_shares(latency, before, server_counts(ports[0]))
             progress("stream consumed: clients after ingest")
             # The same clients once the stream is consumed (replay training goes on):
             # what ingest adds to the latencies.
-            idle = run_clients(http_port, grpc_port, users_file, idle_seconds, args.clients,
-                               args.qps, args.unknown_share)
+            idle = run_clients([ports], users_file, idle_seconds, args.clients, args.qps,
+                               args.unknown_share)
         rate_loaded = result["rate"]
     print(f"ingest under load: {rate_loaded:,.0f} events/s; {latency}", file=sys.stderr)
     print(f"after the stream is consumed: {idle}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """bench/load.py's rules that keep its figures honest: the open-loop schedule,
-percentiles reported only where enough requests carry them, and requests for
-"known" users only to users the served snapshot includes."""
+percentiles reported only where enough requests carry them, requests for
+"known" users only to users the served snapshot includes, and, with ``--replicas``,
+the same clients for every replica count, spread over all the replicas."""
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import pytest
@@ -124,3 +127,34 @@ def test_the_event_at_index_covered_is_not_covered() -> None:
     assert {int(load.pick_known(rng, by_first, first, 1)) for _ in range(100)} == {0}
     with pytest.raises(ValueError):
         load.pick_known(rng, by_first, first, 0)
+
+
+def test_clients_are_spread_evenly_over_the_servers() -> None:
+    assert load.spread(4, 4) == [0, 1, 2, 3]
+    assert load.spread(5, 2) == [0, 1, 0, 1, 0]
+    assert load.spread(3, 1) == [0, 0, 0]  # no replicas: all on the trainer
+    assert load.spread(0, 2) == []
+    with pytest.raises(ValueError):
+        load.spread(2, 0)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 7])
+def test_with_at_least_as_many_clients_as_replicas_every_replica_is_queried(
+        replicas: int) -> None:
+    clients = load.replica_clients(1, [0, replicas])
+    assert set(load.spread(clients, replicas)) == set(range(replicas))
+
+
+def test_replica_mode_gives_every_count_the_same_clients() -> None:
+    # The offered load is the same for each count, so their figures compare.
+    assert load.replica_clients(1, [0, 1, 2, 4]) == 4
+    assert load.replica_clients(6, [0, 1, 2, 4]) == 6
+    assert load.replica_clients(1, [0]) == 1
+
+
+def test_replica_counts_parse() -> None:
+    assert load.replica_counts("0,1,2,4") == [0, 1, 2, 4]
+    assert load.replica_counts("3") == [3]
+    for bad in ("", "1,,2", "-1", "a", "1,-2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            load.replica_counts(bad)
