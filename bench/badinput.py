@@ -56,7 +56,7 @@ def main() -> None:
         publish(mixed, s, dirty)
         rates = {}
         for name, topic, total in (("clean", clean, len(good)), ("dirty", dirty, len(mixed))):
-            with daemon(bootstrap, topic) as (http_port, _):
+            with daemon(bootstrap, topic, "badinput") as (http_port, _):
                 rates[name] = ingest_rate(http_port, total)
             print(f"{name}: {rates[name]:,.0f} records/s", file=sys.stderr)
     print(json.dumps({
