@@ -32,7 +32,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,11 +221,14 @@ def begin(root: Path, prefix: str) -> tuple[int, Path]:
     return seq, tmp
 
 
-def seal(directory: Path, files: Sequence[str], meta: dict[str, Any]) -> None:
+def seal(directory: Path, files: Sequence[str], meta: dict[str, Any],
+         known: Mapping[str, str] | None = None) -> None:
     """Finish a directory written under a temporary name: ``meta`` with a SHA-256 of each
     of ``files`` as meta.json, then every file and the directory fsynced. The caller
-    renames it into place (atomic on POSIX) and fsyncs the parent."""
-    meta["sha256"] = {name: _digest(directory / name) for name in files}
+    renames it into place (atomic on POSIX) and fsyncs the parent. ``known``: digests
+    already known (files linked from a sealed directory), not computed again."""
+    known = known or {}
+    meta["sha256"] = {name: known.get(name) or _digest(directory / name) for name in files}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1))
     for name in (*files, "meta.json"):
         fsync(directory / name)

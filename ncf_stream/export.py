@@ -26,6 +26,13 @@ immutable, so training never waits for an export. It holds one pending snapshot,
 the newest: snapshots published while an export runs are skipped, never queued.
 A failed export (disk full, permissions) is logged once per kind, counted, and
 changes nothing else.
+
+An IVF index is rebuilt every ``index_refresh_s``, not with each snapshot, and at
+1M items its files are over 100 MB: rewriting and hashing them every second would
+keep a core busy on the trainer and on every replica. So an export of the same
+index object as the previous one hard-links that export's index files and copies
+their checksums (:data:`INDEX_FILES`), and a replica skips checking a file that is
+the very file (same inode) it checked before: exports are never written in place.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ LATEST = "LATEST"
 EXPORT_PREFIX = "snap"
 EXPORT_FILES = ("model.pt", "arrays.npz", "index.npz", "store.npz", "users.npz", "items.npz")
 QUANTIZER = "quantizer.faiss"  # IVF indexes only
+INDEX_FILES = ("index.npz", QUANTIZER)  # what an export of an unchanged index links
 
 
 class ExportError(NcfStreamError):
@@ -83,12 +91,16 @@ class ExportFormatError(ExportError):
 
 # ---- writing ---------------------------------------------------------------------------------
 
-def write(directory: str | Path, snapshot: Snapshot, status: Status) -> Path:
+def write(directory: str | Path, snapshot: Snapshot, status: Status,
+          same_index_as: Path | None = None) -> Path:
     """Export ``snapshot`` (with the trainer's ``status`` as of it), point LATEST at it and
-    drop exports beyond :data:`KEEP`; returns its path."""
+    drop exports beyond :data:`KEEP`; returns its path. ``same_index_as``: an export
+    written from this snapshot's very index object (the caller knows), whose index files
+    are linked instead of written, when it still exists."""
     root = Path(directory)
     seq, tmp = checkpoint.begin(root, EXPORT_PREFIX)
-    files = _write_files(tmp, snapshot)
+    known = _link_index(same_index_as, tmp) if same_index_as is not None else {}
+    files = _write_files(tmp, snapshot, skip=tuple(known))
     checkpoint.seal(tmp, files, {
         "format": EXPORT_FORMAT, "seq": seq, "version": snapshot.version,
         "published_at": snapshot.published_at, "events": snapshot.events,
@@ -96,7 +108,7 @@ def write(directory: str | Path, snapshot: Snapshot, status: Status) -> Path:
         "popular_window_s": snapshot.popular_window_s,
         "model": dataclasses.asdict(snapshot.model.cfg),
         "index": dataclasses.asdict(snapshot.index.config), "status": status.as_dict(),
-    })
+    }, known)
     final = root / f"{EXPORT_PREFIX}-{seq:08d}"
     os.rename(tmp, final)
     checkpoint.fsync(root)
@@ -106,8 +118,25 @@ def write(directory: str | Path, snapshot: Snapshot, status: Status) -> Path:
     return final
 
 
-def _write_files(directory: Path, snapshot: Snapshot) -> tuple[str, ...]:
-    """The snapshot's files (see the module's docstring); returns their names."""
+def _link_index(source: Path, directory: Path) -> dict[str, str]:
+    """Hard-link ``source``'s index files into ``directory``; their checksums, or {} when
+    ``source`` is gone or cannot be linked from (the caller then writes them)."""
+    try:
+        digests = json.loads((source / "meta.json").read_text())["sha256"]
+        names = [name for name in INDEX_FILES if name in digests]
+        for name in names:
+            os.link(source / name, directory / name)
+    except (OSError, ValueError, KeyError, TypeError):
+        for name in INDEX_FILES:  # a partial link is undone: all of it is written then
+            (directory / name).unlink(missing_ok=True)
+        return {}
+    return {name: digests[name] for name in names}
+
+
+def _write_files(directory: Path, snapshot: Snapshot,
+                 skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The snapshot's files (see the module's docstring), but for ``skip`` (already
+    linked in); returns the names of all of them."""
     model = snapshot.model
     weights = checkpoint.model_weights(model)
     if model.mean_user is not None:
@@ -118,15 +147,17 @@ def _write_files(directory: Path, snapshot: Snapshot) -> tuple[str, ...]:
     np.savez(directory / "arrays.npz", popular=snapshot.popular,
              popularity=snapshot.popularity, unavailable=snapshot.unavailable,
              recent=snapshot.recent, recent_counts=snapshot.recent_counts)
-    np.savez(directory / "index.npz", vectors=snapshot.index.vectors,
-             a_ref=snapshot.a_ref.cpu().numpy())
+    if "index.npz" not in skip:
+        np.savez(directory / "index.npz", vectors=snapshot.index.vectors,
+                 a_ref=snapshot.a_ref.cpu().numpy())
     snapshot.store.save(directory / "store.npz")
     snapshot.user_ids.save(directory / "users.npz", snapshot.n_users)
     snapshot.item_ids.save(directory / "items.npz", snapshot.n_items)
     quantizer = getattr(snapshot.index, "quantizer", None)
     if quantizer is None:
         return EXPORT_FILES
-    (directory / QUANTIZER).write_bytes(faiss.serialize_index(quantizer).tobytes())
+    if QUANTIZER not in skip:
+        (directory / QUANTIZER).write_bytes(faiss.serialize_index(quantizer).tobytes())
     return (*EXPORT_FILES, QUANTIZER)
 
 
@@ -155,6 +186,9 @@ class Loaded:
     snapshot: Snapshot
     status: Status  # the trainer's, as of the snapshot
     index_key: str  # the checksums of the index's files: equal keys, equal indexes
+    # The index files checked, by (device, inode, size, mtime): a link to one of them is
+    # that file (the size and time guard against an inode number freed and reused).
+    checked: frozenset[tuple[int, int, int, int]] = frozenset()
 
 
 def read(path: str | Path, device: torch.device, previous: Loaded | None = None) -> Loaded:
@@ -180,14 +214,22 @@ def read(path: str | Path, device: torch.device, previous: Loaded | None = None)
     if not isinstance(meta.get("sha256"), dict):
         raise CorruptExport(f"{path.name}: meta.json has no checksums")
     files = (*EXPORT_FILES, *([QUANTIZER] if QUANTIZER in meta["sha256"] else []))
+    inodes = {name: _inode(path / name) for name in INDEX_FILES if name in files}
+    seen = previous.checked if previous is not None else frozenset()
     try:
-        checkpoint.check_files(path, meta, files)
+        checkpoint.check_files(path, meta, [f for f in files if inodes.get(f) not in seen])
     except checkpoint.CheckpointError as e:
         raise CorruptExport(f"{path.name}: {e}") from None
     key = json.dumps([meta["sha256"]["index.npz"], meta["sha256"].get(QUANTIZER),
                       meta["index"]])
     index = previous.snapshot.index if previous and previous.index_key == key else None
-    return Loaded(_snapshot(path, meta, device, index), _status(meta["status"]), key)
+    return Loaded(_snapshot(path, meta, device, index), _status(meta["status"]), key,
+                  frozenset(inodes.values()))
+
+
+def _inode(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _snapshot(path: Path, meta: dict[str, Any], device: torch.device,
@@ -240,7 +282,7 @@ def _status(fields: dict[str, Any]) -> Status:
 
 # ---- the exporter ------------------------------------------------------------------------------
 
-Writer = Callable[[str | Path, Snapshot, Status], Path]
+Writer = Callable[[str | Path, Snapshot, Status, Path | None], Path]
 
 
 class Exporter:
@@ -252,6 +294,7 @@ class Exporter:
         self.writer = writer
         self.background = background
         self.last: Path | None = None  # the newest export written
+        self._index_in: tuple[CandidateIndex, Path] | None = None  # an index and its export
         self._pending: tuple[Snapshot, Status] | None = None
         self._closed = False
         self._cond = threading.Condition()
@@ -295,8 +338,11 @@ class Exporter:
 
     def _export(self, snapshot: Snapshot, status: Status) -> None:
         start = time.perf_counter()
+        same = self._index_in[1] if self._index_in and self._index_in[0] is snapshot.index \
+            else None
         try:
-            self.last = self.writer(self.directory, snapshot, status)
+            self.last = self.writer(self.directory, snapshot, status, same)
+            self._index_in = (snapshot.index, self.last)
         except Exception as e:  # an export must never stop training or serving
             self._failed(e)
             return

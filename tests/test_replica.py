@@ -7,6 +7,7 @@ and the export must never hold training up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -36,6 +37,7 @@ from ncf_stream.proto import recommender_pb2 as pb
 from ncf_stream.proto import recommender_pb2_grpc as pb_grpc
 from ncf_stream.recommend import Filters, Recommender
 from ncf_stream.replica import Replica, SnapshotWatcher
+from ncf_stream.retrieval import CandidateIndex
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.source import MemorySource
 from ncf_stream.synth import SynthConfig, generate
@@ -361,12 +363,89 @@ def test_a_replica_reuses_its_index_while_the_trainer_does(tmp_path: Path) -> No
         engine.close()
 
 
+def test_an_unchanged_index_is_linked_not_rewritten_nor_checked_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1M items an IVF index's files are over 100 MB: an export of the same index
+    object links the previous export's files, and a replica does not hash them again."""
+    engine = trained_engine(tmp_path, events=1200, ivf_threshold=30, exact_items=0,
+                            candidates=20, index_refresh_s=3600.0, replay=True)
+    try:
+        assert engine.exporter is not None
+        engine.exporter.close()  # this test writes the exports itself
+        snap = engine.holder.get()
+        assert snap is not None and snap.index.kind == "ivf"
+        out = tmp_path / "out"
+        first = export.write(out, snap, engine.status())
+        engine.trainer.step()  # new weights, the same (not yet refreshed) index
+        engine.publisher.publish(engine.watermark.value)
+        later = engine.holder.get()
+        assert later is not None and later.index is snap.index
+        second = export.write(out, later, engine.status(), same_index_as=first)
+        for name in export.INDEX_FILES:
+            assert (first / name).stat().st_ino == (second / name).stat().st_ino
+        assert (first / "model.pt").stat().st_ino != (second / "model.pt").stat().st_ino
+
+        hashed: list[str] = []
+        digest = export.checkpoint._digest
+
+        def recorded(path: Path) -> str:
+            hashed.append(path.name)
+            return digest(path)
+
+        monkeypatch.setattr(export.checkpoint, "_digest", recorded)
+        cpu = torch.device("cpu")
+        loaded = export.read(first, cpu)
+        hashed.clear()
+        again = export.read(second, cpu, previous=loaded)
+        assert "model.pt" in hashed and not set(hashed) & set(export.INDEX_FILES)
+        assert again.snapshot.index is loaded.snapshot.index
+        hashed.clear()
+        fresh = export.read(second, cpu)  # alone, every file is checked: the links hold
+        assert set(export.INDEX_FILES) <= set(hashed)
+        assert np.array_equal(fresh.snapshot.index.vectors, snap.index.vectors)
+
+        (first / "meta.json").unlink()  # the source gone: the index is written again
+        third = export.write(out, later, engine.status(), same_index_as=first)
+        assert (third / "index.npz").stat().st_ino != (second / "index.npz").stat().st_ino
+        export.read(third, cpu)
+    finally:
+        engine.close()
+
+
+def test_the_exporter_links_only_the_index_it_exported(tmp_path: Path) -> None:
+    calls: list[tuple[int, Path | None]] = []
+
+    def writer(directory: Any, snapshot: Snapshot, status: Any,
+               same_index_as: Path | None) -> Path:
+        calls.append((snapshot.version, same_index_as))
+        return Path(directory) / f"export-{snapshot.version}"
+
+    engine = trained_engine(tmp_path, events=600)
+    exporter = export.Exporter(tmp_path / "x", 0.0, engine.metrics.engine, writer=writer)
+    try:
+        snap = engine.holder.get()
+        assert snap is not None
+        newer = dataclasses.replace(snap, version=snap.version + 1)
+        rebuilt = dataclasses.replace(  # a refreshed index: another object
+            snap, version=snap.version + 2,
+            index=CandidateIndex(snap.index.vectors, snap.index.config))
+        for s in (snap, newer, rebuilt):
+            exporter.offer(s, engine.status())
+            until(lambda: len(calls) > 0 and calls[-1][0] == s.version)  # noqa: B023 - now
+        assert calls == [(snap.version, None),
+                         (newer.version, tmp_path / "x" / f"export-{snap.version}"),
+                         (rebuilt.version, None)]
+    finally:
+        exporter.close()
+        engine.close()
+
+
 def test_export_never_blocks_training_and_failures_are_counted(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     calls: list[int] = []
     release = threading.Event()
 
-    def full_disk(directory: Any, snapshot: Snapshot, status: Any) -> Path:
+    def full_disk(directory: Any, snapshot: Snapshot, status: Any, same_index_as: Any) -> Path:
         calls.append(snapshot.version)
         release.wait(30)  # a stuck disk, until the test lets go
         raise OSError(errno.ENOSPC, "No space left on device")
