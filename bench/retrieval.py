@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncf_stream.evaluate import sampled_ranks
 from ncf_stream.recommend import best, exact_top_k, top_k
+from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings, default
 from ncf_stream.similar import similar_space, top_similar
 from ncf_stream.snapshot import Publisher, SnapshotHolder
@@ -75,7 +76,8 @@ def build(items: int, settings: Settings, rounds: Rounds, device: str,
     fit = {"train_samples": trainer.samples_trained, "train_seconds": round(
         time.perf_counter() - start, 1),
         "hr10_by_round": curve, "converged": len(curve) >= 3 and curve[-1] - curve[-3] < CONVERGED}
-    return trainer, Publisher(trainer, SnapshotHolder()), fit
+    # The index as the profile configures it (nprobe, ivf_threshold), as the daemon builds it.
+    return trainer, Publisher(trainer, SnapshotHolder(), IndexConfig.from_settings(settings)), fit
 
 
 @dataclass(frozen=True)

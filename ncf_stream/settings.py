@@ -278,8 +278,8 @@ class Settings(BaseSettings):
         description="IVF lists probed per query (of ~4 sqrt(items)): probes trade recall for "
                     "time. At 1M items on a converged model of the defaults, 256 finds 0.97 of "
                     "the exact top 10 for about 1 ms per query (128: 0.94, 32: 0.78); the "
-                    "quality profile's wider vectors need more (256: 0.61, 512: 0.77; "
-                    "docs/benchmarks.md).")
+                    "quality profile's wider vectors need more (256: 0.93, 512: 0.99; "
+                    "deploy/quality.toml sets 512; docs/benchmarks.md).")
     candidates: int = Field(
         800, ge=1,
         description="Candidates retrieved from the index and rescored by the full NeuMF, for "
