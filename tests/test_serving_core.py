@@ -231,6 +231,20 @@ def test_flat_and_ivf_indexes_find_the_true_top(trained) -> None:
     assert np.array_equal(reused.search(q, 10)[1], truth)
 
 
+def test_a_torch_index_serves_what_the_flat_faiss_one_does(trained) -> None:
+    """Both are exact: the candidates, and so the rescored answers, are the same."""
+    _, holder, _ = trained
+    snap = holder.get()
+    flat, by_torch = (SnapshotHolder(), SnapshotHolder())
+    for h, backend in ((flat, "faiss"), (by_torch, "torch")):
+        index = CandidateIndex(snap.index.vectors, IndexConfig(retrieval_backend=backend))
+        h.set(dataclasses.replace(snap, index=index))
+    assert by_torch.get().index.kind == "torch"  # type: ignore[union-attr]
+    users = [str(u) for u in range(0, 300, 23) if snap.user_row(str(u)) is not None]
+    want = Recommender(flat, candidates=20, exact_items=0).recommend_many(users, 10)
+    assert Recommender(by_torch, candidates=20, exact_items=0).recommend_many(users, 10) == want
+
+
 def test_gpu_request_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(retrieval, "gpu_available", lambda: True)
     monkeypatch.delattr(retrieval.faiss, "StandardGpuResources", raising=False)
