@@ -11,6 +11,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+import torch
 
 import ncf_stream.retrieval as retrieval
 from ncf_stream.errors import ConfigError
@@ -119,10 +120,12 @@ def test_a_failed_gpu_copy_keeps_the_cpu_index_with_its_nprobe(
 
 # ---- the torch search ---------------------------------------------------------------------------
 
+ON_CPU = IndexConfig(retrieval_backend="torch", use_gpu=False)  # the ops CUDA runs, on the CPU
+
 @pytest.mark.parametrize("k", [1, 10, 400, 500, 700])
 def test_torch_search_is_the_exact_top_k(k: int) -> None:
     items, q = distinct(500, 12, 7)
-    index = CandidateIndex(items, IndexConfig(retrieval_backend="torch"))
+    index = CandidateIndex(items, ON_CPU)
     assert (index.backend, index.kind, index.device) == ("torch", "torch", "cpu")
     scores, rows = index.search(q, k)
     want_scores, want_rows = brute(items, q, k)
@@ -137,7 +140,7 @@ def test_torch_search_in_chunks_of_items_is_the_same(monkeypatch: pytest.MonkeyP
                                                      k: int) -> None:
     items, q = distinct(1000, 8, 5)
     monkeypatch.setattr(retrieval, "TORCH_CHUNK_ELEMENTS", 5 * 64)  # 64 items per chunk
-    index = CandidateIndex(items, IndexConfig(retrieval_backend="torch"))
+    index = CandidateIndex(items, ON_CPU)
     scores, rows = index.search(q, k)
     want_scores, want_rows = brute(items, q, k)
     assert np.array_equal(rows, want_rows)
@@ -146,7 +149,7 @@ def test_torch_search_in_chunks_of_items_is_the_same(monkeypatch: pytest.MonkeyP
 
 def test_torch_search_of_nothing_and_of_one_query() -> None:
     items, q = distinct(50, 4, 1)
-    index = CandidateIndex(items, IndexConfig(retrieval_backend="torch"))
+    index = CandidateIndex(items, ON_CPU)
     scores, rows = index.search(q[0], 0)
     assert scores.shape == rows.shape == (1, 0)
     assert np.array_equal(index.search(q[0], 3)[1], brute(items, q, 3)[1])
@@ -157,7 +160,7 @@ def test_torch_search_agrees_with_faiss_flat_on_random_vectors() -> None:
     items = rng.normal(size=(3000, 16)).astype(np.float32)
     q = rng.normal(size=(9, 16)).astype(np.float32)
     flat = CandidateIndex(items, IndexConfig(retrieval_backend="faiss"))
-    torch_ = CandidateIndex(items, IndexConfig(retrieval_backend="torch"))
+    torch_ = CandidateIndex(items, ON_CPU)
     assert np.array_equal(flat.search(q, 50)[1], torch_.search(q, 50)[1])
 
 
@@ -187,3 +190,31 @@ def test_the_setting_flows_into_the_config_and_through_an_export_meta() -> None:
     assert IndexConfig(**old).retrieval_backend == "auto"  # an export from before the field
     with pytest.raises(ConfigError, match="retrieval_backend"):
         IndexConfig(retrieval_backend="cuvs")
+
+
+# ---- on a GPU (bench/gpu.sh runs these) ---------------------------------------------------
+
+@pytest.mark.parametrize("k", [10, GPU_MAX_K + 500])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_torch_search_is_the_exact_top_k(k: int) -> None:
+    items, q = distinct(GPU_MAX_K + 900, 12, 6)
+    index = CandidateIndex(items, IndexConfig(retrieval_backend="torch"))
+    assert index.device == "cuda"
+    scores, rows = index.search(q, k)
+    want_scores, want_rows = brute(items, q, k)
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not retrieval.gpu_available(), reason="needs faiss-gpu and a GPU")
+@pytest.mark.gpu
+def test_a_real_faiss_gpu_index_answers_a_k_above_its_cap() -> None:
+    items, q = distinct(GPU_MAX_K + 900, 6, 4)
+    for config in (IndexConfig(retrieval_backend="faiss"),
+                   IndexConfig(retrieval_backend="faiss", ivf_threshold=1, nlist=16,
+                               nprobe=16)):
+        index = CandidateIndex(items, config)
+        assert index.device == "cuda"
+        for k in (10, GPU_MAX_K + 700):
+            assert np.array_equal(index.search(q, k)[1][:, :10], brute(items, q, 10)[1])
