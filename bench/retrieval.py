@@ -1,7 +1,8 @@
-"""Retrieval: FAISS candidates + full rescoring against the exact full-catalogue ranking.
+"""Retrieval: index candidates + full rescoring against the exact full-catalogue ranking.
 
     python bench/retrieval.py [--quick] [--sizes 10000,100000,1000000]
                               [--profile deploy/quality.toml] [--max-samples N]
+                              [--backend faiss|torch|auto|faiss,torch]
 
 For each catalogue size: a synthetic stream is ingested and the model (the
 defaults, or the settings of ``--profile``) trained until it converges: in
@@ -28,7 +29,15 @@ What a request gets with the default settings is reported as ``served``: the
 exact ranking while the catalogue has at most ``exact_items`` items (recall 1 by
 construction; its cost is the exact path's), the candidate path at the default C
 above that. ``candidates_for_recall_0_95`` is the smallest C tried whose recall@10
-is >= 0.95 at every size served from candidates. The last line is one JSON object.
+is >= 0.95 at every size (and backend) served from candidates.
+
+``--backend`` is the setting ``retrieval_backend`` for the index (default: the
+profile's, "auto" unless set): faiss, torch (the exact top-k as torch matrix
+products, on CUDA when torch sees one), or a comma-separated list, each measured
+on the same trained model per size (a publish each). Every size then has one
+entry per backend, with ``retrieval_backend`` (as resolved), ``index`` and
+``index_device``; similar items are measured with the first backend only (they
+read the vectors every backend keeps). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ EVAL_USERS = 2000  # the full-catalogue HR would cost a 100k-item catalogue per 
 
 
 def build(items: int, settings: Settings, rounds: Rounds, device: str,
-          seed: int = 0) -> tuple[Trainer, Publisher, dict[str, Any]]:
+          seed: int = 0) -> tuple[Trainer, dict[str, Any]]:
     events = max(200_000, 3 * items)
     stream = generate(SynthConfig(users=max(5000, items // 10), items=items, events=events,
                                   seed=seed, topics=max(20, items // 2000)))
@@ -76,8 +85,7 @@ def build(items: int, settings: Settings, rounds: Rounds, device: str,
     fit = {"train_samples": trainer.samples_trained, "train_seconds": round(
         time.perf_counter() - start, 1),
         "hr10_by_round": curve, "converged": len(curve) >= 3 and curve[-1] - curve[-3] < CONVERGED}
-    # The index as the profile configures it (nprobe, ivf_threshold), as the daemon builds it.
-    return trainer, Publisher(trainer, SnapshotHolder(), IndexConfig.from_settings(settings)), fit
+    return trainer, fit
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,20 @@ def latencies(fn, users: np.ndarray) -> np.ndarray:
     return np.array(out) * 1000
 
 
-def measure(items: int, settings: Settings, rounds: Rounds, n_users: int,
-            device: str) -> dict[str, Any]:
-    trainer, publisher, fit = build(items, settings, rounds, device)
+def measure(items: int, settings: Settings, rounds: Rounds, n_users: int, device: str,
+            backends: list[str]) -> list[dict[str, Any]]:
+    """One trained model per size; each backend's index measured on it in turn."""
+    trainer, fit = build(items, settings, rounds, device)
+    return [measure_index(trainer, fit, items, settings.model_copy(
+        update={"retrieval_backend": backend}), n_users, device, similar=i == 0)
+        for i, backend in enumerate(backends)]
+
+
+def measure_index(trainer: Trainer, fit: dict[str, Any], items: int, settings: Settings,
+                  n_users: int, device: str, similar: bool) -> dict[str, Any]:
+    # The index as the profile configures it (nprobe, ivf_threshold, retrieval_backend), as
+    # the daemon builds it.
+    publisher = Publisher(trainer, SnapshotHolder(), IndexConfig.from_settings(settings))
     start = time.perf_counter()
     publisher.publish(0)
     first_publish = time.perf_counter() - start
@@ -133,12 +152,14 @@ def measure(items: int, settings: Settings, rounds: Rounds, n_users: int,
         recall[c] = float(np.mean(hits)) / 10
     cand_ms = latencies(lambda u: top_k(snap, u, 10, CANDIDATES_DEFAULT), users)
     exact_ms = latencies(lambda u: exact_top_k(snap, u, 10), users)
-    similar = measure_similar(snap, rng.choice(snap.index.size, n_users, replace=False))
+    sample = rng.choice(snap.index.size, n_users, replace=False)
+    similar_items = measure_similar(snap, sample) if similar else None
     publisher.close()
     exact = items <= default("exact_items")
     served_ms = exact_ms if exact else cand_ms
     return {
-        "items": items, "device": device, "index": snap.index.kind,
+        "items": items, "device": device, "retrieval_backend": snap.index.backend,
+        "index": snap.index.kind, "index_device": snap.index.device,
         "served": "exact" if exact else "candidates",
         "served_recall_at_10": 1.0 if exact else round(recall[CANDIDATES_DEFAULT], 4),
         "served_p50_ms": round(float(np.percentile(served_ms, 50)), 3),
@@ -150,7 +171,7 @@ def measure(items: int, settings: Settings, rounds: Rounds, n_users: int,
         "exact_p99_ms": round(float(np.percentile(exact_ms, 99)), 3),
         "speedup_p50": round(float(np.percentile(exact_ms, 50) / np.percentile(cand_ms, 50)), 1),
         **fit, "publish_seconds": round(publish, 3),
-        "first_publish_seconds": round(first_publish, 3), "similar": similar,
+        "first_publish_seconds": round(first_publish, 3), "similar": similar_items,
     }
 
 
@@ -187,27 +208,34 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", help="comma-separated catalogue sizes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model trains and scores (the index follows faiss)")
+                        help="where the model trains and scores (the index: --backend)")
     parser.add_argument("--profile", help="a settings file (TOML) for the model, e.g. "
                                           "deploy/quality.toml; default: the defaults")
     parser.add_argument("--max-samples", type=float, default=200e6,
                         help="the most training samples per catalogue size")
+    parser.add_argument("--backend", help="retrieval_backend: faiss, torch, auto, or a "
+                                          "comma-separated list measured on the same model; "
+                                          "default: the profile's setting")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes
              else [10_000, 100_000, 1_000_000])
     settings = Settings.load(args.profile)
+    backends = (args.backend or settings.retrieval_backend).split(",")
+    for backend in backends:  # a bad name refused before minutes of training, not after
+        IndexConfig(retrieval_backend=backend)
     rounds, n_users = ((Rounds(2_000_000, 2_000_000), 60) if args.quick
                        else (Rounds(None, int(args.max_samples)), 300))
     results = []
     for items in sizes:
-        r = measure(items, settings, rounds, n_users, args.device)
-        print(json.dumps(r), file=sys.stderr)
-        results.append(r)
+        for r in measure(items, settings, rounds, n_users, args.device, backends):
+            print(json.dumps(r), file=sys.stderr)
+            results.append(r)
     from_index = [r for r in results if r["served"] == "candidates"]
     chosen = next((c for c in CANDIDATES
                    if all(r["recall_by_candidates"][str(c)] >= 0.95 for r in from_index)), None)
-    print(json.dumps({"profile": args.profile or "defaults", "sizes": results,
+    print(json.dumps({"profile": args.profile or "defaults",
+                      "retrieval_backend": ",".join(backends), "sizes": results,
                       "candidates_for_recall_0_95": chosen}))
 
 

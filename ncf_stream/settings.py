@@ -273,6 +273,19 @@ class Settings(BaseSettings):
         description="Flat (exact) search costs O(items) per query: ~3 ms at 1M items x 32 dims "
                     "on one core, so flat serves up to this many items; IVF takes over above "
                     "it.")
+    retrieval_backend: Literal["auto", "faiss", "torch"] = Field(
+        "auto",
+        description="What searches the candidate index. faiss: a FAISS index (flat below "
+                    "ivf_threshold, IVF above), on the GPU when faiss-gpu and CUDA are both "
+                    "present (a k above faiss-gpu's limit of 2048, a user with many seen items, "
+                    "is searched on its CPU copy). torch: the exact inner-product top-k as "
+                    "torch matrix products, on CUDA when torch sees a GPU, else on the CPU: no "
+                    "extra wheel, no IVF recall loss, O(items) per query. auto: FAISS on the "
+                    "GPU when faiss-gpu sees one; torch when CUDA is there but faiss-gpu is "
+                    "not (pip's faiss is faiss-cpu, and a CPU index beside a GPU model leaves "
+                    "retrieval on the busy host); else FAISS on the CPU, where IVF is "
+                    "sub-linear. GPU timings of the two: not yet measured "
+                    "(docs/benchmarks.md).")
     nprobe: int = Field(
         256, ge=1,
         description="IVF lists probed per query (of ~4 sqrt(items)): probes trade recall for "

@@ -303,7 +303,7 @@ def test_an_ivf_index_and_the_history_input_come_back_identical(tmp_path: Path) 
     candidates), and the history input's context rows and recent items too."""
     engine = trained_engine(tmp_path, events=1500, ivf_threshold=30, exact_items=0,
                             candidates=20, nprobe=8, history_length=3, index_refresh_s=1e-6,
-                            replay=True)
+                            replay=True, retrieval_backend="faiss")
     try:
         def refreshed() -> bool:
             # Replay moves the weights on; a refreshed index holds newer vectors than
@@ -332,11 +332,35 @@ def test_an_ivf_index_and_the_history_input_come_back_identical(tmp_path: Path) 
         engine.close()
 
 
+def test_a_torch_index_comes_back_as_one(tmp_path: Path) -> None:
+    """retrieval_backend travels in the export's index config; the replica resolves it
+    on its own machine (here the CPU) and answers as the trainer does."""
+    engine = trained_engine(tmp_path, events=600, exact_items=0, candidates=20,
+                            retrieval_backend="torch")
+    try:
+        snap = engine.holder.get()
+        assert snap is not None and snap.index.kind == "torch"
+        w, _ = watcher(tmp_path)
+        assert w.poll()
+        got = w.holder.get()
+        assert got is not None and got.index.kind == "torch"
+        assert got.index.config == snap.index.config
+        queries = np.random.default_rng(0).standard_normal((5, snap.index.dim))
+        assert all(np.array_equal(a, b) for a, b in zip(
+            snap.index.search(queries, 5), got.index.search(queries, 5), strict=True))
+        replica = Recommender.from_settings(w.holder, engine.settings)
+        for user in snap.user_ids.ids(np.arange(8)).tolist():
+            assert replica.recommend(user, 10) == engine.recommender.recommend(user, 10)
+    finally:
+        engine.close()
+
+
 def test_a_replica_reuses_its_index_while_the_trainer_does(tmp_path: Path) -> None:
     """An IVF index is refreshed every index_refresh_s, not per snapshot: the replica
     keeps its copy while the exported index files stay the same."""
     engine = trained_engine(tmp_path, events=1200, ivf_threshold=30, exact_items=0,
-                            candidates=20, index_refresh_s=3600.0, replay=True)
+                            candidates=20, index_refresh_s=3600.0, replay=True,
+                            retrieval_backend="faiss")
     try:
         w, _ = watcher(tmp_path)
         assert w.poll()
@@ -369,7 +393,8 @@ def test_an_unchanged_index_is_linked_not_rewritten_nor_checked_again(
     """At 1M items an IVF index's files are over 100 MB: an export of the same index
     object links the previous export's files, and a replica does not hash them again."""
     engine = trained_engine(tmp_path, events=1200, ivf_threshold=30, exact_items=0,
-                            candidates=20, index_refresh_s=3600.0, replay=True)
+                            candidates=20, index_refresh_s=3600.0, replay=True,
+                            retrieval_backend="faiss")
     try:
         assert engine.exporter is not None
         engine.exporter.close()  # this test writes the exports itself

@@ -216,8 +216,10 @@ def test_flat_and_ivf_indexes_find_the_true_top(trained) -> None:
     vectors = holder.get().model.retrieval_items()[0].numpy()
     q = np.random.default_rng(0).normal(size=(20, vectors.shape[1])).astype(np.float32)
     truth = np.argsort(-(q @ vectors.T), axis=1)[:, :10]
-    flat = CandidateIndex(vectors, IndexConfig(ivf_threshold=10**9))
-    ivf = CandidateIndex(vectors, IndexConfig(ivf_threshold=1, nlist=8, nprobe=8))
+    # FAISS's kinds, on any machine ("auto" is the torch search on CUDA without faiss-gpu).
+    flat = CandidateIndex(vectors, IndexConfig(ivf_threshold=10**9, retrieval_backend="faiss"))
+    ivf = CandidateIndex(vectors, IndexConfig(ivf_threshold=1, nlist=8, nprobe=8,
+                                              retrieval_backend="faiss"))
     assert (flat.kind, ivf.kind) == ("flat", "ivf")
     assert np.array_equal(flat.search(q, 10)[1], truth)
     scores, rows = ivf.search(q, 10)  # nprobe = nlist: exhaustive
@@ -226,9 +228,23 @@ def test_flat_and_ivf_indexes_find_the_true_top(trained) -> None:
     want = np.take_along_axis(q @ vectors.T, truth, axis=1)
     assert np.allclose(scores, want, rtol=1e-4, atol=1e-3)
     assert np.allclose(flat.search(q, 10)[0], want, rtol=1e-5, atol=1e-4)
-    reused = CandidateIndex(vectors * 2, IndexConfig(ivf_threshold=1, nprobe=8), ivf.quantizer)
+    reused = CandidateIndex(vectors * 2, ivf.config, ivf.quantizer)
     assert reused.quantizer is ivf.quantizer
     assert np.array_equal(reused.search(q, 10)[1], truth)
+
+
+def test_a_torch_index_serves_what_the_flat_faiss_one_does(trained) -> None:
+    """Both are exact: the candidates, and so the rescored answers, are the same."""
+    _, holder, _ = trained
+    snap = holder.get()
+    flat, by_torch = (SnapshotHolder(), SnapshotHolder())
+    for h, backend in ((flat, "faiss"), (by_torch, "torch")):
+        index = CandidateIndex(snap.index.vectors, IndexConfig(retrieval_backend=backend))
+        h.set(dataclasses.replace(snap, index=index))
+    assert by_torch.get().index.kind == "torch"  # type: ignore[union-attr]
+    users = [str(u) for u in range(0, 300, 23) if snap.user_row(str(u)) is not None]
+    want = Recommender(flat, candidates=20, exact_items=0).recommend_many(users, 10)
+    assert Recommender(by_torch, candidates=20, exact_items=0).recommend_many(users, 10) == want
 
 
 def test_gpu_request_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

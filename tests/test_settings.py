@@ -133,6 +133,7 @@ OVERRIDES = {
     "dropout": 0.1, "history_length": 5, "history_decay": 0.5, "loss": "softmax",
     "eval_interval_s": 5.0, "eval_max_users": 50, "eval_full": False,
     "eval_full_max_pairs": 1000, "eval_duty": 0.5, "ivf_threshold": 10, "nprobe": 4,
+    "retrieval_backend": "torch",
     "online_fraction": 0.5, "candidates": 40, "exact_items": 5, "background_policy": "nice",
 }
 

@@ -10,7 +10,7 @@ import pytest
 
 from ncf_stream.errors import BadInput
 from ncf_stream.recommend import Recommender, UnknownItem
-from ncf_stream.retrieval import CandidateIndex
+from ncf_stream.retrieval import CandidateIndex, IndexConfig
 from ncf_stream.similar import SAMPLE_USERS, similar_space, top_similar
 from ncf_stream.snapshot import Snapshot, SnapshotHolder
 from ncf_stream.synth import SynthConfig, generate
@@ -48,6 +48,16 @@ def test_the_exact_ranking_is_the_correlation_of_the_items_logits_over_users(tra
         assert got.items == brute_similar(snap, row, 10) and item not in got.items
         assert all(-1 - 1e-5 <= s <= 1 + 1e-5 for s in got.scores)
         assert got.scores == sorted(got.scores, reverse=True)
+
+
+def test_a_torch_index_gives_the_same_similar_items(trained) -> None:
+    """Similar items read the index's vectors, which every backend keeps."""
+    _, holder, _ = trained
+    snap = holder.get()
+    index = CandidateIndex(snap.index.vectors, IndexConfig(retrieval_backend="torch"))
+    rec = Recommender(with_(snap, index=index))
+    for item in map(str, range(0, 250, 41)):
+        assert rec.similar(item, 10) == Recommender(holder).similar(item, 10)
 
 
 def test_similar_items_share_the_planted_topic_well_above_chance(trained) -> None:
