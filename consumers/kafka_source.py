@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import OffsetAndMetadata
@@ -217,8 +218,10 @@ class KafkaSource:
         # A partition's records come in offset order.
         offsets = {(tp.topic, tp.partition): (part[0].offset, part[-1].offset + 1)
                    for tp, part in by_partition.items() if part}
+        partitions = np.repeat(np.array([tp.partition for tp in by_partition], dtype=np.int32),
+                               [len(part) for part in by_partition.values()])
         try:
-            return self._decode(records, offsets)
+            return self._decode(records, offsets, partitions)
         except Exception:
             # Nothing of this poll is reported, so rewind: the next poll serves
             # these records again instead of silently skipping them.
@@ -371,7 +374,9 @@ class KafkaSource:
             self._unassigned_since = now
             self.rejoins += 1
 
-    def _decode(self, records: list[Any], offsets: dict[Partition, tuple[int, int]]) -> EventBatch:
+    def _decode(self, records: list[Any], offsets: dict[Partition, tuple[int, int]],
+                partitions: np.ndarray | None = None) -> EventBatch:
+        """``partitions``: each record's partition number, in ``records``' order."""
         result = decode_batch(
             [r.value for r in records],
             [r.timestamp / 1000.0 if r.timestamp is not None and r.timestamp >= 0 else None
@@ -383,7 +388,8 @@ class KafkaSource:
             self._dead_letter(records, result.rejected)
         batch = EventBatch(result.events, offsets,
                            dict(Counter(rej.reason.value for rej in result.rejected)),
-                           len(result.skipped), result.availability, result.deletions)
+                           len(result.skipped), result.availability, result.deletions,
+                           None if partitions is None else partitions[result.index])
         if self._metrics is not None:
             count_batch(self._metrics, batch)
         return batch

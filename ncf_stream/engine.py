@@ -64,6 +64,7 @@ from ncf_stream.source import (
     EventSource,
     Partition,
     SourceError,
+    UserPartitions,
 )
 from ncf_stream.status_page import History, Sample
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
@@ -76,6 +77,7 @@ TRAIN_SLICE_S = 0.05  # train this long between polls, so consumption never stal
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
 RESTART_RESET_S = 60.0
+SPLIT_WARN_EVERY_S = 60.0  # users in several partitions: a warning at most this often
 HISTORY_EVERY_S = 2.0  # one point of the status page's charts
 # Retention sweeps run each time the newest event time moves on by this share of
 # retention_s: the store then holds at most 1 + 1/8 of the window, and a sweep's cost
@@ -249,6 +251,9 @@ class Engine:
         self._requested: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._dirty = False  # state changed by an admin request since the last checkpoint
         self._newest_ts: float | None = None  # the newest event time seen (retention)
+        self.user_partitions = UserPartitions()
+        self.split_users = 0  # users seen in more than one partition since start
+        self._split_warned_at = -SPLIT_WARN_EVERY_S
         self._expired_at: float | None = None  # the newest event time at the last sweep
         # A factory's source is rebuilt when it fails (None meanwhile); a given one is not.
         self._factory: SourceFactory | None = None
@@ -407,9 +412,11 @@ class Engine:
         # order matters only against deletions (of the same item), so it is applied
         # between them, each event after the deletions that preceded it.
         avail, done = batch.availability, 0
-        queued = 0
+        queued, at, where = 0, 0, batch.partitions
         for part, deletions in _segments(batch.events, batch.deletions):
-            queued += self._ingest_events(part)
+            queued += self._ingest_events(
+                part, None if where is None else where[at: at + len(part)])
+            at += len(part)
             for kind, external_id in zip(deletions.kinds.tolist(), deletions.ids.tolist(),
                                          strict=True):
                 self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after == done)))
@@ -425,11 +432,15 @@ class Engine:
         if self._unpublished_since is None:
             self._unpublished_since = time.monotonic()
 
-    def _ingest_events(self, events: Events | MappedEvents) -> int:
-        """Ingest interactions; returns the positives queued for training."""
+    def _ingest_events(self, events: Events | MappedEvents,
+                       partitions: np.ndarray | None = None) -> int:
+        """Ingest interactions (``partitions``: each one's, when the source knows them);
+        returns the positives queued for training."""
         if not len(events):
             return 0
         users, items = self.trainer.rows(events)
+        if partitions is not None:
+            self._check_partitions(users, partitions)
         self.catalogue.recent.add(items, events.ts)
         self.online.observe(self.holder.get(), users, items)  # before training on them
         result = self.trainer.ingest_rows(users, items, events.ts)
@@ -437,6 +448,23 @@ class Engine:
         newest = float(np.max(events.ts))
         self._newest_ts = newest if self._newest_ts is None else max(self._newest_ts, newest)
         return len(result.train_users)
+
+    def _check_partitions(self, users: np.ndarray, partitions: np.ndarray) -> None:
+        """Count users whose events arrive in more than one partition (UserPartitions);
+        warn at most every SPLIT_WARN_EVERY_S. Never the ids: logs outlive deletions."""
+        split = self.user_partitions.observe(users, partitions)
+        if not split:
+            return
+        self.split_users += split
+        self.metrics.engine.split_users.inc(split)
+        now = time.monotonic()
+        if now - self._split_warned_at >= SPLIT_WARN_EVERY_S:
+            self._split_warned_at = now
+            log.warning("%d more users have events in more than one partition (%d since "
+                        "start): the producer is not keying events by user, or partitions were "
+                        "added to the topic; one worker of a group would not hold all of such "
+                        "a user's state (docs/operations.md, \"Events keyed by user\")", split,
+                        self.split_users)
 
     # ---- forgetting and retention --------------------------------------------------------------
 

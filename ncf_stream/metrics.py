@@ -87,6 +87,10 @@ class EngineMetrics:
         self.store_bytes = Gauge(f"{PREFIX}_store_bytes", "Memory held by the store", registry=r)
         self.repeats = Counter(f"{PREFIX}_interaction_repeats",
                                "Events repeating a stored (user, item)", registry=r)
+        self.split_users = Counter(
+            f"{PREFIX}_users_in_several_partitions", "Users whose events arrived in more than "
+            "one Kafka partition (counted once each, since start): events not keyed by user",
+            registry=r)
         self.users = Gauge(f"{PREFIX}_users", "Known users", registry=r)
         self.items = Gauge(f"{PREFIX}_items", "Known items", registry=r)
         self.holdouts = Gauge(f"{PREFIX}_holdouts", "Users with a held-out interaction",

@@ -48,6 +48,9 @@ class EventBatch:
     # that order among the interactions (a source that maps ids sends ``events``
     # unmapped in a batch with deletions: see consumers.source_process).
     deletions: Deletions = field(default_factory=Deletions.empty)
+    # Per event of ``events``: the partition number it was read from (int32), from a
+    # source that has partitions; the engine checks that each user stays in one.
+    partitions: np.ndarray | None = None
 
     @property
     def rejected(self) -> int:
@@ -62,6 +65,46 @@ class EventBatch:
     def commit_offsets(self) -> dict[Partition, int]:
         """What to commit once this batch's effect is durable: the next offset per partition."""
         return {tp: hi for tp, (_, hi) in self.offsets.items()}
+
+
+class UserPartitions:
+    """The partition each user's events arrive in, by user row.
+
+    The event contract keys events by user, so every event of a user lands in one
+    partition, whatever partitioner the producer uses. A group of trainers relies on
+    it: the worker owning a partition owns its users' store rows, so a user whose
+    events arrive in two partitions would have its state split between two workers.
+    A producer that sends without a key (round-robin or sticky partitioning) breaks
+    it, and so does adding partitions to the topic (keys move). Memory: 4 bytes per
+    user row."""
+
+    SPLIT = -2  # a user already seen in two partitions (counted once)
+
+    def __init__(self) -> None:
+        self._of = np.full(1024, -1, dtype=np.int32)  # -1: not seen in any yet
+
+    def observe(self, users: np.ndarray, partitions: np.ndarray) -> int:
+        """Record (user row, partition) pairs; returns how many users this made seen in
+        more than one partition for the first time."""
+        users = np.asarray(users, dtype=np.int64)
+        keep = users >= 0  # a user deleted within the batch has no row any more
+        users, partitions = users[keep], np.asarray(partitions, dtype=np.int64)[keep]
+        if not len(users):
+            return 0
+        top = int(users.max()) + 1
+        if top > len(self._of):
+            grown = np.full(max(top, 2 * len(self._of)), -1, dtype=np.int32)
+            grown[: len(self._of)] = self._of
+            self._of = grown
+        # A user's first partition is the one it is first seen with (among a batch's new
+        # users, any of theirs: a second one in the batch is then a mismatch below).
+        # Gathers only: no sort of the batch (np.unique runs over the mismatches alone).
+        new = self._of[users] == -1
+        self._of[users[new]] = partitions[new]
+        now = self._of[users]
+        fresh = np.unique(users[(now >= 0) & (now != partitions)])
+        self._of[fresh] = self.SPLIT
+        return len(fresh)
 
 
 @dataclass(frozen=True)
