@@ -28,6 +28,10 @@ tests:
         values: '0x30'
       - series: 'ncf_stream_source_up{{job="a"}}'
         values: '1 1 0x20'
+      - series: 'ncf_stream_users_in_several_partitions_total{{job="a"}}'
+        values: '0x10 3x20'
+      - series: 'ncf_stream_users_in_several_partitions_total{{job="b"}}'
+        values: '2x30'
     alert_rule_test:
       - eval_time: 12m
         alertname: NcfStreamModelStale
@@ -44,10 +48,19 @@ tests:
           - exp_labels: {{severity: ticket, job: a}}
             exp_annotations:
               summary: "ncf-stream's event source has been down for 5 minutes (see /healthz)"
+      - eval_time: 12m
+        alertname: NcfStreamEventsNotKeyedByUser
+        exp_alerts:
+          - exp_labels: {{severity: ticket, job: a}}
+            exp_annotations:
+              summary: ncf-stream sees users whose events arrive in more than one partition
+      - eval_time: 30m
+        alertname: NcfStreamEventsNotKeyedByUser
+        exp_alerts: []
 """
 
 
-def test_alert_rules_fire_on_a_stale_model_with_lag_and_a_down_source(tmp_path: Path) -> None:
+def test_alert_rules_fire_on_a_stale_model_with_lag_a_down_source_and_unkeyed_events(tmp_path: Path) -> None:
     promtool = require_program("promtool", why=".ci/run installs Debian's prometheus")
     subprocess.run([promtool, "check", "rules", str(RULES)], check=True, capture_output=True)
     cases = tmp_path / "cases.yml"
