@@ -60,7 +60,9 @@ tests:
 """
 
 
-def test_alert_rules_fire_on_a_stale_model_with_lag_a_down_source_and_unkeyed_events(tmp_path: Path) -> None:
+def test_alert_rules_fire_on_a_stale_model_with_lag_a_down_source_and_unkeyed_events(
+    tmp_path: Path,
+) -> None:
     promtool = require_program("promtool", why=".ci/run installs Debian's prometheus")
     subprocess.run([promtool, "check", "rules", str(RULES)], check=True, capture_output=True)
     cases = tmp_path / "cases.yml"

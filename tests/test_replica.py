@@ -298,6 +298,17 @@ def test_an_unreadable_directory_degrades_and_recovers(tmp_path: Path) -> None:
     assert w.unreadable == "" and "cannot read" not in w.status().ingest_reason
 
 
+def answers_alike(engine: Engine, snap: Snapshot, got: Snapshot, w: SnapshotWatcher) -> None:
+    """The replica's index finds what the trainer's does, and its recommendations are the
+    trainer's, for the first users."""
+    queries = np.random.default_rng(0).standard_normal((5, snap.index.dim))
+    assert all(np.array_equal(a, b) for a, b in zip(
+        snap.index.search(queries, 5), got.index.search(queries, 5), strict=True))
+    replica = Recommender.from_settings(w.holder, engine.settings)
+    for user in snap.user_ids.ids(np.arange(8)).tolist():
+        assert replica.recommend(user, 10) == engine.recommender.recommend(user, 10)
+
+
 def test_an_ivf_index_and_the_history_input_come_back_identical(tmp_path: Path) -> None:
     """The IVF quantizer travels with the export (a retrained one would find other
     candidates), and the history input's context rows and recent items too."""
@@ -320,12 +331,7 @@ def test_an_ivf_index_and_the_history_input_come_back_identical(tmp_path: Path) 
         assert w.poll()
         got = w.holder.get()
         assert got is not None and got.index.kind == "ivf"
-        queries = np.random.default_rng(0).standard_normal((5, snap.index.dim))
-        assert all(np.array_equal(a, b) for a, b in zip(
-            snap.index.search(queries, 5), got.index.search(queries, 5), strict=True))
-        replica = Recommender.from_settings(w.holder, engine.settings)
-        for user in snap.user_ids.ids(np.arange(8)).tolist():
-            assert replica.recommend(user, 10) == engine.recommender.recommend(user, 10)
+        answers_alike(engine, snap, got, w)
         assert torch.equal(got.model.user_rows(torch.arange(8)),
                            snap.model.user_rows(torch.arange(8)))
     finally:
@@ -345,12 +351,7 @@ def test_a_torch_index_comes_back_as_one(tmp_path: Path) -> None:
         got = w.holder.get()
         assert got is not None and got.index.kind == "torch"
         assert got.index.config == snap.index.config
-        queries = np.random.default_rng(0).standard_normal((5, snap.index.dim))
-        assert all(np.array_equal(a, b) for a, b in zip(
-            snap.index.search(queries, 5), got.index.search(queries, 5), strict=True))
-        replica = Recommender.from_settings(w.holder, engine.settings)
-        for user in snap.user_ids.ids(np.arange(8)).tolist():
-            assert replica.recommend(user, 10) == engine.recommender.recommend(user, 10)
+        answers_alike(engine, snap, got, w)
     finally:
         engine.close()
 
