@@ -560,7 +560,8 @@ def main() -> None:
 
         chosen = json.loads((args.chosen or CHOSEN).read_text())
         result = {"mode": "daemon" + ("_quick" if args.quick else ""),
-                  **run_daemon(sys.modules[__name__], args.data, events, chosen, budget)}
+                  **run_daemon(sys.modules[__name__], args.data, events, chosen, budget,
+                               repeat=not args.quick)}
     elif args.select:
         only = args.methods.split(",") if args.methods else None
         if only and set(only) - set(GRIDS):

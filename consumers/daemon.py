@@ -28,6 +28,7 @@ from ncf_stream.servers import HttpServer, serve_metrics, stop_on_signals, tune_
 from ncf_stream.settings import Settings
 from ncf_stream.source import EventSource
 from ncf_stream.threads import background_thread, trainer_thread, tune_malloc
+from ncf_stream.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class Daemon:
 
     def __init__(self, settings: Settings, source: EventSource | SourceFactory | None = None,
                  registry: CollectorRegistry | None = None) -> None:
-        tune_malloc()  # before the big allocations: see threads.tune_malloc
+        # Before the big allocations: see threads.tune_malloc.
+        tune_malloc(TrainerConfig.from_settings(settings).step_tensor_bytes)
         if not settings.kafka_group_instance_id:  # see the setting: rebuilds resume at once
             settings = settings.model_copy(update={
                 "kafka_group_instance_id": f"ncf-stream-{socket.gethostname()}-{os.getpid()}"})

@@ -111,23 +111,36 @@ def release_free_memory() -> None:
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 4 << 20  # blocks this large get their own mapping, returned on free
-TRIM_THRESHOLD = 64 << 20  # free memory kept at the heap top before giving it back
+MMAP_THRESHOLD = 4 << 20  # at least: blocks this large get their own mapping, returned on free
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's cap (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD = 64 << 20  # at least: free memory kept at the heap top before giving it back
 
 
-def tune_malloc() -> bool:
-    """Fixed glibc thresholds, so large short-lived arrays go back to the OS when freed.
+def malloc_thresholds(step_tensor_bytes: int = 0) -> tuple[int, int]:
+    """(mmap threshold, trim threshold) for a trainer whose largest per-step tensor is
+    ``step_tensor_bytes``: twice that, so every step tensor stays on the heap, and at
+    least MMAP_THRESHOLD; the trim threshold four times the mmap one, at least
+    TRIM_THRESHOLD, so a step's freed tensors are reused by the next one."""
+    mmap = min(MMAP_THRESHOLD_MAX, max(MMAP_THRESHOLD, 2 * step_tensor_bytes))
+    return mmap, max(TRIM_THRESHOLD, 4 * mmap)
+
+
+def tune_malloc(step_tensor_bytes: int = 0) -> bool:
+    """Fixed glibc thresholds, so large short-lived arrays go back to the OS when freed,
+    and training's per-step tensors do not (:func:`malloc_thresholds`).
 
     glibc raises its mmap threshold to the size of each mapped block freed (up
     to 32 MB), after which snapshot copies, merges and evaluation blocks come
-    from the heap and stay resident as fragments. Fixed at 4 MB (training's
-    per-step tensors, ~2 MB, stay on the heap) with a 64 MB trim threshold
-    (a 128 KB one made steps fault pages in and cost 10-25% of the training
-    rate): bench/soak.py, 5 min at 5k events/s, RSS after warm-up 1277 -> 1331
-    MB by default, 1013 -> 968 MB so. Returns whether glibc took the settings.
-    """
+    from the heap and stay resident as fragments. Fixed at 4 MB for the default
+    model (its per-step tensors, ~2 MB, stay on the heap) with a 64 MB trim
+    threshold (a 128 KB one made steps fault pages in and cost 10-25% of the
+    training rate): bench/soak.py, 5 min at 5k events/s, RSS after warm-up 1277 ->
+    1331 MB by default, 1013 -> 968 MB so. A wider model's step tensors must stay
+    under it too: at the quality profile (8.9 MB each) a fixed 4 MB had every step
+    map and unmap them, 200k page faults/s, half the trainer's CPU in the kernel and
+    a third of its training rate (2026-12-03). Returns whether glibc took them."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap, trim = malloc_thresholds(step_tensor_bytes)
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, trim))

@@ -71,6 +71,14 @@ class TrainerConfig:
     def positives_per_step(self) -> int:
         return max(1, self.batch_size // (1 + self.negatives))
 
+    @property
+    def step_tensor_bytes(self) -> int:
+        """The largest float32 tensor of a step, about: a row per sample as wide as the
+        widest of the embedding rows, the MLP's input and the joined GMF and MLP outputs."""
+        m = self.model
+        return 4 * self.batch_size * max(m.row_dim, m.mlp_layers[0],
+                                         m.factors + m.mlp_layers[-1])
+
 
 @dataclass
 class StepStats:
