@@ -180,8 +180,7 @@ class CandidateIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` items by inner product, best first: (scores, rows), float32 and int64,
-        each (len(queries), min(k, n)); rows -1 (and their scores meaningless) where an IVF
-        index found fewer."""
+        each (len(queries), min(k, n)); rows -1 (scores -inf) where an IVF index found fewer."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         k = min(k, self.size)
         if k <= 0:
@@ -201,7 +200,9 @@ class CandidateIndex:
         dist, rows = index.search(reduced.astype(np.float32), k)
         # |[s q, 0] - [x, e]|^2 = s^2 |q|^2 + M^2 - 2 s q.x: back to inner products
         sq = np.einsum("ij,ij->i", reduced, reduced)[:, None]
-        scores = (sq + self.max_norm ** 2 - dist) / (2 * scale)
+        with np.errstate(over="ignore"):  # FAISS pads a short result with FLT_MAX distances
+            scores = (sq + self.max_norm ** 2 - dist) / (2 * scale)
+        scores[rows < 0] = -np.inf  # and rows -1: nothing there
         return scores.astype(np.float32, copy=False), rows
 
 

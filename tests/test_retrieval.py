@@ -118,6 +118,24 @@ def test_a_failed_gpu_copy_keeps_the_cpu_index_with_its_nprobe(
                                   brute(items, q, 10)[1])
 
 
+def test_an_ivf_search_that_finds_fewer_pads_with_rows_minus_one_scored_minus_inf() -> None:
+    """One probe of many lists finds fewer than k: the padding is -1 with score -inf
+    (FAISS's FLT_MAX distances turned back into scores would overflow), and what was
+    found is exact by inner product within the probed list."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 8)).astype(np.float32)
+    index = CandidateIndex(vectors, IndexConfig(ivf_threshold=1000, nlist=64, nprobe=1,
+                                                use_gpu=False))
+    query = rng.standard_normal((1, 8)).astype(np.float32)
+    with np.errstate(all="raise"):
+        scores, rows = index.search(query, 500)
+    found = rows[0] >= 0
+    assert 0 < found.sum() < 500 and (rows[0][~found] == -1).all()
+    assert np.isneginf(scores[0][~found]).all()
+    np.testing.assert_allclose(scores[0][found], vectors[rows[0][found]] @ query[0], rtol=1e-4,
+                               atol=1e-4)
+
+
 # ---- the torch search ---------------------------------------------------------------------------
 
 ON_CPU = IndexConfig(retrieval_backend="torch", use_gpu=False)  # the ops CUDA runs, on the CPU
