@@ -248,10 +248,16 @@ class Settings(BaseSettings):
                     "events wake it. Replay costs query latency: at 100 qps on 2 cores the idle "
                     "p99 was 7.4-8.0 ms at 0.3, 7.6 at 0.4 and 9.8-14.5 at 0.5 (bench/idle.py).")
     max_pending_positives: int = Field(
-        2_000_000, ge=1,
-        description="Backpressure: with this many fresh positives waiting to be trained "
-                    "(about 16 bytes each), the engine stops polling until training catches "
-                    "up, so a burst waits in Kafka instead of in memory.")
+        8192, ge=1,
+        description="How far ingest may run ahead of training: with this many fresh positives "
+                    "waiting, the engine stops polling until training catches up, so a backlog "
+                    "waits in Kafka (and shows as consumer lag). Kept near one poll, each "
+                    "positive trains against the store as it stood at its own time: the user's "
+                    "items and the popularity its negatives are drawn by. Run ahead (2M), a "
+                    "backlog trained against its own future: full HR@10 0.371 against 0.417 on "
+                    "10k synthetic users (docs/benchmarks.md, Through the daemon). Raise it to "
+                    "let a backlog reach the store (seen items, history) faster than the model "
+                    "learns it; each waiting positive takes about 16 bytes.")
     trainer_threads: int | None = Field(
         None, ge=1,
         description="torch threads of the training thread; none: one per usable core but one, "
