@@ -19,13 +19,14 @@ test:
 lint:
 	@$(ENSURE_VENV) && $$venv/bin/ruff check . && $$venv/bin/mypy
 
-# bench/quality.py, levers.py and quality_anonymous.py need a ratings file; MovieLens is not
+# bench/quality.py, levers.py, quality_anonymous.py and batch_curve.py need a ratings file; MovieLens is not
 # part of the product.
 QUALITY_DATA ?= ../shared/data/ml-latest-small/ratings.csv
 
 bench:
 	@$(ENSURE_VENV) && for b in bench/*.py; do \
-	  if [ $$b = bench/quality.py ] || [ $$b = bench/levers.py ] || [ $$b = bench/quality_anonymous.py ]; then \
+	  if [ $$b = bench/quality.py ] || [ $$b = bench/levers.py ] || [ $$b = bench/quality_anonymous.py ] \
+	     || [ $$b = bench/batch_curve.py ]; then \
 	    [ -f "$(QUALITY_DATA)" ] || { echo "== $$b skipped: no $(QUALITY_DATA)"; continue; }; \
 	    echo "== $$b"; $$venv/bin/python $$b "$(QUALITY_DATA)" --quick | tail -n 1; continue; \
 	  fi; \

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from ncf_stream.events import Events
 from ncf_stream.ids import IdMap
 from ncf_stream.settings import Settings
 from ncf_stream.store import InteractionStore
+from ncf_stream.synth import SynthConfig, generate, write
 
 quality = bench_module("quality")
 
@@ -145,3 +148,27 @@ def test_the_quality_profile_is_the_chosen_stream_configuration() -> None:
     stream = chosen["methods"]["stream"]
     want = {**stream["config"], "replay_ratio": stream["replay_ratio"]}
     assert {name: getattr(profile, name) for name in want} == want
+
+
+def test_batch_curve_runs_each_batch_size_on_the_same_hold_outs(tmp_path: Path) -> None:
+    """bench/batch_curve.py end to end on a tiny planted stream: one entry per batch
+    size, the first its own baseline (a zero difference), the larger batch polled in
+    full steps, every run trained to about the same number of samples."""
+    data = tmp_path / "tiny.csv"
+    write(generate(SynthConfig(users=60, items=40, events=1500, topics=4, seed=2)), data)
+    script = Path(__file__).resolve().parents[1] / "bench" / "batch_curve.py"
+    out = subprocess.run([sys.executable, str(script), str(data), "--quick",
+                          "--batches", "512,4096", "--replay-samples", "60000"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    curve = result["curve"]
+    assert [c["batch_size"] for c in curve] == [512, 4096]
+    assert all(v == [0.0, 0.0] for v in curve[0]["diff_ci"].values())
+    for c in curve:
+        assert 0.0 <= c["full_hr10"] <= 1.0 and c["samples_per_s"] > 0
+        assert c["full_hr10_ci"][0] <= c["full_hr10"] <= c["full_hr10_ci"][1]
+    small, large = (c["samples_total"][0] for c in curve)
+    assert abs(large - small) <= 4096 * 3  # equal budgets, up to a few large steps
+    batch_curve = bench_module("batch_curve")
+    assert batch_curve.budget_for(4096, 1).poll == 1000  # at least the quality bench's poll
+    assert batch_curve.budget_for(1 << 20, 1).poll == (1 << 20) // 5
