@@ -16,13 +16,23 @@ positives + 4 negatives each), one run:
   with SparseAdam, to separate the optimizer's share of the speedup.
 * ``dense_adam``: ``nn.Embedding`` + ``torch.optim.Adam`` over everything, the
   plain offline loop.
+* ``device_step``: ``Trainer.step`` with the device-resident step on
+  (:mod:`ncf_stream.device_step`: replay, negatives against the live mirror of
+  the store, the fresh queue and the update on the trainer's device), at each
+  of ``--batches``: launch overhead caps small batches on a GPU, so its rate is
+  a curve (what a larger batch costs in quality: bench/batch_curve.py); then
+  the fastest of them under ``torch.autocast`` in bfloat16 (AMP).
 
-The last line is one JSON object.
+``train_samples_per_s`` is the best online trainer step measured (the host
+step at 8192, or the device step at its best batch). The data: a synthetic
+stream with Zipf items (``--users``, ``--items``, ``--events``; the issue's GPU
+target is stated for 1M x 200k x 100M). The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -37,7 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncf_stream.model import NeuMFConfig, Tower
-from ncf_stream.synth import SynthConfig, generate
+from ncf_stream.synth import SynthConfig, SynthStream, generate
 from ncf_stream.trainer import Trainer, TrainerConfig
 
 BATCH = 8192
@@ -92,6 +102,19 @@ class TextbookNeuMF(nn.Module):
         return self.predict(torch.cat([gmf, mlp], dim=1)).squeeze(1)
 
 
+def filled(trainer: Trainer, stream: SynthStream) -> Trainer:
+    """``trainer`` with the whole stream ingested, in large appends."""
+    events = stream.to_events()
+    for lo in range(0, len(events), 1 << 20):
+        trainer.ingest(events.take(np.arange(lo, min(lo + (1 << 20), len(events)))))
+    return trainer
+
+
+def online_of(trainer: Trainer) -> int:
+    stats = trainer.step()
+    return 0 if stats is None else stats.samples
+
+
 def timed(step: Callable[[], int], seconds: float, warmup: int = 3) -> float:
     for _ in range(warmup):
         step()
@@ -143,23 +166,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--events", type=int, help="default 5M, --quick 1M")
+    parser.add_argument("--batches",
+                        help="device-step batch sizes (default 8192; on CUDA "
+                             "8192,65536,262144,1048576)")
     args = parser.parse_args()
     seconds = args.seconds or (5.0 if args.quick else 20.0)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    events = 1_000_000 if args.quick else 5_000_000
+    events = args.events or (1_000_000 if args.quick else 5_000_000)
     stream = generate(SynthConfig(users=args.users, items=args.items, events=events, seed=0))
-    trainer = Trainer(TrainerConfig(batch_size=BATCH), device=device)
-    for lo in range(0, events, 65536):
-        trainer.ingest(stream.to_events().take(np.arange(lo, min(lo + 65536, events))))
+    trainer = filled(Trainer(TrainerConfig(batch_size=BATCH), device=device), stream)
     n_users, n_items = len(trainer.user_ids), len(trainer.item_ids)
     print(f"{len(trainer.store):,} interactions, {n_users:,} users, {n_items:,} items on "
           f"{device}", file=sys.stderr)
-
-    def online() -> int:
-        stats = trainer.step()
-        return 0 if stats is None else stats.samples
 
     data = batches(n_users, n_items, 64, device)
     it = iter(range(10**12))
@@ -181,7 +202,7 @@ def main() -> None:
     dense_opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense.parameters(), lr=1e-3)]
 
     rates = {
-        "samples_per_s": timed(online, seconds),
+        "samples_per_s": timed(lambda: online_of(trainer), seconds),
         "train_batch_samples_per_s": timed(batch_only, seconds),
         "sparseadam_samples_per_s": timed(torch_loop(textbook, textbook_opts, data), seconds),
         "sparseadam_fused_tables_samples_per_s": timed(torch_loop(sparse, sparse_opts, data),
@@ -190,9 +211,32 @@ def main() -> None:
     }
     for name, rate in rates.items():
         print(f"{name}: {rate:,.0f}", file=sys.stderr)
+    del textbook, sparse, dense, textbook_opts, sparse_opts, dense_opts, data
+
+    sizes = ([int(b) for b in args.batches.split(",")] if args.batches
+             else [BATCH, 65536, 262144, 1048576] if device.type == "cuda" else [BATCH])
+    device_trainer = filled(Trainer(TrainerConfig(batch_size=BATCH, device_step="on"),
+                                    device=device), stream)
+    curve: dict[str, float] = {}
+    for size in sizes:
+        # One mirror for every size: the batch is read from the config at each step.
+        device_trainer.cfg = dataclasses.replace(device_trainer.cfg, batch_size=size)
+        curve[str(size)] = timed(lambda: online_of(device_trainer), seconds)
+        print(f"device step, batch {size}: {curve[str(size)]:,.0f}", file=sys.stderr)
+    best = max(curve, key=lambda k: curve[k])
+    device_trainer.cfg = dataclasses.replace(device_trainer.cfg, batch_size=int(best))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        amp = timed(lambda: online_of(device_trainer), seconds)
+    print(f"device step, batch {best}, bf16 autocast: {amp:,.0f}", file=sys.stderr)
+    shortfall = device_trainer.device_step.sampler.shortfall_share()  # type: ignore[union-attr]
     print(json.dumps({
         "device": str(device), "batch": BATCH, "users": n_users, "items": n_items,
         **{k: round(v) for k, v in rates.items()},
+        "device_step_samples_per_s": {k: round(v) for k, v in curve.items()},
+        "device_step_best_batch": int(best),
+        "amp_samples_per_s": round(amp),
+        "device_step_negative_shortfall": shortfall,
+        "train_samples_per_s": round(max(rates["samples_per_s"], curve[best])),
         "speedup_vs_sparseadam": round(rates["samples_per_s"] / rates["sparseadam_samples_per_s"],
                                        2),
         "speedup_vs_sparseadam_fused_tables": round(
