@@ -267,6 +267,9 @@ def test_replay_is_uniform_over_training_positives_and_never_a_holdout(device: s
     want = len(got) / len(train)
     assert float(((freq - want) ** 2 / want).sum()) < 2 * len(train) + 40  # chi-square
     assert int(ds.replay_shortfall) == 0
+    # ... and that mirrored hold-out is a negative like any untrained item.
+    neg = ds.sampler.sample(torch.full((100,), u0, device=device), 4).cpu().numpy()
+    assert set(neg.ravel().tolist()) == {x, trainer.item_ids.rows(["i2"], add=False)[0]}
 
 
 @pytest.mark.parametrize("device", DEVICES)
