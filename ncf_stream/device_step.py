@@ -14,18 +14,21 @@ a sorted base and a small sorted delta, each in a buffer whose capacity
 doubles. An append sorts its keys into the delta; past ``merge_share`` of the
 base the two are merged by one ``torch.sort``. A membership test is one
 ``torch.searchsorted`` per part. Beside the keys: per-item counts of the
-positives (popularity, kept as keys arrive), each user's current hold-out item
-(-1 for none) and each item's deletion mark. A key is appended once: the host
-leaves out the pairs it knows are mirrored (stored before and not the
-hold-out), and the device turns any other key it already holds into a
-sentinel that sorts last and is never counted (the rare hold-out that had been
-trained on before it became the newest again).
+training positives (popularity, kept as keys arrive), each user's current
+hold-out item (-1 for none) and each item's deletion mark, all in buffers that
+double as users and items arrive. A key is appended once: the host leaves out
+the pairs it knows are mirrored (stored before and not the hold-out), and the
+device turns any other key it already holds into a sentinel that sorts last,
+is never counted, and is dropped at the next merge.
 
 **The hold-out is invisible here**, as in :mod:`ncf_stream.sampler`: a user's
 current hold-out is never a replayed positive, is allowed as a negative, and
-is not counted in popularity. It is normally not in the mirror at all; the
-hold-out tensor covers the one case where it is (a trained pair repeated as
-the user's newest event).
+is not counted in popularity. A hold-out is normally not in the mirror at all;
+one that was trained on before it became the newest again (a repeat: 113 of
+300 hold-outs on the stream of tests/conftest.py's ``trained``) stays in the
+keys, and the hold-out tensor takes it out: it is subtracted from its item's
+count while it is the hold-out, a membership test for negatives ignores it,
+and a replay draw of it is redrawn.
 
 **Sync-free rules.** Everything a step's shapes depend on is a host integer
 known without asking the device: the batch size, the number of fresh
@@ -41,13 +44,19 @@ exact draw from their complement. Replay draws uniformly over the mirror's
 valid keys by ``rand * count`` (the count a device scalar) and redraws a draw
 that hits a hold-out the same way.
 
-**What still syncs** (rare, never per step): forgetting a user or an item and
-a retention sweep rebuild the mirror from the store (:meth:`DeviceMirror.rebuild_from`,
-an upload), and forgetting filters the fresh queue on the host (a download of
-the queue). A store replaced under the trainer (a checkpoint restore) is
-rebuilt from too, and the queue emptied: pending positives are not
-checkpointed, on either path; they are in the restored store, so replay
-reaches them.
+**What still syncs** (rare, never per step): a merge reads the count of keys
+back to drop the sentinels (once per ``merge_share`` of growth, in an ingest);
+forgetting a user or an item and a retention sweep rebuild the mirror from the
+store (:meth:`DeviceMirror.rebuild_from`, an upload), and forgetting filters
+the fresh queue on the host (a download of the queue);
+:meth:`ncf_stream.trainer.Trainer.negative_shortfall` reads the counters. An
+ingest otherwise only uploads its arrays, without waiting for the device. A
+store replaced under the trainer (a checkpoint restore) is rebuilt from too,
+and the queue emptied: pending positives are not checkpointed, on either path;
+they are in the restored store, so replay reaches them. Optimizer state is
+checkpointed as on the host path (the scratch rows, above the live rows, never
+are), the device generator and the shortfall counters are not (nor are the
+host path's generators).
 
 **Not device-resident yet**: the history input (``history_length`` > 0) needs
 each replayed positive's event time and the users' recent items, which live on
@@ -83,6 +92,14 @@ def enabled(mode: str, device: torch.device, history_length: int) -> bool:
     if mode == "auto":
         return device.type == "cuda" and not history_length
     return mode == "on"
+
+
+def upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host rows as int64 on the device. ``non_blocking``: a plain ``.to`` waits for the
+    stream (every queued step) to finish; from pageable memory the copy is staged at
+    once, so the array may go right after."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device,
+                                                                          non_blocking=True)
 
 
 class _Buffer:
@@ -181,7 +198,7 @@ class DeviceMirror:
         already held becomes a sentinel, counted nowhere."""
         if len(keys) == 0:
             return
-        k = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)).to(self.device)
+        k = upload(keys, self.device)
         present = self.contains(k)
         fresh = ~present
         self._counts.data.index_add_(0, torch.where(present, 0, k & ITEM_MASK), fresh.long())
@@ -214,8 +231,7 @@ class DeviceMirror:
         mirrored) comes back: popularity counts training positives only."""
         if not len(users):
             return
-        u = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64)).to(self.device)
-        new = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)).to(self.device)
+        u, new = upload(users, self.device), upload(items, self.device)
         old = self._holdout.data[u]
         changed = old != new
         for item, sign in ((old, 1), (new, -1)):
@@ -231,18 +247,18 @@ class DeviceMirror:
         keys = pair_keys(users, items)
         self.grow(store.n_users, store.n_items)
         self._base.ensure(len(keys))
-        self._base.data[: len(keys)] = torch.from_numpy(keys).to(self.device)
+        self._base.data[: len(keys)] = upload(keys, self.device)
         self.base_slots, self.delta_slots = len(keys), 0
         self._base_valid.fill_(len(keys))
         self._delta_valid.zero_()
         counts = np.bincount(items, minlength=store.n_items).astype(np.int64)
         self._counts.data.zero_()
-        self._counts.data[: store.n_items] = torch.from_numpy(counts).to(self.device)
+        self._counts.data[: store.n_items] = upload(counts, self.device)
         ho = store.holdout()
         self._holdout.data.fill_(-1)
         self.set_holdouts(ho.users, ho.items)
         self._dead.data.zero_()
-        dead = torch.from_numpy(store.dead_items()).to(self.device)
+        dead = upload(store.dead_items(), self.device)
         self._dead.data[dead] = True
         self.store, self.removed = store, store.removed
         self.version += 1
@@ -309,7 +325,7 @@ class DeviceNegativeSampler:
         n = len(users) * k
         if n == 0 or self.mirror.n_items == 0:
             return torch.full((len(users), k), -1, dtype=torch.int64, device=users.device)
-        rows = users.repeat_interleave(k)
+        rows = users[:, None].expand(len(users), k).reshape(-1)  # no repeats tensor: no sync
         out = self._draw(n)
         bad = self.mirror.trained(rows, out)
         for _ in range(self.rounds - 1):
@@ -354,8 +370,7 @@ class DeviceQueue:
         dev = self._users.data.device
         for b, a in ((self._users, users), (self._items, items)):
             b.ensure(self.tail + m)
-            b.data[self.tail: self.tail + m] = torch.from_numpy(
-                np.ascontiguousarray(a, dtype=np.int64)).to(dev)
+            b.data[self.tail: self.tail + m] = upload(a, dev)
         self.tail += m
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

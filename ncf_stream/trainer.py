@@ -400,7 +400,7 @@ class Trainer:
             group = torch.cat([items[:, None], neg], dim=1)
             log_q = ds.sampler.log_q(torch.where(group_ok, group, 0))
             all_i = torch.where(group_ok, group, si).ravel()
-            all_u = torch.where(ok, users, su).repeat_interleave(1 + k)
+            all_u = torch.where(ok, users, su)[:, None].expand(b, 1 + k).reshape(-1)
             keep = group_ok.clone()
             keep[:, 0] = True  # a masked positive's logit stays finite: its group weighs 0
             weight = ok.float()
@@ -413,7 +413,8 @@ class Trainer:
             valid = group_ok
         else:
             valid_flat = torch.cat([ok, neg_ok.ravel()])
-            all_u = torch.where(valid_flat, torch.cat([users, users.repeat_interleave(k)]), su)
+            each = users[:, None].expand(b, k).reshape(-1)  # each negative's user
+            all_u = torch.where(valid_flat, torch.cat([users, each]), su)
             all_i = torch.where(valid_flat, torch.cat([items, neg.ravel()]), si)
             labels = torch.zeros(b * (1 + k), device=dev)
             labels[:b] = 1.0

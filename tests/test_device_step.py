@@ -85,7 +85,7 @@ def device_trainer(device: str, **kw: object) -> Trainer:
     return Trainer(cfg, device=device)
 
 
-# ---- the setting -------------------------------------------------------------------------------
+# ---- the setting -----------------------------------------------------------------------------
 
 
 def test_the_setting_turns_it_on_for_cuda_without_the_history_input() -> None:
@@ -99,7 +99,7 @@ def test_the_setting_turns_it_on_for_cuda_without_the_history_input() -> None:
     assert Trainer(TrainerConfig(model=TINY, device_step="on")).device_step is not None
 
 
-# ---- the mirror --------------------------------------------------------------------------------
+# ---- the mirror ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -156,7 +156,7 @@ def test_the_trainers_mirror_follows_the_store_through_holdouts_and_removals(
     assert 0 < len(ds.mirror.keys()) < before
 
 
-# ---- negatives ---------------------------------------------------------------------------------
+# ---- negatives -------------------------------------------------------------------------------
 
 
 def touched_store(touched: dict[int, list[int]]) -> InteractionStore:
@@ -241,7 +241,7 @@ def test_draw_frequencies_follow_count_to_the_alpha(device: str, alpha: float) -
         assert np.allclose(log_q, np.log(w), rtol=1e-5)
 
 
-# ---- replay and the fresh queue ------------------------------------------------------------------
+# ---- replay and the fresh queue --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -292,7 +292,7 @@ def test_fresh_positives_come_in_arrival_order_and_deletions_drop_them(device: s
     assert trainer.pending == 0
 
 
-# ---- the update ---------------------------------------------------------------------------------
+# ---- the update ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -346,7 +346,7 @@ def test_the_padded_update_equals_the_host_update(device: str, optimizer: str) -
     assert torch.equal(dev.model.items.weight[si], scratch_before[1])
 
 
-# ---- training --------------------------------------------------------------------------------------
+# ---- training --------------------------------------------------------------------------------
 
 
 def topical_share(trainer: Trainer, stream: SynthStream) -> tuple[float, float]:
@@ -394,7 +394,7 @@ def test_the_device_step_is_reproducible_at_a_seed_on_the_cpu() -> None:
     assert a.steps == b.steps > 20
 
 
-# ---- the engine ------------------------------------------------------------------------------------
+# ---- the engine ------------------------------------------------------------------------------
 
 
 def test_an_engine_with_the_device_step_forgets_and_checkpoints(tmp_path: Path) -> None:
