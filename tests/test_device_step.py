@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import drain_engine, small_engine_settings, train_stream  # tests/conftest.py
+from conftest import (  # tests/conftest.py
+    drain_engine,
+    small_engine_settings,
+    swapped_stream,
+    train_stream,
+)
 
 from ncf_stream import checkpoint
 from ncf_stream.device_step import (
@@ -392,6 +397,30 @@ def test_the_device_step_is_reproducible_at_a_seed_on_the_cpu() -> None:
         assert torch.equal(ta.weight[: ta.rows], tb.weight[: tb.rows]), name
         assert not torch.equal(ta.weight[: ta.rows], tc.weight[: tc.rows]), name
     assert a.steps == b.steps > 20
+
+
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_training_does_not_depend_on_the_holdout(device: str, loss: str) -> None:
+    """As tests/test_model.py's host test: every user's hold-out swapped for another
+    untouched item, and the replay, the negatives and so the weights are the same."""
+    u, i, i_alt, ts = swapped_stream(seed=7)
+    runs = []
+    for items in (i, i_alt):
+        trainer = device_trainer(device, alpha=0.75, loss=loss)
+        train_stream(trainer, events_of(list(zip(u.tolist(), items.tolist(), ts.tolist(),
+                                                 strict=True))), poll=100, replay_steps=50)
+        runs.append(trainer)
+    a, b = runs
+    assert not np.array_equal(a.store.holdout().items, b.store.holdout().items)
+    assert a.negative_shortfall() == b.negative_shortfall()
+    assert a.negative_shortfall()[0] > 0  # every tenth user has touched most of the items
+    for name in ("users", "items"):
+        ta, tb = getattr(a.model, name), getattr(b.model, name)
+        assert torch.equal(ta.weight[: ta.rows], tb.weight[: tb.rows]), name
+    for x, y in zip(a.model.tower.state_dict().values(), b.model.tower.state_dict().values(),
+                    strict=True):
+        assert torch.equal(x, y)
 
 
 # ---- the engine ------------------------------------------------------------------------------
