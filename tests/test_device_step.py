@@ -453,6 +453,12 @@ def test_an_engine_with_the_device_step_forgets_and_checkpoints(tmp_path: Path) 
         assert t.step() is not None
     assert torch.count_nonzero(t.model.items.weight[item_row]) == 0
     assert torch.count_nonzero(t.model.users.weight[user_row]) == 0
+    engine._gauges()  # the shortfall and the mirror's memory, read here and not per step
+    registry = engine.metrics.registry
+    assert registry.get_sample_value("ncf_stream_negatives_short_total") == float(
+        t.negative_shortfall()[0])
+    assert registry.get_sample_value("ncf_stream_device_mirror_bytes") == float(
+        t.device_step.nbytes()) >= 8 * len(t.store)
     engine.close()
     # Restored: the mirror is rebuilt from the checkpoint's store and training goes on;
     # the queue starts empty (pending positives are never checkpointed), as on the host.
