@@ -423,6 +423,30 @@ def test_device_training_does_not_depend_on_the_holdout(device: str, loss: str) 
         assert torch.equal(x, y)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_a_cuda_step_never_syncs(loss: str) -> None:
+    """The issue's promise, checked by CUDA itself: with sync debugging set to error,
+    steps (fresh, replay, negatives, the update) and an ingest of known rows without a
+    merge raise if anything waits for the device."""
+    trainer = device_trainer("cuda", alpha=0.75, loss=loss, batch_size=256)
+    events = repeating_stream(seed=3, n=2000)
+    trainer.ingest(events.take(np.arange(1500)))
+    trainer.step()  # the first step sets up the scratch rows and the popularity table
+    later = events.take(np.arange(1500, 2000))
+    known = np.isin(later.users, events.users[:1500]) & np.isin(later.items, events.items[:1500])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.ingest(later.take(np.flatnonzero(known)))
+        for _ in range(5):
+            assert trainer.step() is not None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(trainer.step().loss)  # type: ignore[union-attr]
+
+
 # ---- the engine ------------------------------------------------------------------------------
 
 
