@@ -194,12 +194,13 @@ class DeviceMirror:
     # ---- appending and rebuilding ----------------------------------------------------------------
 
     def append(self, keys: np.ndarray) -> None:
-        """Add training positives (host keys, unique, rows within :meth:`grow`'s); a key
-        already held becomes a sentinel, counted nowhere."""
+        """Add training positives (host keys, rows within :meth:`grow`'s); a key already
+        held, or repeated in ``keys``, becomes a sentinel, counted nowhere."""
         if len(keys) == 0:
             return
-        k = upload(keys, self.device)
+        k = torch.sort(upload(keys, self.device)).values
         present = self.contains(k)
+        present[1:] |= k[1:] == k[:-1]  # a repeat within the batch: its first one counts
         fresh = ~present
         self._counts.data.index_add_(0, torch.where(present, 0, k & ITEM_MASK), fresh.long())
         k = torch.where(present, SENTINEL, k)

@@ -122,6 +122,8 @@ def test_mirror_matches_a_set_through_repeats_merges_and_growth(device: str) -> 
         if reference and step % 3 == 0:  # repeats of keys already held
             old = np.array(sorted(reference))[rng.integers(0, len(reference), 20)]
             keys = np.union1d(keys, old)
+        if step % 4 == 1:  # repeats within the batch, unsorted
+            keys = rng.permutation(np.concatenate([keys, keys[: len(keys) // 2]]))
         mirror.append(keys)
         reference |= set(keys.tolist())
         assert mirror.keys().tolist() == sorted(reference)
