@@ -136,6 +136,9 @@ def test_mirror_matches_a_set_through_repeats_merges_and_growth(device: str) -> 
         assert got.tolist() == [int(k) in reference for k in probe]
     assert mirror.merges >= 3 and mirror.delta_slots < mirror.base_slots
     assert mirror.nbytes() >= 8 * len(reference)
+    mirror.merge()  # the repeats' sentinels are dropped: one slot per key
+    assert mirror.base_slots == len(reference) and mirror.delta_slots == 0
+    assert mirror.keys().tolist() == sorted(reference)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -369,6 +372,7 @@ def topical_share(trainer: Trainer, stream: SynthStream) -> tuple[float, float]:
                  for t in (top, popular))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("loss", "alpha"), [("bce", 0.0), ("softmax", 0.75)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_device_step_learns_the_planted_topics(device: str, loss: str, alpha: float) -> None:
