@@ -233,6 +233,7 @@ class Engine:
         self._last_sample: Sample | None = None
         self._last_query_count = 0
         self._drawn = (0, 0)
+        self._short = 0  # the device step's shortfall at the last gauges
         self._unpublished_since: float | None = None
         # When a snapshot last took in new events; the gauge is read at scrape time, so
         # it grows even if this loop stops (what the stale-model alert needs).
@@ -700,6 +701,11 @@ class Engine:
         m.negatives.inc(sampler.drawn - self._drawn[0])
         m.negatives_rejected.inc(sampler.rejected - self._drawn[1])
         self._drawn = (sampler.drawn, sampler.rejected)
+        if self.trainer.device_step is not None:  # a device read, so here and not per step
+            short, _ = self.trainer.negative_shortfall()
+            m.negatives_short.inc(short - self._short)
+            self._short = short
+            m.device_mirror_bytes.set(self.trainer.device_step.nbytes())
         snap = self.holder.get()
         if snap is not None:
             m.snapshot_age.set(snap.age())

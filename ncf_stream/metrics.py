@@ -82,6 +82,12 @@ class EngineMetrics:
                                  "Negative candidates drawn, rejected ones included", registry=r)
         self.negatives_rejected = Counter(f"{PREFIX}_negatives_rejected",
                                           "Drawn negatives the user had touched", registry=r)
+        self.negatives_short = Counter(
+            f"{PREFIX}_negatives_short",
+            "Negatives the device step left out: not found in its fixed rounds", registry=r)
+        self.device_mirror_bytes = Gauge(
+            f"{PREFIX}_device_mirror_bytes",
+            "Device memory of the device step's mirror and fresh queue", registry=r)
         self.interactions = Gauge(f"{PREFIX}_store_interactions",
                                   "Distinct (user, item) pairs in the store", registry=r)
         self.store_bytes = Gauge(f"{PREFIX}_store_bytes", "Memory held by the store", registry=r)

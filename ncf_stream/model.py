@@ -133,7 +133,10 @@ class Table:
         self.ensure_capacity(rows)
         if rows > self.rows:
             new = self.weight[self.rows: rows]
-            new.copy_(torch.randn(new.shape, generator=generator, dtype=new.dtype) * init_std)
+            # non_blocking: a blocking copy to CUDA waits for every queued step (an
+            # ingest of new rows would sync); from pageable memory it is staged at once.
+            new.copy_(torch.randn(new.shape, generator=generator, dtype=new.dtype) * init_std,
+                      non_blocking=True)
             self.rows = rows
 
 

@@ -150,6 +150,18 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", min_length=1,
         description="auto: CUDA when available, else CPU; or a torch device (cpu, cuda, cuda:1).")
+    device_step: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The device-resident training step (ncf_stream.device_step): the positives "
+                    "the store has released to training are mirrored on the trainer's device "
+                    "as sorted keys, and the step draws fresh positives, replay and negatives "
+                    "there, so a CUDA step never waits on the host or reads anything back; "
+                    "the host hands over new events in whole batches. Negatives stay exact "
+                    "(never an item the user trained on); one a user cannot get in a fixed "
+                    "number of draws is left out and counted. auto: on for CUDA with "
+                    "history_length 0, off otherwise (on the CPU the host step, which draws "
+                    "from the store itself, costs no copy). on with history_length > 0 is an "
+                    "error: the history input still needs the host.")
     factors: int = Field(
         32, ge=1,
         description="GMF predictive factors: the paper's model (its best on MovieLens was 32 "

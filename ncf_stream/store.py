@@ -370,6 +370,12 @@ class InteractionStore:
         u = self._users
         return self._has_holdout(users, u["count"][users]) & (u["newest_item"][users] == items)
 
+    def holdout_items(self, users: np.ndarray) -> np.ndarray:
+        """Each user's current hold-out item row, or -1 for a user without one."""
+        u = self._users
+        active = self._has_holdout(users, u["count"][users])
+        return np.where(active, u["newest_item"][users], -1)
+
     def sample_positives(
         self, rng: np.random.Generator, n: int
     ) -> tuple[np.ndarray, np.ndarray]:

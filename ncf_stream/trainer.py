@@ -16,7 +16,12 @@ carry theirs, replayed ones are looked up in the store.
 
 On CUDA the tables, optimizer state and tower live on the device; a step moves
 only the batch's row indices and labels there, and reads nothing back (the
-loss stays a device tensor until someone asks for it).
+loss stays a device tensor until someone asks for it). With ``device_step`` on
+(auto: on CUDA without the history input) even those stay there: fresh
+positives, replay and negatives come from a mirror of the store on the device
+and the rows are de-duplicated by device sorts (:mod:`ncf_stream.device_step`),
+so the host only hands over each ingest's positives. Off, the step below is the
+host's, unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ncf_stream.device_step import DeviceStep, enabled, unique_padded
 from ncf_stream.events import Events
 from ncf_stream.history import bag_offsets
 from ncf_stream.ids import IdMap, MappedEvents
@@ -58,6 +64,7 @@ class TrainerConfig:
     min_history: int = setting("min_history")
     holdout_fraction: float = setting("holdout_fraction")
     seed: int = setting("seed")
+    device_step: str = setting("device_step")
     model: NeuMFConfig = field(default_factory=NeuMFConfig)
 
     def __post_init__(self) -> None:
@@ -83,8 +90,8 @@ class TrainerConfig:
 @dataclass
 class StepStats:
     fresh: int
-    replayed: int
-    samples: int
+    replayed: int  # with the device step: drawn, a few may be masked (replay_shortfall)
+    samples: int  # with the device step: positives x (1 + negatives), masked ones included
     loss: torch.Tensor  # mean BCE on the step, a device tensor: .item() syncs
 
 
@@ -112,10 +119,16 @@ class Trainer:
         self.samples_trained = 0
         self.fresh_samples = 0  # of samples_trained: the replay budget is a multiple of it
         self.steps = 0
+        # The device-resident step (ncf_stream.device_step), or None: the host step.
+        self.device_step = (DeviceStep(self.store, self.device, cfg.alpha, cfg.seed + 2)
+                            if enabled(cfg.device_step, self.device, cfg.model.history_length)
+                            else None)
 
     @property
     def pending(self) -> int:
         """Fresh positives waiting to be trained."""
+        if self.device_step is not None:
+            return len(self.device_step.queue)
         return self._pending
 
     def ingest(self, events: Events | MappedEvents) -> AppendResult:
@@ -136,8 +149,13 @@ class Trainer:
         new = np.arange(self.store.n_users, len(self.user_ids))  # users' first events
         self.store.mark_evaluated(new, evaluated_users(
             self.user_ids.ids(new).tolist(), self.cfg.holdout_fraction))
+        ds = self.device_step
+        known = None if ds is None else ds.known(self.store, users, items)
         result = self.store.append(users, items, ts)
         self.model.grow(len(self.user_ids), len(self.item_ids))
+        if ds is not None and known is not None:
+            ds.ingested(self.store, users, result, known)
+            return result
         if self.model.recent is not None:
             self.model.recent.add(result.train_users, result.train_items, result.train_ts)
         if len(result.train_users):
@@ -155,7 +173,10 @@ class Trainer:
         self._drop_fresh(lambda u, _: u == row)
         self.model.forget_user(row)
         self.opt_users.reset(row)
-        return self.store.forget_user(row)
+        removed = self.store.forget_user(row)
+        if self.device_step is not None:
+            self.device_step.mirror.rebuild_from(self.store)
+        return removed
 
     def forget_item(self, item_id: str) -> int:
         """Delete an item: pairs, rows (own and context), optimizer state, its place in
@@ -169,11 +190,17 @@ class Trainer:
         self.opt_items.reset(row)
         if self.opt_context is not None:
             self.opt_context.reset(row)
-        return self.store.forget_item(row)
+        removed = self.store.forget_item(row)
+        if self.device_step is not None:  # its pairs, and its mark: never a negative
+            self.device_step.mirror.rebuild_from(self.store)
+        return removed
 
     def _drop_fresh(self, match: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         """Drop the waiting fresh positives ``match(users, items)`` selects: a deleted
         entity is never trained on again."""
+        if self.device_step is not None:
+            self.device_step.queue.filter(match)
+            return
         kept: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()
         for u, i, t in self._fresh:
             keep = ~match(u, i)
@@ -201,6 +228,8 @@ class Trainer:
 
     def step(self) -> StepStats | None:
         """Train one micro-batch; None when there is nothing to train on."""
+        if self.device_step is not None:
+            return self._device_step()
         slots = self.cfg.positives_per_step
         replay = self.cfg.replay and len(self.store) > 0 and self.replay_budget > 0
         fresh_u, fresh_i, fresh_t = self._take_fresh(
@@ -295,6 +324,19 @@ class Trainer:
         ii, i_inv = unique_inverse(items)
         uu_t, u_inv_t, ii_t, i_inv_t = (
             torch.from_numpy(a).to(dev, non_blocking=True) for a in (uu, u_inv, ii, i_inv))
+        loss = self._update(uu_t, u_inv_t, ii_t, i_inv_t, loss_of, history, positive)
+        self.samples_trained += samples
+        self.steps += 1
+        return loss.detach() / samples
+
+    def _update(self, uu_t: torch.Tensor, u_inv_t: torch.Tensor, ii_t: torch.Tensor,
+                i_inv_t: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
+                history: _History | None = None, positive: np.ndarray | None = None,
+                ) -> torch.Tensor:
+        """The update of :meth:`_step` on device row indices: ``uu_t`` and ``ii_t`` the
+        unique rows (distinct, or repeats whose gradient is 0: the device step's
+        padding), ``*_inv_t`` each sample's place in them; returns the summed loss."""
+        dev = self.device
         # The batch's rows as leaves. Their gradients are summed per unique row with
         # index_add_ below: autograd's own index backward (index_put_ with
         # accumulate) is 13x slower on CPU.
@@ -319,9 +361,84 @@ class Trainer:
         if history is not None:
             assert self.opt_context is not None and history.leaf.grad is not None
             self.opt_context.step(history.rows, history.leaf.grad, history.old)
-        self.samples_trained += samples
+        return loss
+
+    # ---- the device-resident step (ncf_stream.device_step) ---------------------------------
+
+    def _device_step(self) -> StepStats | None:
+        """:meth:`step` on the device: the same shares of fresh and replay, no sync."""
+        ds = self.device_step
+        assert ds is not None
+        ds.follow(self.store)
+        slots = self.cfg.positives_per_step
+        replay = self.cfg.replay and ds.mirror.slots > 0 and self.replay_budget > 0
+        n_fresh = min(len(ds.queue), int(slots * self.cfg.fresh_share) if replay else slots)
+        n_replay = slots - n_fresh if replay else 0
+        if n_fresh + n_replay == 0:
+            return None
+        users, items, ok = ds.positives(n_fresh, n_replay)
+        loss = self._device_train(users, items, ok)
+        per = 1 + self.cfg.negatives
+        self.fresh_samples += n_fresh * per
+        return StepStats(n_fresh, n_replay, (n_fresh + n_replay) * per, loss)
+
+    def _device_train(self, users: torch.Tensor, items: torch.Tensor,
+                      ok: torch.Tensor) -> torch.Tensor:
+        """One update on device positives (``ok`` False: masked) and their negatives;
+        masked samples go to the scratch rows with weight 0. Returns the loss per
+        sample trained, a device tensor."""
+        ds = self.device_step
+        assert ds is not None
+        dev, k, b = self.device, self.cfg.negatives, len(users)
+        su = ds.scratch(self.model.users, [self.opt_users])
+        si = ds.scratch(self.model.items, [self.opt_items])
+        neg = ds.sampler.sample(users, k)
+        self.sampler.drawn += b * k * ds.sampler.rounds  # the engine's negatives counter
+        neg_ok = (neg >= 0) & ok[:, None]
+        if self.cfg.loss == "softmax":
+            group_ok = torch.cat([ok[:, None], neg_ok], dim=1)
+            group = torch.cat([items[:, None], neg], dim=1)
+            log_q = ds.sampler.log_q(torch.where(group_ok, group, 0))
+            all_i = torch.where(group_ok, group, si).ravel()
+            all_u = torch.where(ok, users, su)[:, None].expand(b, 1 + k).reshape(-1)
+            keep = group_ok.clone()
+            keep[:, 0] = True  # a masked positive's logit stays finite: its group weighs 0
+            weight = ok.float()
+            target = torch.zeros(b, dtype=torch.long, device=dev)
+
+            def loss_of(logits: torch.Tensor) -> torch.Tensor:
+                grouped = (logits.view(b, 1 + k) - log_q).masked_fill(~keep, float("-inf"))
+                return (F.cross_entropy(grouped, target, reduction="none") * weight).sum()
+
+            valid = group_ok
+        else:
+            valid_flat = torch.cat([ok, neg_ok.ravel()])
+            each = users[:, None].expand(b, k).reshape(-1)  # each negative's user
+            all_u = torch.where(valid_flat, torch.cat([users, each]), su)
+            all_i = torch.where(valid_flat, torch.cat([items, neg.ravel()]), si)
+            labels = torch.zeros(b * (1 + k), device=dev)
+            labels[:b] = 1.0
+            w = valid_flat.float()
+
+            def loss_of(logits: torch.Tensor) -> torch.Tensor:
+                return F.binary_cross_entropy_with_logits(logits, labels, weight=w,
+                                                          reduction="sum")
+
+            valid = valid_flat
+        uu, u_inv = unique_padded(all_u, su)
+        ii, i_inv = unique_padded(all_i, si)
+        loss = self._update(uu, u_inv, ii, i_inv, loss_of)
+        self.samples_trained += b * (1 + k)
         self.steps += 1
-        return loss.detach() / samples
+        return loss.detach() / valid.sum().clamp(min=1)
+
+    def negative_shortfall(self) -> tuple[int, int]:
+        """(negatives, replay draws) the device step masked so far: a device read, so
+        ask now and then, not per step. (0, 0) with the host step, which never masks."""
+        ds = self.device_step
+        if ds is None:
+            return 0, 0
+        return int(ds.sampler.shortfall), int(ds.replay_shortfall)
 
     def _history(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> _History:
         """Each positive's history input: its user's recent items from before it (event

@@ -129,7 +129,7 @@ OVERRIDES = {
     "batch_size": 1024, "negatives": 2, "negative_alpha": 0.75, "optimizer": "adam", "lr": 0.1,
     "weight_decay": 1e-4, "tower_lr": 0.01, "fresh_share": 0.25, "replay": False,
     "replay_ratio": 3.0, "min_history": 3, "holdout_fraction": 0.5, "seed": 7, "factors": 8,
-    "mlp_layers": (16, 8),
+    "mlp_layers": (16, 8), "device_step": "off",
     "dropout": 0.1, "history_length": 5, "history_decay": 0.5, "loss": "softmax",
     "eval_interval_s": 5.0, "eval_max_users": 50, "eval_full": False,
     "eval_full_max_pairs": 1000, "eval_duty": 0.5, "ivf_threshold": 10, "nprobe": 4,
