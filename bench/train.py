@@ -211,7 +211,7 @@ def main() -> None:
     }
     for name, rate in rates.items():
         print(f"{name}: {rate:,.0f}", file=sys.stderr)
-    del textbook, sparse, dense, textbook_opts, sparse_opts, dense_opts, data
+    del textbook, sparse, dense, textbook_opts, sparse_opts, dense_opts  # free their memory
 
     sizes = ([int(b) for b in args.batches.split(",")] if args.batches
              else [BATCH, 65536, 262144, 1048576] if device.type == "cuda" else [BATCH])
@@ -228,7 +228,9 @@ def main() -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16):
         amp = timed(lambda: online_of(device_trainer), seconds)
     print(f"device step, batch {best}, bf16 autocast: {amp:,.0f}", file=sys.stderr)
-    shortfall = device_trainer.device_step.sampler.shortfall_share()  # type: ignore[union-attr]
+    short, _ = device_trainer.negative_shortfall()
+    k = device_trainer.cfg.negatives
+    shortfall = round(short / max(1, device_trainer.samples_trained * k // (1 + k)), 6)
     print(json.dumps({
         "device": str(device), "batch": BATCH, "users": n_users, "items": n_items,
         **{k: round(v) for k, v in rates.items()},
