@@ -256,7 +256,25 @@ def _index(path: Path, meta: dict[str, Any], vectors: np.ndarray) -> CandidateIn
     quantizer = (faiss.deserialize_index(np.frombuffer((path / QUANTIZER).read_bytes(),
                                                        dtype=np.uint8))
                  if QUANTIZER in meta["sha256"] else None)
-    return CandidateIndex(vectors, IndexConfig(**meta["index"]), quantizer)
+    return CandidateIndex(vectors, index_config(meta["index"]), quantizer)
+
+
+_WARNED: set[tuple[str, ...]] = set()  # unknown index keys already logged
+
+
+def index_config(exported: dict[str, Any]) -> IndexConfig:
+    """The export's index config, keys this version does not know left out: they are
+    serving hints a replica resolves on its own machine (a backend, a probe count), so
+    a replica one version behind its trainer serves on instead of refusing every export
+    (a rolling upgrade that starts with the trainer). What changes answers, the model's
+    config and the export format, is checked strictly."""
+    known = {f.name for f in dataclasses.fields(IndexConfig)}
+    unknown = sorted(set(exported) - known)
+    if unknown and tuple(unknown) not in _WARNED:  # once, not at every export
+        _WARNED.add(tuple(unknown))
+        log.warning("the export's index config has settings this version does not know "
+                    "(%s): left out; upgrade the replica to use them", ", ".join(unknown))
+    return IndexConfig(**{k: v for k, v in exported.items() if k in known})
 
 
 def _model(path: Path, config: dict[str, Any], device: torch.device) -> NeuMF:

@@ -535,3 +535,33 @@ def test_serve_replica_command(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_index_setting_the_replica_does_not_know_is_left_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A trainer one version ahead adds an index setting: the replica serves the export
+    without it (a serving hint it resolves itself) and says so once; a newer export
+    format is still refused (test above)."""
+    engine = trained_engine(tmp_path, events=600)
+    try:
+        path = export.write(tmp_path, engine.holder.get(), engine.status())  # type: ignore[arg-type]
+        meta_path = path / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["index"] |= {"future_knob": 3}
+        meta_path.write_text(json.dumps(meta))
+        w, registry = watcher(tmp_path)
+        with caplog.at_level(logging.WARNING, logger="ncf_stream.export"):
+            assert w.poll()
+            export.write(tmp_path, engine.holder.get(), engine.status())  # type: ignore[arg-type]
+            newest = sorted(tmp_path.glob("snap-*"))[-1] / "meta.json"
+            newest.write_text(json.dumps(json.loads(newest.read_text())
+                                         | {"index": meta["index"]}))
+            assert w.poll()  # the next one too, without a second warning
+        got = w.holder.get()
+        assert got is not None and got.index.config == engine.holder.get().index.config  # type: ignore[union-attr]
+        assert [r.message for r in caplog.records].count(
+            next(r.message for r in caplog.records if "future_knob" in r.message)) == 1
+        assert registry.get_sample_value("ncf_stream_replica_snapshot_load_failures_total",
+                                         {"reason": "error"}) in (None, 0.0)
+    finally:
+        engine.close()
