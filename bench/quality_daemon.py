@@ -46,13 +46,12 @@ holds it against that in-process figure:
    whether they lie within the equivalence margins: +-0.01 sampled HR@10 and +-10%
    (of the in-process value) full HR@10. One seed: the intervals resample users
    with both models fixed, so they leave out how two trainings of one configuration
-   differ. No two runs train alike, in-process ones included: the engine trains in
-   slices of wall time (engine.TRAIN_SLICE_S), so where the replay steps fall among
-   the polls follows the machine. So, unless ``--quick``, the in-process fit runs
-   twice and ``in_process_again_minus_in_process_ci`` gives the same intervals for
-   the second minus the first: the noise floor the daemon's difference is read
-   against (2026-12-03, synthetic 10k users at 20M: full HR@10 [-0.028, -0.012]
-   between two identical in-process trainings).
+   differ. The in-process engine repeats a run step for step since 2026-12-04 (a
+   poll's positives are drained before the next poll, whatever the machine's speed);
+   the daemon's polls follow the broker's timing. Unless ``--quick`` the in-process fit
+   runs twice and ``in_process_again_minus_in_process_ci`` gives the second minus the
+   first: zero intervals now, a check that the comparison's reference is fixed (before
+   that change, on synthetic 10k users at 20M: full HR@10 [-0.028, -0.012]).
 
 The last stdout line is one JSON object; progress goes to stderr.
 """

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import running  # tests/conftest.py
 
+from ncf_stream import engine as engine_module
 from ncf_stream.engine import Engine, Resume, TrainedWatermark
 from ncf_stream.events import Events
 from ncf_stream.settings import Settings
@@ -37,11 +38,14 @@ def test_trained_watermark_follows_the_oldest_untrained_batch() -> None:
     assert w.trained(pending=0) == 30
 
 
-def test_a_snapshot_counts_only_events_whose_positives_are_trained() -> None:
+def test_a_snapshot_counts_only_events_whose_positives_are_trained(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The race behind a flaky outage test: a publish that is overdue while fresh
     positives still wait must not claim their events; else the next publish (once
     they are trained) changes the model after snapshot_events said it was complete.
-    Slow steps are the injected barrier: the first publish happens mid-training."""
+    Slow steps are the injected barrier, and a drain cut to one step per slice (as a
+    backlog past FRESH_SLICE_MAX_STEPS is): the first publish happens mid-training."""
+    monkeypatch.setattr(engine_module, "FRESH_SLICE_MAX_STEPS", 1)
     events = stream(4000)
     s = Settings(**SMALL, replay=False, publish_every_s=0.01)
     engine = Engine(s, MemorySource(events, batch_size=len(events)))
@@ -254,9 +258,13 @@ def test_model_age_counts_from_new_events_not_from_replay_publishes() -> None:
     assert engine.metrics.registry.get_sample_value("ncf_stream_model_age_seconds") < 0.3
 
 
-def test_backpressure_bounds_the_fresh_positives_waiting() -> None:
+def test_backpressure_bounds_the_fresh_positives_waiting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A burst larger than the bound waits in the source: the engine stops polling while
-    max_pending_positives wait, and everything is still consumed in the end."""
+    max_pending_positives wait, and everything is still consumed in the end. (A poll's
+    positives are drained before the next poll, up to FRESH_SLICE_MAX_STEPS; cut to one
+    step here, so that training falls behind as a slow model with large polls would.)"""
+    monkeypatch.setattr(engine_module, "FRESH_SLICE_MAX_STEPS", 1)
     events = stream(6000)
     engine = Engine(Settings(**SMALL, max_pending_positives=700),
                     MemorySource(events, batch_size=500))
@@ -313,3 +321,35 @@ def test_a_non_finite_loss_stops_publishing_and_checkpoints_the_last_good_snapsh
     engine.cycle()
     assert engine.trainer.steps == steps  # training stopped
     engine.close()
+
+
+def test_a_run_repeats_step_for_step_whatever_the_machines_speed() -> None:
+    """The order of polls and steps follows the data, not the clock: each poll's fresh
+    positives are trained until drained, so an engine whose steps take longer than a
+    replay slice (here 30 ms each, 3 steps a poll) trains exactly what a fast one does.
+    Sliced by wall time, the slow one polled again before draining, and diverged."""
+    events = stream(3000, seed=5)
+
+    def run(delay: float) -> dict[str, torch.Tensor]:
+        engine = Engine(Settings(**(SMALL | {"replay": True, "replay_ratio": 1.0})),
+                        MemorySource(events, batch_size=700))
+        step = engine.trainer.step
+
+        def timed_step():
+            time.sleep(delay)
+            return step()
+
+        engine.trainer.step = timed_step  # type: ignore[method-assign]
+        trainer = engine.trainer
+        engine.run(until=lambda: engine.counters.consumed == len(events) and not trainer.pending)
+        engine.run(until=lambda: trainer.replay_budget == 0)
+        engine.close(final_checkpoint=False)
+        model = trainer.model
+        return {"users": model.users.weight.clone(), "items": model.items.weight.clone(),
+                **{k: v.clone() for k, v in model.tower.state_dict().items()},
+                "samples": torch.tensor(trainer.samples_trained)}
+
+    fast, slow = run(0.0), run(0.03)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name
