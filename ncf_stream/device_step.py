@@ -300,7 +300,6 @@ class DeviceNegativeSampler:
         self.mirror, self.alpha, self.generator, self.rounds = mirror, alpha, generator, rounds
         dev = mirror.device
         self.shortfall = torch.zeros((), dtype=torch.int64, device=dev)  # masked, a device count
-        self.drawn = 0  # candidates drawn: every round draws the whole batch (host count)
         self._table: tuple[int, int, int, torch.Tensor, torch.Tensor] | None = None
 
     def _popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,7 +331,6 @@ class DeviceNegativeSampler:
         for _ in range(self.rounds - 1):
             out = torch.where(bad, self._draw(n), out)
             bad = self.mirror.trained(rows, out)
-        self.drawn += n * self.rounds
         self.shortfall += bad.sum()
         return torch.where(bad, -1, out).view(len(users), k)
 

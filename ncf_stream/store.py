@@ -389,9 +389,8 @@ class InteractionStore:
 
     def _holdout_keys(self, users: np.ndarray) -> np.ndarray:
         """Each user's hold-out key, or -1 for a user without one."""
-        u = self._users
-        active = self._has_holdout(users, u["count"][users])
-        return np.where(active, pair_keys(users, np.maximum(u["newest_item"][users], 0)), -1)
+        items = self.holdout_items(users)
+        return np.where(items >= 0, pair_keys(users, np.maximum(items, 0)), -1)
 
     def training_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Every stored (user, item) except the current hold-outs: the offline training set."""

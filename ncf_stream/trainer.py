@@ -153,7 +153,8 @@ class Trainer:
         known = None if ds is None else ds.known(self.store, users, items)
         result = self.store.append(users, items, ts)
         self.model.grow(len(self.user_ids), len(self.item_ids))
-        if ds is not None and known is not None:
+        if ds is not None:
+            assert known is not None
             ds.ingested(self.store, users, result, known)
             return result
         if self.model.recent is not None:
@@ -393,7 +394,8 @@ class Trainer:
         su = ds.scratch(self.model.users, [self.opt_users])
         si = ds.scratch(self.model.items, [self.opt_items])
         neg = ds.sampler.sample(users, k)
-        self.sampler.drawn += b * k * ds.sampler.rounds  # the engine's negatives counter
+        # The engine's negatives counter reads the host sampler's: every round draws the batch.
+        self.sampler.drawn += b * k * ds.sampler.rounds
         neg_ok = (neg >= 0) & ok[:, None]
         if self.cfg.loss == "softmax":
             group_ok = torch.cat([ok[:, None], neg_ok], dim=1)
