@@ -444,6 +444,36 @@ class Settings(BaseSettings):
                     "included, so an old snapshot means the trainer or its export stopped "
                     "(with replay_ratio set, a quiet stream stops publishing too).")
 
+    # ---- A group of trainers over the topic's partitions (docs/group.md) -------------------
+    group_size: int = Field(
+        1, ge=1,
+        description="Trainer processes in the group. 1: this daemon owns every partition. "
+                    "Above 1, each owns the partitions p with p % group_size == group_rank and "
+                    "their users; item rows and the tower are kept in step over "
+                    "torch.distributed (ncf_stream.group). Set by ncf-stream serve --workers N, "
+                    "or from torchrun's WORLD_SIZE.")
+    group_rank: int = Field(
+        0, ge=0,
+        description="This trainer's rank in the group, below group_size. Set by ncf-stream "
+                    "serve --workers N, or from torchrun's RANK.")
+    group_address: str = Field(
+        "127.0.0.1:29500", min_length=1,
+        description="host:port of rank 0's rendezvous (torch.distributed's TCP store), where "
+                    "the group forms; from torchrun's MASTER_ADDR and MASTER_PORT when set.")
+    group_sync_every_s: float = Field(
+        0.2, gt=0,
+        description="How often the group exchanges the item rows and tower updates each "
+                    "trainer made since the last exchange, and assigns rows to new item ids. "
+                    "An event with an item new to the group waits for the next exchange, so "
+                    "this bounds that wait; each exchange pauses training for its duration "
+                    "(bench/scale.py reports the share).")
+    group_timeout_s: float = Field(
+        60.0, gt=0,
+        description="How long a collective waits for the other trainers. A trainer that "
+                    "is gone fails the group: the others stop training (serving goes on) and "
+                    "exit, and ncf-stream serve --workers N restarts the group from its last "
+                    "aligned checkpoint.")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -595,6 +625,7 @@ SECTIONS: Mapping[str, str] = {
     "checkpoint_dir": "Checkpoints",
     "http_host": "Serving",
     "snapshot_dir": "Snapshot export and replicas",
+    "group_size": "A group of trainers",
 }
 
 _BOUNDS: tuple[tuple[type, str, str], ...] = (
