@@ -70,9 +70,10 @@ class Restored:
 
 def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
          counters: dict[str, int] | None = None, keep: int = 3,
-         catalogue: Catalogue | None = None) -> Path:
+         catalogue: Catalogue | None = None, group: dict[str, int] | None = None) -> Path:
     """Write a checkpoint of ``trainer`` (and ``catalogue``) covering ``offsets``;
-    returns its path."""
+    returns its path. ``group``: a group trainer's ``{"epoch": E, "size": N}``, the
+    exchange it was written after (ncf_stream.group)."""
     root = Path(directory)
     seq, tmp = begin(root, "ckpt")
     _write_state(tmp, trainer)
@@ -84,6 +85,7 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
         "format": FORMAT, "seq": seq, "created": time.time(),
         "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
         "counters": counters or {}, "model": _shape(trainer),
+        **({"group": group} if group is not None else {}),
     }
     seal(tmp, files, meta)
     crash_point("checkpoint-written")
@@ -141,12 +143,16 @@ def load_weights(model: NeuMF, weights: dict[str, Any]) -> None:
     model.tower.load_state_dict(weights["tower"])
 
 
-def load_latest(directory: str | Path, trainer: Trainer) -> Restored | None:
-    """Restore the newest valid checkpoint into a fresh ``trainer``; None if there is none."""
+def load_latest(directory: str | Path, trainer: Trainer,
+                group: dict[str, int] | None = None) -> Restored | None:
+    """Restore the newest valid checkpoint into a fresh ``trainer``; None if there is none.
+    ``group``: only one written at that group epoch and size (see :func:`save`)."""
     root = Path(directory)
     for path in sorted(root.glob("ckpt-*"), reverse=True):
         try:
             meta = _verify(path, trainer)
+            if group is not None and meta.get("group") != group:
+                continue  # another epoch's: not the aligned one
             state = _read_files(path, CATALOGUE in meta["sha256"])
         except (CheckpointError, OSError, ValueError, KeyError, RuntimeError,
                 pickle.UnpicklingError) as e:

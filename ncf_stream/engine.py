@@ -52,6 +52,7 @@ from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRat
 from ncf_stream.events import Deletions, Events, segments
 from ncf_stream.export import Exporter
 from ncf_stream.faults import crash_point
+from ncf_stream.group import Group, GroupError, Header, rank_dir, read_manifest, write_manifest
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics, Metrics
 from ncf_stream.recommend import Recommender
@@ -208,8 +209,20 @@ class Engine:
         # Next offset per partition that the state includes: the checkpoint's, then
         # advanced by every ingested batch. The source starts here.
         self.positions: dict[Partition, int] = {}
-        if s.checkpoint_dir:
-            restored = checkpoint.load_latest(s.checkpoint_dir, self.trainer)
+        # A trainer of a group keeps its checkpoints and exports under rank-<r>/ and
+        # restores the epoch the group last checkpointed as a whole (ncf_stream.group).
+        grouped = s.group_size > 1
+        self._checkpoint_dir = s.checkpoint_dir and (
+            str(rank_dir(s.checkpoint_dir, s.group_rank)) if grouped else s.checkpoint_dir)
+        restored_epoch: int | None = None
+        if self._checkpoint_dir:
+            aligned = self._aligned_epoch() if grouped else None
+            restored = (None if grouped and aligned is None else checkpoint.load_latest(
+                self._checkpoint_dir, self.trainer, group=aligned))
+            if aligned is not None and restored is None:
+                raise GroupError(f"rank {s.group_rank} has no checkpoint of the group's epoch "
+                                 f"{aligned['epoch']} in {self._checkpoint_dir}")
+            restored_epoch = None if aligned is None else aligned["epoch"]
             if restored is not None:
                 self.positions = dict(restored.offsets)
                 self.counters = Counters(**{k: v for k, v in restored.counters.items()
@@ -227,7 +240,8 @@ class Engine:
             index_refresh_s=s.index_refresh_s, catalogue=self.catalogue)
         self.recommender = Recommender.from_settings(self.holder, s)
         # Published snapshots written to snapshot_dir for replicas, off this thread.
-        self.exporter = (Exporter(s.snapshot_dir, s.snapshot_export_every_s,
+        self.exporter = (Exporter(rank_dir(s.snapshot_dir, s.group_rank) if grouped
+                                  else s.snapshot_dir, s.snapshot_export_every_s,
                                   self.metrics.engine, s.background_policy)
                          if s.snapshot_dir else None)
         self.evaluator = Evaluator(
@@ -274,6 +288,32 @@ class Engine:
         else:
             self.source = source
         self.metrics.ingest.source_up.set(1)
+        # The group (group_size > 1): a batch with items new to the group waits here for
+        # the next exchange, which gives them rows; item deletions wait there too.
+        self.group: Group | None = None
+        self._held: EventBatch | None = None
+        self._held_items: list[str] = []
+        self._group_deletes: list[str] = []
+        self._group_done = False  # the group decided to stop: the loop ends
+        if grouped:
+            self.group = Group(s, self.trainer)
+            self.group.join(restored_epoch)
+            self.metrics.engine.group_epoch.set(self.group.epoch)
+            log.info("rank %d of a group of %d trainers, at epoch %d", s.group_rank,
+                     s.group_size, self.group.epoch)
+
+    def _aligned_epoch(self) -> dict[str, int] | None:
+        """The group's last aligned checkpoint, as checkpoints tag it; None: start afresh."""
+        s = self.settings
+        assert s.checkpoint_dir
+        manifest = read_manifest(s.checkpoint_dir)
+        if manifest is None:
+            return None
+        if manifest["size"] != s.group_size:
+            raise GroupError(f"the checkpoints in {s.checkpoint_dir} are of a group of "
+                             f"{manifest['size']} trainers, not {s.group_size}: a group resumes "
+                             "with the size it checkpointed at (docs/group.md)")
+        return {"epoch": int(manifest["epoch"]), "size": s.group_size}
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -281,21 +321,33 @@ class Engine:
             until: Callable[[], bool] | None = None) -> None:
         """Run the loop on this thread until ``stop`` is set or ``until()`` holds."""
         stop = stop or threading.Event()
+        if self.group is not None:  # the group stops together, at an exchange
+            while not self._group_done:
+                self.cycle(stop, done=until is not None and until())
+            return
         while not stop.is_set() and not (until is not None and until()):
             self.cycle(stop)
 
-    def cycle(self, stop: threading.Event | None = None) -> None:
+    def cycle(self, stop: threading.Event | None = None, done: bool = False) -> None:
         """One turn: poll (resting there while idle), ingest, train a slice, then
-        whatever is due (publish, checkpoint, gauges)."""
+        whatever is due (the group's exchange, publish, checkpoint, gauges). ``done``
+        (a group's trainer): this one has nothing left; the group stops when all have."""
         self._apply_requested()
         batch = self._poll(stop)
         if batch is not None:
-            self._ingest(batch)
-            self._maybe_expire()
+            if self.group is not None and self._hold(batch):
+                pass  # ingested at the next exchange
+            else:
+                self._ingest(batch)
+                self._maybe_expire()
         self._train(stop)
+        stopping = stop is not None and stop.is_set()
+        if self.group is not None and (self.group.due() or stopping or done):
+            self._exchange(stopping, done)
         self._maybe_publish()
         now = time.monotonic()
-        if now - self._last_checkpoint >= self.settings.checkpoint_every_s:
+        # A group's checkpoints are taken at its exchanges, aligned (_exchange).
+        if self.group is None and now - self._last_checkpoint >= self.settings.checkpoint_every_s:
             self._last_checkpoint = now
             self.checkpoint()
         if now - self._last_gauges >= LAG_EVERY_S:
@@ -312,6 +364,10 @@ class Engine:
         """The source's next batch; while it is down, rest and rebuild it when due.
         Training, publishing and serving go on either way."""
         rest = self._rest()
+        if self._held is not None:  # nothing more until the exchange takes it in
+            if rest > 0:
+                (stop.wait if stop is not None else time.sleep)(rest)
+            return None
         if self.trainer.pending >= self.settings.max_pending_positives:
             return None  # backpressure: the burst waits in the source, not in memory
         if self.source is None:
@@ -385,9 +441,14 @@ class Engine:
         if self.trainer.pending:
             return 0.0
         if self._idle_since is None:  # idle, and nothing to replay
-            return self.settings.kafka_poll_timeout_s
-        elapsed = time.monotonic() - self._idle_since
-        return max(0.0, self._idle_replay_s / self.settings.replay_duty - elapsed)
+            rest = self.settings.kafka_poll_timeout_s
+        else:
+            elapsed = time.monotonic() - self._idle_since
+            rest = max(0.0, self._idle_replay_s / self.settings.replay_duty - elapsed)
+        if self.group is not None:  # never past the next exchange: the others wait for it
+            rest = min(rest, max(0.0, self.group.last_sync + self.group.every_s
+                                 - time.monotonic()))
+        return rest
 
     def _train(self, stop: threading.Event | None) -> None:
         """Train for up to one slice: fresh positives until drained, else replay."""
@@ -481,13 +542,100 @@ class Engine:
                         "a user's state (docs/operations.md, \"Events keyed by user\")", split,
                         self.split_users)
 
+    # ---- the group (ncf_stream.group) ----------------------------------------------------------
+
+    def _hold(self, batch: EventBatch) -> bool:
+        """Keep a batch with items new to the group for the next exchange; False: ingest it."""
+        assert self.group is not None
+        if isinstance(batch.events, MappedEvents):
+            raise NcfStreamError("a trainer of a group maps ids itself: its source must "
+                                 "deliver ids, not rows")
+        new = self.group.unknown_items(batch.events)
+        if not new:
+            return False
+        self._held, self._held_items = batch, new
+        return True
+
+    def _exchange(self, stopping: bool, done: bool) -> None:
+        """One exchange of the group: shared updates summed, new items given rows, the
+        held batch ingested, item deletions applied; then an aligned checkpoint when
+        decided, and the loop's end when the group stops."""
+        g, s = self.group, self.settings
+        assert g is not None
+        start = time.perf_counter()
+        sent_deletes = len(self._group_deletes)
+        header = Header(
+            epoch=g.epoch, new_items=self._held_items,
+            delete_items=self._group_deletes[:sent_deletes],
+            checkpoint=bool(self._checkpoint_dir) and g.rank == 0
+            and time.monotonic() - self._last_checkpoint >= s.checkpoint_every_s,
+            dirty=bool(self._checkpoint_dir) and (self.positions != self._checkpointed
+                                                  or self._dirty),
+            stop=stopping, done=done and self._held is None and not self.trainer.pending,
+            finite=self._check_finite())
+        decision = g.exchange(header)
+        if decision.diverged and not self.diverged:
+            self.diverged = ("training diverged on another trainer of the group; serving the "
+                             "last good snapshot, restart the group to resume from the last "
+                             "checkpoint (a lower lr helps)")
+            self.metrics.engine.diverged.inc()
+            log.error("%s", self.diverged)
+        g.assign(decision.new_items)
+        if self._held is not None:
+            batch, self._held, self._held_items = self._held, None, []
+            self._ingest(batch)
+            self._maybe_expire()
+        del self._group_deletes[:sent_deletes]
+        for item in decision.delete_items:
+            self._forget("item", item)
+        if decision.delete_items:
+            g.forgotten()
+        m = self.metrics.engine
+        m.group_exchanges.inc()
+        m.group_epoch.set(g.epoch)
+        m.group_exchange_bytes.inc(g.stats.bytes_sent)
+        m.group_exchange_seconds.observe(time.perf_counter() - start)
+        if decision.checkpoint:
+            self._last_checkpoint = time.monotonic()
+            self._group_checkpoint()
+        if decision.stop:
+            self._group_done = True
+        g.last_sync = time.monotonic()
+
+    def _group_checkpoint(self) -> None:
+        """Every trainer writes its checkpoint of this epoch; once all have, rank 0
+        records the epoch in the manifest and each commits its offsets."""
+        g, s = self.group, self.settings
+        assert g is not None and s.checkpoint_dir
+        tag = {"epoch": g.epoch, "size": g.size}
+        try:
+            written = self._save(group=tag)
+        except OSError as e:
+            log.error("could not write the checkpoint of epoch %d: %s", g.epoch, e)
+            written = False
+        if not g.checkpointed(written):
+            log.warning("epoch %d was not checkpointed by every trainer: the group's last "
+                        "aligned checkpoint stays the previous one", g.epoch)
+            return
+        if g.rank == 0:
+            write_manifest(s.checkpoint_dir, g.epoch, g.size)
+        self._commit()
+
     # ---- forgetting and retention --------------------------------------------------------------
 
     def forget(self, kind: str, external_id: str) -> bool:
         """Delete a user or an item now, on the loop's thread (a Kafka delete event, or an
         admin request taken off the queue); returns whether the id was known. An unknown
         id is a no-op, counted: it may be a repeat, or name an id the stream never showed.
-        """
+
+        In a group an item's rows are shared, so every trainer deletes it at the next
+        exchange instead (with the interactions consumed until then)."""
+        if kind == "item" and self.group is not None:
+            self._group_deletes.append(external_id)
+            return external_id in self.trainer.item_ids
+        return self._forget(kind, external_id)
+
+    def _forget(self, kind: str, external_id: str) -> bool:
         if kind == "user":
             removed = self.trainer.forget_user(external_id)
         elif kind == "item":
@@ -634,31 +782,45 @@ class Engine:
     # ---- durability --------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Write a checkpoint of the state and the offsets it covers; then commit them."""
-        if not self.settings.checkpoint_dir or (
+        """Write a checkpoint of the state and the offsets it covers; then commit them.
+        (A trainer of a group checkpoints at the group's exchanges only: _group_checkpoint.)"""
+        if self.group is not None or not self._checkpoint_dir or (
                 self.positions == self._checkpointed and not self._dirty):
             return
+        if self._save():
+            self._commit()
+
+    def _save(self, group: dict[str, int] | None = None) -> bool:
+        """Write the checkpoint; whether it was written."""
+        assert self._checkpoint_dir
         if not self._check_finite():
-            return  # never over a good checkpoint with a broken model
+            return False  # never over a good checkpoint with a broken model
         if self.source is None:
-            return  # its dead letters may be unwritten: checkpoint once a source is back
+            return False  # its dead letters may be unwritten: checkpoint once a source is back
         start = time.perf_counter()
         try:
             self.source.flush()  # dead letters first: a checkpoint must not cover unwritten ones
         except SourceError as e:
             self._source_failed(e, "flush")
-            return
+            return False
         counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
                     "trained": self.counters.trained}
-        path = checkpoint.save(self.settings.checkpoint_dir, self.trainer, self.positions,
-                               counters, keep=self.settings.checkpoint_keep,
-                               catalogue=self.catalogue)
+        # A group's manifest may lag its trainers' newest checkpoint by one epoch: keep two.
+        keep = self.settings.checkpoint_keep if group is None else max(
+            2, self.settings.checkpoint_keep)
+        checkpoint.save(self._checkpoint_dir, self.trainer, self.positions, counters,
+                        keep=keep, catalogue=self.catalogue, group=group)
         self._checkpointed, self._dirty = dict(self.positions), False
         self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
+        return True
+
+    def _commit(self) -> None:
+        if self.source is None:
+            return
         try:
             self.source.commit(self.positions)
         except SourceError as e:  # the checkpoint holds the truth; a commit is a courtesy
-            log.warning("could not commit offsets after %s: %s", path.name, e)
+            log.warning("could not commit offsets at %s: %s", _offsets(self.positions), e)
 
     def close(self, final_checkpoint: bool = True) -> None:
         """Stop the evaluator, checkpoint (a clean restart then replays nothing), and
@@ -666,8 +828,10 @@ class Engine:
         self.evaluator.stop()
         try:
             if final_checkpoint:
-                self.checkpoint()
+                self.checkpoint()  # a group's last one was taken at its stopping exchange
         finally:
+            if self.group is not None:
+                self.group.close()
             self.publisher.close()
             if self.exporter is not None:
                 self.exporter.close()

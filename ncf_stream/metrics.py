@@ -97,6 +97,19 @@ class EngineMetrics:
             f"{PREFIX}_users_in_several_partitions", "Users whose events arrived in more than "
             "one Kafka partition (counted once each, since start): events not keyed by user",
             registry=r)
+        self.group_exchanges = Counter(
+            f"{PREFIX}_group_exchanges", "Exchanges with the other trainers of the group "
+            "(ncf_stream.group)", registry=r)
+        self.group_exchange_seconds = Histogram(
+            f"{PREFIX}_group_exchange_seconds", "Each exchange with the group, waiting for the "
+            "others included: time the trainer did not train",
+            buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), registry=r)
+        self.group_exchange_bytes = Counter(
+            f"{PREFIX}_group_exchange_bytes", "Bytes of updates this trainer sent to the group "
+            "(item rows it changed, and the tower)", registry=r)
+        self.group_epoch = Gauge(
+            f"{PREFIX}_group_epoch", "Exchanges the group has made since it started from "
+            "nothing (checkpoints are tagged with it)", registry=r)
         self.users = Gauge(f"{PREFIX}_users", "Known users", registry=r)
         self.items = Gauge(f"{PREFIX}_items", "Known items", registry=r)
         self.holdouts = Gauge(f"{PREFIX}_holdouts", "Users with a held-out interaction",
