@@ -289,10 +289,12 @@ class Engine:
             self.source = source
         self.metrics.ingest.source_up.set(1)
         # The group (group_size > 1): a batch with items new to the group waits here for
-        # the next exchange, which gives them rows; item deletions wait there too.
+        # the next exchange, which gives them rows, and every batch after it too, so each
+        # user's events keep their order; item deletions wait for the exchange as well.
         self.group: Group | None = None
-        self._held: EventBatch | None = None
-        self._held_items: list[str] = []
+        self._held: list[EventBatch] = []
+        self._held_records = 0
+        self._held_items: set[str] = set()
         self._group_deletes: list[str] = []
         self._group_done = False  # the group decided to stop: the loop ends
         if grouped:
@@ -364,8 +366,8 @@ class Engine:
         """The source's next batch; while it is down, rest and rebuild it when due.
         Training, publishing and serving go on either way."""
         rest = self._rest()
-        if self._held is not None:  # nothing more until the exchange takes it in
-            if rest > 0:
+        if self._held_records >= self.settings.max_pending_positives:
+            if rest > 0:  # enough waits for the exchange already: the rest waits in the source
                 (stop.wait if stop is not None else time.sleep)(rest)
             return None
         if self.trainer.pending >= self.settings.max_pending_positives:
@@ -551,9 +553,11 @@ class Engine:
             raise NcfStreamError("a trainer of a group maps ids itself: its source must "
                                  "deliver ids, not rows")
         new = self.group.unknown_items(batch.events)
-        if not new:
+        if not new and not self._held:
             return False
-        self._held, self._held_items = batch, new
+        self._held.append(batch)
+        self._held_records += batch.records
+        self._held_items.update(new)
         return True
 
     def _exchange(self, stopping: bool, done: bool) -> None:
@@ -565,13 +569,13 @@ class Engine:
         start = time.perf_counter()
         sent_deletes = len(self._group_deletes)
         header = Header(
-            epoch=g.epoch, new_items=self._held_items,
+            epoch=g.epoch, new_items=sorted(self._held_items),
             delete_items=self._group_deletes[:sent_deletes],
             checkpoint=bool(self._checkpoint_dir) and g.rank == 0
             and time.monotonic() - self._last_checkpoint >= s.checkpoint_every_s,
             dirty=bool(self._checkpoint_dir) and (self.positions != self._checkpointed
                                                   or self._dirty),
-            stop=stopping, done=done and self._held is None and not self.trainer.pending,
+            stop=stopping, done=done and not self._held and not self.trainer.pending,
             finite=self._check_finite())
         decision = g.exchange(header)
         if decision.diverged and not self.diverged:
@@ -581,8 +585,8 @@ class Engine:
             self.metrics.engine.diverged.inc()
             log.error("%s", self.diverged)
         g.assign(decision.new_items)
-        if self._held is not None:
-            batch, self._held, self._held_items = self._held, None, []
+        held, self._held, self._held_records, self._held_items = self._held, [], 0, set()
+        for batch in held:
             self._ingest(batch)
             self._maybe_expire()
         del self._group_deletes[:sent_deletes]

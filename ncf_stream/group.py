@@ -22,8 +22,8 @@ so the same code serves CUDA trainers) by an **exchange** every
    changed, as a padded variable-size ``all_gather`` (NCCL has no sparse
    all-reduce, and gloo's sparse one would need the rows as one sparse tensor of
    the whole table); the tower, touched by every step, as one dense
-   ``all_reduce``. Optimizer state stays local: it follows each trainer's own
-   gradients.
+   ``all_reduce``. The item rows' Adagrad accumulators are shared the same
+   way; the tower's Adam state and the user rows' stay local.
 3. *New items* get rows in one deterministic order on every trainer: the union
    of the held-back ids, sorted. Their initial values are rank 0's, broadcast.
    An event whose item the group does not know yet waits (its whole batch, so
@@ -69,6 +69,7 @@ from torch.nn.utils import parameters_to_vector
 
 from ncf_stream.errors import ConfigError, NcfStreamError
 from ncf_stream.events import Events
+from ncf_stream.optim import RowAdagrad
 from ncf_stream.settings import Settings
 from ncf_stream.trainer import Trainer
 
@@ -173,11 +174,18 @@ class Group:
     # ---- the shared tensors -----------------------------------------------------------------
 
     def _tables(self) -> list[torch.Tensor]:
-        """The item-indexed tables every trainer shares: item rows, then context rows."""
-        m = self.trainer.model
-        tables = [m.items.weight]
-        if m.context is not None:
-            tables.append(m.context.weight)
+        """The item-indexed tables every trainer shares: item rows and context rows, and
+        with Adagrad their accumulators. Summed, the accumulators' deltas are the squared
+        gradients of every trainer, as one trainer would have them; kept local, each
+        trainer's would hold about 1/N of them and its item steps would be about sqrt(N)
+        times the single trainer's. (Adam's moments are not sums: they stay local.)"""
+        t = self.trainer
+        tables = [t.model.items.weight]
+        if t.model.context is not None:
+            tables.append(t.model.context.weight)
+        for opt in (t.opt_items, t.opt_context):
+            if isinstance(opt, RowAdagrad):
+                tables.append(opt.state)
         return tables
 
     def _tower(self) -> Iterable[torch.nn.Parameter]:

@@ -133,8 +133,10 @@ def test_after_a_kill_9_the_group_resumes_from_its_aligned_checkpoint_exactly_on
     ref = reference(tmp_path, events)
     parts = shards(events, 2)
     ckpt = tmp_path / "ckpt"
-    settings = {"checkpoint_dir": str(ckpt), "group_sync_every_s": 0.02,
-                "checkpoint_every_s": 0.01, "group_timeout_s": 30.0}
+    # An exchange every turn of the loop and a checkpoint at each (a poll of 100 events
+    # per turn: 20 turns or more per trainer), so the kill below comes whatever the speed.
+    settings = {"checkpoint_dir": str(ckpt), "group_sync_every_s": 0.001,
+                "checkpoint_every_s": 0.001, "group_timeout_s": 30.0}
     # Rank 1 dies right after its second checkpoint is in place, before the group records
     # that epoch: the group must resume from the first, past rank 1's newer one.
     crashed = run_group(tmp_path, parts, settings,
