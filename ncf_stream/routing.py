@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ncf_stream import export
 from ncf_stream.api import DEFAULT_K, DEFAULT_PAGE, Exclude, RankStatus, Status
 from ncf_stream.metrics import ReplicaMetrics
 from ncf_stream.recommend import (
@@ -112,9 +113,10 @@ class Group:
             self._stop.wait(self.poll_s)
 
     def discover(self) -> list[Rank]:
-        """Watch the rank directories not watched yet (none while the top directory serves
-        a snapshot of its own); returns the new ones, their watchers started."""
-        if self.top.holder.get() is not None:
+        """Watch the rank directories not watched yet (none while the top directory has
+        an export of its own); returns the new ones, their watchers started."""
+        if (self.top.holder.get() is not None
+                or os.path.exists(self.top.directory / export.LATEST)):
             if self.ranks and not self._warned:
                 self._warned = True
                 log.warning("%s has an export of its own (LATEST) and rank directories: "
