@@ -201,12 +201,13 @@ class ReplicaMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = _registry(registry)
         self.version = Gauge(f"{PREFIX}_replica_snapshot_version",
-                             "Version of the snapshot the replica serves (0: none yet)",
+                             "Version of the snapshot the replica serves (0: none yet; over "
+                             "a group of trainers, the lowest loaded rank's)",
                              registry=r)
         self.age = Gauge(f"{PREFIX}_replica_snapshot_age_seconds",
                          "Seconds since the trainer published the snapshot the replica serves "
-                         "(wall clocks of two machines, when they are two); computed at "
-                         "scrape time", registry=r)
+                         "(wall clocks of two machines, when they are two; over a group of "
+                         "trainers, the oldest rank's); computed at scrape time", registry=r)
         self.loads = Counter(f"{PREFIX}_replica_snapshot_loads",
                              "Exported snapshots loaded and swapped in", registry=r)
         self.load_failures = Counter(

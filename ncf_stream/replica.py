@@ -10,9 +10,12 @@ snapshot keeps serving; one deleted while it was read is simply retried from
 LATEST.
 
 :class:`Replica` wires the same :class:`Recommender`, HTTP app and gRPC server as
-the daemon. What needs the trainer is not served: evaluation, the status page
-and its history answer 404 ``not_served``, the admin deletions 404 (gRPC
-UNIMPLEMENTED), each saying to ask the trainer.
+the daemon. A ``snapshot_dir`` without a LATEST of its own but with ``rank-<r>/``
+directories is a group of trainers' (:mod:`ncf_stream.routing`): a watcher and a
+Recommender per rank, and a router in front that answers each user from its rank.
+What needs the trainer is not served: evaluation, the status page and its history
+answer 404 ``not_served``, the admin deletions 404 (gRPC UNIMPLEMENTED), each
+saying to ask the trainer.
 """
 
 from __future__ import annotations
