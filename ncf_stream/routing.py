@@ -227,6 +227,13 @@ class Router:
             raise NotReady("no model snapshot is published yet")
         return loaded[0][0].recommender
 
+    def _owner(self, user: str) -> Recommender:
+        members = self.group.members()
+        if len(members) == 1:
+            return members[0].recommender
+        answer, pick = self._owners([user])
+        return answer[int(pick[0])]
+
     def _owners(self, users: list[str]) -> tuple[list[Recommender], np.ndarray]:
         """The Recommenders that answer, and the index of each user's among them."""
         members = self.group.members()
@@ -251,15 +258,14 @@ class Router:
 
     def recommend(self, user: str, k: int = DEFAULT_K, exclude: Exclude = "seen",
                   filters: Filters = NO_FILTERS) -> Recommendation:
-        answer, pick = self._owners([user])
-        return answer[int(pick[0])].recommend(user, k, exclude, filters)
+        return self._owner(user).recommend(user, k, exclude, filters)
 
     def recommend_many(self, users: list[str], k: int = DEFAULT_K, exclude: Exclude = "seen",
                        filters: Filters = NO_FILTERS) -> list[Recommendation]:
         """Each owner's users in one call to its Recommender (all from one snapshot of
         that rank), the answers put back in the request's order."""
         answer, pick = self._owners(users)
-        if len(answer) == 1 or (pick == pick[0]).all():
+        if len(answer) == 1 or not len(pick) or (pick == pick[0]).all():
             return answer[int(pick[0]) if len(pick) else 0].recommend_many(
                 users, k, exclude, filters)
         out: list[Recommendation | None] = [None] * len(users)
@@ -281,12 +287,10 @@ class Router:
         return self._fixed().popular(k)
 
     def known_items(self, user: str, offset: int = 0, limit: int = DEFAULT_PAGE) -> KnownItems:
-        answer, pick = self._owners([user])
-        return answer[int(pick[0])].known_items(user, offset, limit)
+        return self._owner(user).known_items(user, offset, limit)
 
     def score(self, user: str, items: list[str]) -> Scores:
-        answer, pick = self._owners([user])
-        return answer[int(pick[0])].score(user, items)
+        return self._owner(user).score(user, items)
 
 
 def _knows(snap: Snapshot, users: list[str]) -> np.ndarray:

@@ -368,3 +368,26 @@ def test_a_directory_with_a_latest_of_its_own_is_one_trainers(
         assert status["model_version"] == single and status["ranks"] == []
     finally:
         replica.stop()
+
+
+def test_a_group_with_no_export_yet_is_not_ready(tmp_path: Path) -> None:
+    for rank in (0, 1):
+        (tmp_path / f"rank-{rank}").mkdir()
+    replica = Replica(settings(tmp_path))
+    replica.start()
+    try:
+        until(lambda: len(replica.group.ranks) == 2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{replica.http_port}",
+                          timeout=10) as http:
+            for body in ({"user": "1"}, {"items": ["1"]}):
+                r = http.post("/v1/recommend", json=body)
+                assert r.status_code == 503 and r.json()["error"] == "not_ready"
+            assert http.post("/v1/recommend/batch", json={"users": ["1", "2"]}).status_code == 503
+            assert http.get("/readyz").status_code == 503
+            status = http.get("/v1/status").json()
+        assert status["ingest"] == "degraded" and status["model_version"] == 0
+        assert [(s["rank"], s["model_version"]) for s in status["ranks"]] == [(0, 0), (1, 0)]
+        assert "rank 0: no snapshot" in status["ingest_reason"]
+        assert "rank 1: no snapshot" in status["ingest_reason"]
+    finally:
+        replica.stop()
