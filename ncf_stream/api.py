@@ -52,6 +52,16 @@ def check_page(offset: int, limit: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class RankStatus:
+    """One rank's snapshot, as a replica over a group of trainers serves it."""
+
+    rank: int
+    model_version: int = 0  # 0: no snapshot of this rank loaded yet
+    snapshot_events: int = 0
+    snapshot_age_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class Status:
     events_consumed: int = 0
     events_rejected: int = 0
@@ -68,6 +78,9 @@ class Status:
     # "trainer" (ncf-stream serve), or "replica" (ncf-stream serve-replica: it serves the
     # trainer's exported snapshots; the counts above are the trainer's as of that export).
     role: str = "trainer"
+    # A replica over a group of trainers (ncf_stream.routing): each rank's snapshot, by
+    # rank; empty otherwise.
+    ranks: tuple[RankStatus, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -294,7 +294,7 @@ def _model(path: Path, config: dict[str, Any], device: torch.device) -> NeuMF:
 
 
 def _status(fields: dict[str, Any]) -> Status:
-    known = {f.name for f in dataclasses.fields(Status)}
+    known = {f.name for f in dataclasses.fields(Status)} - {"ranks"}  # a replica's own
     return Status(**{k: v for k, v in fields.items() if k in known})
 
 

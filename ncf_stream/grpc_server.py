@@ -42,7 +42,7 @@ from ncf_stream.recommend import (
     Filters,
     NotReady,
     Recommendation,
-    Recommender,
+    Serving,
     UnknownItem,
     UnknownUser,
 )
@@ -68,7 +68,7 @@ ADMIN_CODES: dict[type[AdminError], grpc.StatusCode] = {
 
 
 class Servicer(pb_grpc.RecommenderServicer):
-    def __init__(self, recommender: Recommender, status: StatusSource,
+    def __init__(self, recommender: Serving, status: StatusSource,
                  metrics: ServingMetrics, admin: Admin | None = None) -> None:
         self.recommender, self.status, self.metrics = recommender, status, metrics
         self.admin = admin if admin is not None else Admin.off()
@@ -217,7 +217,7 @@ class Servicer(pb_grpc.RecommenderServicer):
 class GrpcServer:
     """The server with the recommender, health and reflection services on one port."""
 
-    def __init__(self, recommender: Recommender, status: StatusSource, metrics: ServingMetrics,
+    def __init__(self, recommender: Serving, status: StatusSource, metrics: ServingMetrics,
                  host: str = "127.0.0.1", port: int = 50051, workers: int = 8,
                  admin: Admin | None = None) -> None:
         self.server = grpc.server(futures.ThreadPoolExecutor(
@@ -242,9 +242,11 @@ class GrpcServer:
     def start(self) -> None:
         self.server.start()
 
-    def ready(self) -> None:
-        """Report SERVING once a snapshot is served."""
-        self._set(health_pb2.HealthCheckResponse.SERVING)
+    def ready(self, ready: bool = True) -> None:
+        """Report SERVING once a snapshot is served (NOT_SERVING with ``ready`` False: a
+        replica over a group of trainers while a rank has none yet)."""
+        self._set(health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace: float = 5.0) -> None:
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)

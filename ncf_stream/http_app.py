@@ -57,7 +57,7 @@ from ncf_stream.recommend import (
     Filters,
     NotReady,
     Recommendation,
-    Recommender,
+    Serving,
     UnknownItem,
     UnknownUser,
 )
@@ -199,6 +199,13 @@ class KnownItemsResponse(BaseModel):
     model_version: int
 
 
+class RankStatusResponse(BaseModel):
+    rank: int
+    model_version: int = Field(description="0: no snapshot of this rank loaded yet")
+    snapshot_events: int
+    snapshot_age_seconds: float
+
+
 class StatusResponse(BaseModel):
     events_consumed: int
     events_rejected: int
@@ -213,6 +220,9 @@ class StatusResponse(BaseModel):
     ingest: str
     ingest_reason: str
     role: str = Field(description="trainer, or replica (ncf-stream serve-replica)")
+    ranks: list[RankStatusResponse] = Field(
+        default_factory=list, description="a replica over a group of trainers: each rank's "
+                                          "snapshot, by rank; empty otherwise")
 
 
 class EvalResponse(BaseModel):
@@ -362,7 +372,7 @@ def _filters(req: Any) -> Filters:
 
 
 def create_app(
-    recommender: Recommender,
+    recommender: Serving,
     status: StatusSource,
     registry: CollectorRegistry,
     metrics: ServingMetrics,
@@ -539,7 +549,7 @@ def create_app(
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> Any:
-        snap = recommender.holder.get()
+        snap = recommender.ready()
         if snap is None:
             return error(503, "not_ready", "no model snapshot is published yet")
         return {"status": "ready", "model_version": snap.version}

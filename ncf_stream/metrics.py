@@ -214,12 +214,13 @@ class ReplicaMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = _registry(registry)
         self.version = Gauge(f"{PREFIX}_replica_snapshot_version",
-                             "Version of the snapshot the replica serves (0: none yet)",
+                             "Version of the snapshot the replica serves (0: none yet; over "
+                             "a group of trainers, the lowest loaded rank's)",
                              registry=r)
         self.age = Gauge(f"{PREFIX}_replica_snapshot_age_seconds",
                          "Seconds since the trainer published the snapshot the replica serves "
-                         "(wall clocks of two machines, when they are two); computed at "
-                         "scrape time", registry=r)
+                         "(wall clocks of two machines, when they are two; over a group of "
+                         "trainers, the oldest rank's); computed at scrape time", registry=r)
         self.loads = Counter(f"{PREFIX}_replica_snapshot_loads",
                              "Exported snapshots loaded and swapped in", registry=r)
         self.load_failures = Counter(
@@ -233,6 +234,21 @@ class ReplicaMetrics:
                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         for reason in ("corrupt", "format", "error"):
             self.load_failures.labels(reason=reason)
+        # A replica over a group of trainers (ncf_stream.routing): one series per rank.
+        self.rank_version = Gauge(f"{PREFIX}_replica_rank_snapshot_version",
+                                  "A replica over a group of trainers: the version of each "
+                                  "rank's snapshot it serves (0: none yet)", ["rank"],
+                                  registry=r)
+        self.rank_age = Gauge(f"{PREFIX}_replica_rank_snapshot_age_seconds",
+                              "A replica over a group of trainers: seconds since each rank "
+                              "published the snapshot the replica serves; computed at scrape "
+                              "time", ["rank"], registry=r)
+        self.users_in_several_ranks = Counter(
+            f"{PREFIX}_replica_users_in_several_ranks",
+            "A replica over a group of trainers: users answered whom more than one rank's "
+            "snapshot knows (their events arrived in partitions of two trainers: events not "
+            "keyed by user), each from the newest of those snapshots; counted per user "
+            "answered", registry=r)
 
 
 class Metrics:

@@ -13,6 +13,7 @@ the snapshot current when it starts, so an answer never mixes two models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -103,6 +104,34 @@ class Scores:
     model_version: int
 
 
+class Serving(Protocol):
+    """What the HTTP and gRPC servers call: a :class:`Recommender`, or a replica's router
+    in front of one per trainer of a group (:mod:`ncf_stream.routing`)."""
+
+    @property
+    def max_k(self) -> int: ...
+
+    def ready(self) -> Snapshot | None: ...
+
+    def recommend(self, user: str, k: int = DEFAULT_K, exclude: Exclude = "seen",
+                  filters: Filters = NO_FILTERS) -> Recommendation: ...
+
+    def recommend_many(self, users: list[str], k: int = DEFAULT_K, exclude: Exclude = "seen",
+                       filters: Filters = NO_FILTERS) -> list[Recommendation]: ...
+
+    def recommend_items(self, items: list[str], k: int = DEFAULT_K, exclude: Exclude = "seen",
+                        filters: Filters = NO_FILTERS) -> Recommendation: ...
+
+    def similar(self, item: str, k: int = DEFAULT_K) -> Similar: ...
+
+    def popular(self, k: int = DEFAULT_K) -> Popular: ...
+
+    def known_items(self, user: str, offset: int = 0,
+                    limit: int = DEFAULT_PAGE) -> KnownItems: ...
+
+    def score(self, user: str, items: list[str]) -> Scores: ...
+
+
 class Recommender:
     def __init__(self, holder: SnapshotHolder, candidates: int = default("candidates"),
                  max_k: int = default("max_k"), exact_items: int = default("exact_items"),
@@ -124,6 +153,10 @@ class Recommender:
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:
             raise BadInput(f"k must be between 1 and {self.max_k}, got {k}")
+
+    def ready(self) -> Snapshot | None:
+        """The snapshot requests are answered from; None before the first (/readyz)."""
+        return self.holder.get()
 
     def snapshot(self) -> Snapshot:
         snap = self.holder.get()

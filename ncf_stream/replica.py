@@ -10,9 +10,12 @@ snapshot keeps serving; one deleted while it was read is simply retried from
 LATEST.
 
 :class:`Replica` wires the same :class:`Recommender`, HTTP app and gRPC server as
-the daemon. What needs the trainer is not served: evaluation, the status page
-and its history answer 404 ``not_served``, the admin deletions 404 (gRPC
-UNIMPLEMENTED), each saying to ask the trainer.
+the daemon. A ``snapshot_dir`` without a LATEST of its own but with ``rank-<r>/``
+directories is a group of trainers' (:mod:`ncf_stream.routing`): a watcher and a
+Recommender per rank, and a router in front that answers each user from its rank.
+What needs the trainer is not served: evaluation, the status page and its history
+answer 404 ``not_served``, the admin deletions 404 (gRPC UNIMPLEMENTED), each
+saying to ask the trainer.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ncf_stream.grpc_server import GrpcServer
 from ncf_stream.http_app import create_app
 from ncf_stream.metrics import ReplicaMetrics, ServingMetrics
 from ncf_stream.recommend import Recommender
+from ncf_stream.routing import Group, Rank, Router
 from ncf_stream.servers import HttpServer, serve_metrics, tune_for_serving
 from ncf_stream.settings import Settings, default
 from ncf_stream.snapshot import SnapshotHolder
@@ -54,8 +58,9 @@ class SnapshotWatcher:
 
     def __init__(self, directory: str | Path, holder: SnapshotHolder, metrics: ReplicaMetrics,
                  device: str = "cpu", stale_s: float = default("replica_stale_s"),
-                 poll_s: float = POLL_S) -> None:
+                 poll_s: float = POLL_S, rank: int | None = None) -> None:
         self.directory, self.holder, self.metrics = Path(directory), holder, metrics
+        self.rank = rank  # a trainer of a group's (ncf_stream.routing); None: the only one
         self.device = resolve_device(device)
         self.stale_s, self.poll_s = stale_s, poll_s
         self.on_load: list[Callable[[int], None]] = []  # called with each new version
@@ -65,9 +70,13 @@ class SnapshotWatcher:
         self._tried: str | None = None  # the export last loaded or rejected
         self._seen: tuple[int, int] | None = None  # LATEST's (inode, mtime) when last read
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ncf-replica-loader",
-                                        daemon=True)
-        metrics.age.set_function(self._age)
+        name = "ncf-replica-loader" if rank is None else f"ncf-replica-loader-{rank}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        if rank is None:
+            metrics.age.set_function(self._age)
+        else:  # the group's gauges are the replica's (ncf_stream.routing)
+            metrics.rank_age.labels(rank=str(rank)).set_function(self._age)
+            metrics.rank_version.labels(rank=str(rank)).set(0)
 
     def _age(self) -> float:
         snap = self.holder.get()
@@ -134,8 +143,12 @@ class SnapshotWatcher:
         m = self.metrics
         m.loads.inc()
         m.load_seconds.observe(time.perf_counter() - start)
-        m.version.set(snapshot.version)
-        log.info("serving snapshot version %d from %s", snapshot.version, name)
+        if self.rank is None:
+            m.version.set(snapshot.version)
+        else:
+            m.rank_version.labels(rank=str(self.rank)).set(snapshot.version)
+        log.info("serving snapshot version %d from %s", snapshot.version,
+                 name if self.rank is None else f"{self.directory.name}/{name}")
         for listener in self.on_load:
             listener(snapshot.version)
         return True
@@ -186,13 +199,28 @@ class Replica:
         self.watcher = SnapshotWatcher(s.snapshot_dir, self.holder, self.metrics, s.device,
                                        s.replica_stale_s)
         self.recommender = Recommender.from_settings(self.holder, s)
+        # One trainer's exports, or a group's: one rank directory each (ncf_stream.routing).
+        self.group = Group(Rank(None, Path(s.snapshot_dir), self.holder, self.watcher,
+                                self.recommender), self._rank, POLL_S)
+        self.router = Router(self.group, self.metrics)
+        self.metrics.age.set_function(self.group.age)
+        self.metrics.version.set_function(self.group.version)
         admin = Admin.off(NO_DELETIONS)
-        app = create_app(self.recommender, self.watcher.status, self.registry, self.serving,
+        app = create_app(self.router, self.group.status, self.registry, self.serving,
                          admin=admin, replica=True)
         self.http = HttpServer(app, s.http_host, s.http_port)
-        self.grpc = GrpcServer(self.recommender, self.watcher.status, self.serving,
+        self.grpc = GrpcServer(self.router, self.group.status, self.serving,
                                s.grpc_host, s.grpc_port, admin=admin)
         self.watcher.on_load.append(lambda version: self.grpc.ready())
+        self.group.on_ready.append(self.grpc.ready)
+
+    def _rank(self, rank: int, directory: Path) -> Rank:
+        """Rank ``rank`` of a group, exporting to ``directory``: its watcher (not started),
+        holder and Recommender."""
+        s, holder = self.settings, SnapshotHolder()
+        watcher = SnapshotWatcher(directory, holder, self.metrics, s.device, s.replica_stale_s,
+                                  rank=rank)
+        return Rank(rank, directory, holder, watcher, Recommender.from_settings(holder, s))
 
     @property
     def http_port(self) -> int:
@@ -207,6 +235,7 @@ class Replica:
         self.http.start()
         self.grpc.start()
         self.watcher.start()
+        self.group.start()
         log.info("replica serving HTTP on %s:%d, gRPC on %s:%d from %s",
                  self.settings.http_host, self.http_port, self.settings.grpc_host,
                  self.grpc_port, self.settings.snapshot_dir)
@@ -214,6 +243,7 @@ class Replica:
     def stop(self) -> None:
         grace = self.settings.shutdown_grace_s
         self.watcher.stop()
+        self.group.stop()
         self.grpc.stop(grace)
         self.http.stop(grace)
 

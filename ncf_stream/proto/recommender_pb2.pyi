@@ -191,7 +191,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("events_consumed", "events_rejected", "events_trained", "consumer_lag", "users", "items", "interactions", "model_version", "snapshot_events", "snapshot_age_seconds", "ingest", "ingest_reason", "role")
+    __slots__ = ("events_consumed", "events_rejected", "events_trained", "consumer_lag", "users", "items", "interactions", "model_version", "snapshot_events", "snapshot_age_seconds", "ingest", "ingest_reason", "role", "ranks")
     EVENTS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_TRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class StatusResponse(_message.Message):
     INGEST_FIELD_NUMBER: _ClassVar[int]
     INGEST_REASON_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     events_consumed: int
     events_rejected: int
     events_trained: int
@@ -218,4 +219,17 @@ class StatusResponse(_message.Message):
     ingest: str
     ingest_reason: str
     role: str
-    def __init__(self, events_consumed: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_trained: _Optional[int] = ..., consumer_lag: _Optional[int] = ..., users: _Optional[int] = ..., items: _Optional[int] = ..., interactions: _Optional[int] = ..., model_version: _Optional[int] = ..., snapshot_events: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., ingest: _Optional[str] = ..., ingest_reason: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    def __init__(self, events_consumed: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_trained: _Optional[int] = ..., consumer_lag: _Optional[int] = ..., users: _Optional[int] = ..., items: _Optional[int] = ..., interactions: _Optional[int] = ..., model_version: _Optional[int] = ..., snapshot_events: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., ingest: _Optional[str] = ..., ingest_reason: _Optional[str] = ..., role: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("rank", "model_version", "snapshot_events", "snapshot_age_seconds")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    model_version: int
+    snapshot_events: int
+    snapshot_age_seconds: float
+    def __init__(self, rank: _Optional[int] = ..., model_version: _Optional[int] = ..., snapshot_events: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ...) -> None: ...
