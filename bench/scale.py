@@ -61,7 +61,7 @@ def partition(user: str) -> int:
 def worker(spec_path: str) -> None:
     import torch
 
-    from ncf_stream.engine import Engine, Resume
+    from ncf_stream.engine import Engine
     from ncf_stream.evaluate import full_ranks, sampled_ranks
     from ncf_stream.evaluator import catalogue_scorer, snapshot_scorer
     from ncf_stream.events import Events
@@ -209,6 +209,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--replay-ratio", type=float, default=3.0)
     parser.add_argument("--poll", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sync-every", type=float, help="group_sync_every_s (default: the "
+                        "setting's)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
@@ -224,7 +227,8 @@ def main() -> None:
                else SynthConfig(users=10_000, items=2000, events=400_000, topics=40, seed=3))
         events = generate(cfg).to_events()
     settings = {"device": "cpu", "checkpoint_dir": None, "replay_ratio": args.replay_ratio,
-                "eval_interval_s": 3600.0, "seed": 0, "holdout_fraction": 1.0,
+                "eval_interval_s": 3600.0, "seed": args.seed, "holdout_fraction": 1.0,
+                **({} if args.sync_every is None else {"group_sync_every_s": args.sync_every}),
                 **({"factors": 16, "mlp_layers": [32, 16, 8]} if args.quick else {})}
     counts = [int(x) for x in args.workers.split(",")]
     print(f"{len(events):,} events; trainers {counts}; replay ratio {args.replay_ratio}; "
@@ -246,7 +250,7 @@ def main() -> None:
             mean, lo, hi = paired(base_hits, hits, col)
             row[f"{name}_diff"] = [round(mean, 4), round(lo, 4), round(hi, 4)]
         lo, hi = row["hr10_diff"][1:]
-        row["hr10_verdict"] = ("equivalent" if -MARGIN <= lo and hi <= MARGIN else
+        row["hr10_verdict"] = ("equivalent" if lo >= -MARGIN and hi <= MARGIN else
                                "worse" if hi < 0 else "better" if lo > 0 else "not shown")
     base = results[counts[0]][0]
     state_equal = all(
