@@ -1,6 +1,7 @@
 """One trainer against a group of two, on the same events, in one run.
 
     python bench/scale.py [--quick] [--data FILE] [--workers 1,2] [--replay-ratio R]
+                          [--seeds S] [--sync-every SECONDS]
 
 Each configuration runs the daemon's engine loop (``ncf_stream.engine.Engine``)
 in one process per trainer, each over its partitions' events (4 partitions,
@@ -14,11 +15,13 @@ daemon's evaluator (99 sampled negatives, and the full catalogue).
 Reported per configuration: events/s (consumed events over the time to consume
 them), trained samples/s per trainer and in total, the share of each trainer's
 wall time spent in exchanges (waiting for the others included), bytes each
-trainer sent per training step, and HR@10 over all users; the difference from
-the single trainer is a paired bootstrap over users (a margin of 0.01 sampled
-HR@10 decides equivalence). ``state_equal``: the union of the group's stores
-is the single trainer's store (pairs with their times, and hold-outs), and the
-shared tensors are identical on every trainer of the group.
+trainer sent per training step, and HR@10 over all users, each user's hit
+averaged over ``--seeds`` training seeds (3; ``--quick`` 1). The difference
+from the single trainer is a paired bootstrap over users (10,000 resamples); a
+95% interval inside +-0.01 sampled HR@10 is equivalence. ``state_equal``: the
+union of the group's stores is the single trainer's store (pairs with their
+times, and hold-outs), and the shared tensors are identical on every trainer of
+the group.
 
 Two cores cannot show scaling: two trainers share them, so per-trainer rates
 fall. Where more cores are available, run it there.
@@ -49,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 TOPIC = "memory"
 MARGIN = 0.01  # sampled HR@10: equivalence margin
-BOOTSTRAP = 10_000
 
 
 def partition(user: str) -> int:
@@ -172,8 +174,17 @@ def run_config(tmp: Path, events: Any, n: int, settings: dict[str, Any],
     return [json.loads(Path(f"{path}.json").read_text()) for _, path in procs]
 
 
-def summary(n: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    hits = {u: h for r in ranks for u, h in r["hits"].items()}
+def user_hits(runs: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Each user's sampled and full hit at 10, averaged over the seeds' runs."""
+    per_seed = [{u: h for r in ranks for u, h in r["hits"].items()} for ranks in runs]
+    return {u: [float(np.mean([hits[u][c] for hits in per_seed])) for c in (0, 1)]
+            for u in per_seed[0]}
+
+
+def summary(n: int, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Rates from the first seed's run (the others repeat it), hits over all seeds."""
+    ranks = runs[0]
+    hits = user_hits(runs)
     consume = max(r["consume_s"] for r in ranks)
     return {
         "n": n,
@@ -186,19 +197,21 @@ def summary(n: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
                                 / max(1, sum(r["steps"] for r in ranks))),
         "hr10": round(float(np.mean([h[0] for h in hits.values()])), 4),
         "hr10_full": round(float(np.mean([h[1] for h in hits.values()])), 4),
-        "users": len(hits),
+        "users": len(hits), "seeds": len(runs),
         "wall_s": round(max(r["wall_s"] for r in ranks), 2),
     }
 
 
-def paired(base: dict[str, list[int]], other: dict[str, list[int]], col: int
+def paired(base: dict[str, list[float]], other: dict[str, list[float]], col: int
            ) -> tuple[float, float, float]:
+    """Mean of other minus base, user by user, and its 95% interval (bench/quality.py's
+    paired bootstrap)."""
+    from quality import interval, resamples  # the bench folder is on sys.path
+
     users = sorted(base)
     d = np.array([other[u][col] - base[u][col] for u in users], dtype=np.float64)
-    rng = np.random.default_rng(0)
-    means = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi)
+    lo, hi = interval(d, resamples(len(d)))
+    return float(d.mean()), lo, hi
 
 
 def main() -> None:
@@ -209,7 +222,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--replay-ratio", type=float, default=3.0)
     parser.add_argument("--poll", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, help="training seeds, each user's hits averaged "
+                        "over them (default 3; --quick 1)")
     parser.add_argument("--sync-every", type=float, help="group_sync_every_s (default: the "
                         "setting's)")
     args = parser.parse_args()
@@ -227,39 +241,42 @@ def main() -> None:
                else SynthConfig(users=10_000, items=2000, events=400_000, topics=40, seed=3))
         events = generate(cfg).to_events()
     settings = {"device": "cpu", "checkpoint_dir": None, "replay_ratio": args.replay_ratio,
-                "eval_interval_s": 3600.0, "seed": args.seed, "holdout_fraction": 1.0,
+                "eval_interval_s": 3600.0, "holdout_fraction": 1.0,
                 **({} if args.sync_every is None else {"group_sync_every_s": args.sync_every}),
                 **({"factors": 16, "mlp_layers": [32, 16, 8]} if args.quick else {})}
     counts = [int(x) for x in args.workers.split(",")]
     print(f"{len(events):,} events; trainers {counts}; replay ratio {args.replay_ratio}; "
           f"{os.cpu_count()} cores", file=sys.stderr)
-    results: dict[int, list[dict[str, Any]]] = {}
+    seeds = args.seeds or (1 if args.quick else 3)
+    results: dict[int, list[list[dict[str, Any]]]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in counts:
-            start = time.perf_counter()
-            results[n] = run_config(Path(tmp), events, n, settings, args.poll)
-            print(f"{n} trainer(s): {json.dumps(summary(n, results[n]))} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        for seed in range(seeds):  # configurations side by side within each seed
+            for n in counts:
+                start = time.perf_counter()
+                results[n].append(run_config(Path(tmp), events, n, {**settings, "seed": seed},
+                                             args.poll))
+                print(f"seed {seed}, {n} trainer(s): {json.dumps(summary(n, results[n][-1:]))} "
+                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     rows = [summary(n, results[n]) for n in counts]
-    base_hits = {u: h for r in results[counts[0]] for u, h in r["hits"].items()}
+    base_hits = user_hits(results[counts[0]])
     for row, n in zip(rows, counts, strict=True):
         if n == counts[0]:
             continue
-        hits = {u: h for r in results[n] for u, h in r["hits"].items()}
+        hits = user_hits(results[n])
         for col, name in ((0, "hr10"), (1, "hr10_full")):
             mean, lo, hi = paired(base_hits, hits, col)
             row[f"{name}_diff"] = [round(mean, 4), round(lo, 4), round(hi, 4)]
         lo, hi = row["hr10_diff"][1:]
         row["hr10_verdict"] = ("equivalent" if lo >= -MARGIN and hi <= MARGIN else
                                "worse" if hi < 0 else "better" if lo > 0 else "not shown")
-    base = results[counts[0]][0]
+    base = results[counts[0]][0][0]
     state_equal = all(
-        sum(r["pairs_digest"] for r in results[n]) % (1 << 64) == base["pairs_digest"]
-        and sum(r["holdouts_digest"] for r in results[n]) % (1 << 64) == base["holdouts_digest"]
-        and len({tuple(r["shared"]) for r in results[n]}) == 1
-        for n in counts)
+        sum(r["pairs_digest"] for r in ranks) % (1 << 64) == base["pairs_digest"]
+        and sum(r["holdouts_digest"] for r in ranks) % (1 << 64) == base["holdouts_digest"]
+        and len({tuple(r["shared"]) for r in ranks}) == 1
+        for n in counts for ranks in results[n])
     print(json.dumps({"bench": "scale", "quick": args.quick, "cores": os.cpu_count(),
-                      "events": len(events), "replay_ratio": args.replay_ratio,
+                      "events": len(events), "replay_ratio": args.replay_ratio, "seeds": seeds,
                       "workers": rows, "state_equal": state_equal}))
 
 
