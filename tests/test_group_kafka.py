@@ -183,6 +183,11 @@ def test_two_ranks_read_their_partitions_every_event_once_and_resume_where_told(
         users = [{u for u, _, _ in events_of(got)} for got in batches]
         assert not users[0] & users[1]  # a user's events in its owner's partitions only
         assert [s.lag() for s in sources] == [0, 0]
+        sources[0].seek({(topic, 0): 0, (topic, 1): 0})  # partition 1 is rank 1's: left be
+        assert sources[0].lag() == positions[(topic, 0)]
+        reread = wait_for(lambda: sources[0].poll(0.2), what="partition 0 again")
+        assert set(reread.offsets) == {(topic, 0)} and reread.offsets[(topic, 0)][0] == 0
+        assert sources[1].poll(0.2) is None
         # Each rank is told every position; it commits its own partitions only (into a
         # group with no members: commits of consumers assigned by hand are taken).
         for source in sources:
