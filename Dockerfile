@@ -7,6 +7,9 @@ COPY pyproject.toml README.md ./
 COPY ncf_stream ./ncf_stream
 COPY consumers ./consumers
 RUN pip install --no-cache-dir .
+# State a volume may be mounted over (deploy/compose.group.yaml): a named volume starts
+# with this directory's owner, so the daemon (nobody) can write its checkpoints there.
+RUN mkdir -p /var/lib/ncf-stream && chown nobody /var/lib/ncf-stream
 
 # Inside a container network the servers must listen beyond loopback.
 ENV NCF_STREAM_HTTP_HOST=0.0.0.0 \

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from kafka.errors import KafkaError
 
@@ -25,9 +26,26 @@ FLAGS = {**COMMON_FLAGS, **SERVING_FLAGS, **SNAPSHOT_FLAGS, **INGEST_FLAGS}
 SECRET_WORDS = ("password", "secret", "token")
 
 
-def _load(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+def _load(args: argparse.Namespace, **more: object) -> tuple[Settings, dict[str, str]]:
+    """The settings, and where each came from; ``more``: values given as flags are."""
     given = {name: getattr(args, name) for name in FLAGS if hasattr(args, name)}
-    return Settings.load_with_sources(args.config, **given)
+    return Settings.load_with_sources(args.config, **given, **more)
+
+
+# torchrun's environment (torch.distributed.run) -> the group setting it gives.
+TORCHRUN = {"WORLD_SIZE": "group_size", "RANK": "group_rank"}
+
+
+def torchrun_group(sources: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The group settings a trainer started by torchrun takes from its environment
+    (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT: all of them, or none is used), each
+    one only where it has no value of its own (a flag, NCF_STREAM_GROUP_*, the file)."""
+    names = [*TORCHRUN, "MASTER_ADDR", "MASTER_PORT"]
+    if not all(environ.get(name) for name in names):
+        return {}
+    values = {setting: environ[name] for name, setting in TORCHRUN.items()}
+    values["group_address"] = f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"
+    return {name: value for name, value in values.items() if sources[name] == "default"}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -63,9 +81,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings, sources = _load(args)
+    if args.workers > 1:  # it imports no torch: it only starts and watches the trainers
+        from consumers.group_supervisor import Supervisor
+
+        return Supervisor(settings, args.workers, args.argv).run()
     from consumers.daemon import Daemon, serve_until_signalled
 
-    daemon = Daemon(_settings(args))
+    if torchrun := torchrun_group(sources, os.environ):
+        settings = _load(args, **torchrun)[0]
+    daemon = Daemon(settings)
     serve_until_signalled(daemon)
     return 0
 
@@ -175,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common, serving, ingest],
                        help="run the daemon: consume, train, evaluate, serve HTTP and gRPC "
                             "(and export snapshots to --snapshot-dir for replicas)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="run a group of N trainers over the topic's partitions, each a "
+                        "process of its own, restarted together when one fails; trainer r "
+                        "serves on the ports given plus r (default 1: this process alone)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-replica", parents=[config, serving],
@@ -202,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # serve --workers runs each trainer with the same arguments
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:

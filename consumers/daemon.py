@@ -25,7 +25,7 @@ from ncf_stream.engine import Engine, Resume, SourceFactory
 from ncf_stream.grpc_server import GrpcServer
 from ncf_stream.http_app import create_app
 from ncf_stream.servers import HttpServer, serve_metrics, stop_on_signals, tune_for_serving
-from ncf_stream.settings import Settings
+from ncf_stream.settings import Settings, check_group
 from ncf_stream.source import EventSource
 from ncf_stream.threads import background_thread, trainer_thread, tune_malloc
 from ncf_stream.trainer import TrainerConfig
@@ -41,6 +41,7 @@ class Daemon:
 
     def __init__(self, settings: Settings, source: EventSource | SourceFactory | None = None,
                  registry: CollectorRegistry | None = None) -> None:
+        check_group(settings)
         # Before the big allocations: see threads.tune_malloc.
         tune_malloc(TrainerConfig.from_settings(settings).step_tensor_bytes)
         if not settings.kafka_group_instance_id:  # see the setting: rebuilds resume at once
@@ -68,6 +69,11 @@ class Daemon:
 
     def _kafka_source(self, resume: Resume) -> EventSource:
         s = self.settings
+        if s.group_size > 1:  # its partitions by rank; the engine maps ids (ncf_stream.group)
+            if s.kafka_source_process:
+                return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
+                                     background=s.background_policy)
+            return KafkaSource(s, metrics=resume.metrics, positions=lambda: resume.positions)
         if s.kafka_sources > 1:  # several processes; they send ids, the engine maps them
             return ParallelSource(s, metrics=resume.metrics, positions=resume.positions,
                                   background=s.background_policy)

@@ -41,6 +41,17 @@ UNASSIGNED_REJOIN_S = 15.0
 # A probe fetch (one partition alone, from one offset) that has not answered in this
 # long found nothing there: on a live broker an answer takes milliseconds.
 PROBE_S = 5.0
+# In a group of trainers (group_size > 1) each consumer assigns itself its partitions:
+# no group coordinator tells it of partitions added to the topic later. Its client
+# refreshes the topic's metadata this often (metadata_max_age_ms, a request in the
+# background), and every poll compares the partitions there with those it assigned,
+# so a new partition's first events wait about this long for their owner. Partitions
+# are added by an operator, rarely: that wait costs little, and so does the request.
+PARTITION_CHECK_S = 60.0
+# How long a trainer of a group waits at start for the topic's metadata. A topic that
+# exists is known within one metadata request; one missing this long is missing (a
+# SourceError: the engine rebuilds the source with its back-off, so it is asked again).
+TOPIC_WAIT_S = 10.0
 
 
 @contextmanager
@@ -52,7 +63,17 @@ def _kafka_errors(what: str) -> Iterator[None]:
         raise SourceError(f"{what}: {type(e).__name__}: {e}") from e
 
 
+def owns(settings: Settings, partition: int) -> bool:
+    """Whether this trainer owns ``partition`` of the topic: in a group of
+    ``group_size`` trainers, rank r owns the partitions p with p % group_size == r."""
+    return partition % settings.group_size == settings.group_rank
+
+
 def consumer_config(settings: Settings) -> dict[str, Any]:
+    # A trainer of a group assigns itself its partitions: static membership (KIP-345)
+    # is for members of a subscribed consumer group, and such a consumer joins none.
+    grouped = settings.group_size > 1
+    static = "" if grouped else settings.kafka_group_instance_id
     return {
         "bootstrap_servers": settings.kafka_bootstrap.split(","),
         "group_id": settings.kafka_group_id,
@@ -65,9 +86,10 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "check_crcs": False,
         "metrics_enabled": False,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
-        "group_instance_id": settings.kafka_group_instance_id or None,
+        "group_instance_id": static or None,
         "session_timeout_ms": int(settings.kafka_session_timeout_s * 1000),
         "heartbeat_interval_ms": int(settings.kafka_session_timeout_s * 1000 / 3),
+        **({"metadata_max_age_ms": int(PARTITION_CHECK_S * 1000)} if grouped else {}),
         **settings.kafka_client_options,
     }
 
@@ -151,15 +173,22 @@ class _PositionFromState(ConsumerRebalanceListener):
         pass
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        known = self.positions()
-        fresh = [tp for tp in assigned if (tp.topic, tp.partition) not in known]
-        for tp in assigned:
-            if (tp.topic, tp.partition) in known:
-                self.consumer.seek(tp, known[(tp.topic, tp.partition)])
-        if fresh:
-            self.consumer.seek_to_beginning(*fresh)
+        known = seek_from_state(self.consumer, assigned, self.positions())
         self.assigned(set(assigned))
         log.info("assigned %s; positions from state: %s", sorted(map(tuple, assigned)), known)
+
+
+def seek_from_state(consumer: KafkaConsumer, partitions: Any,
+                    positions: Mapping[Partition, int]) -> Mapping[Partition, int]:
+    """Seek each of ``partitions`` to its offset in ``positions``, or to its beginning
+    when the state has none; returns ``positions``."""
+    fresh = [tp for tp in partitions if (tp.topic, tp.partition) not in positions]
+    for tp in partitions:
+        if (tp.topic, tp.partition) in positions:
+            consumer.seek(tp, positions[(tp.topic, tp.partition)])
+    if fresh:
+        consumer.seek_to_beginning(*fresh)
+    return positions
 
 
 class KafkaSource:
@@ -168,6 +197,12 @@ class KafkaSource:
     ``positions`` returns the next offset per partition that the engine's state
     includes (its checkpoint plus what it ingested since); every assignment seeks
     there, so a restart neither skips nor repeats an event's effect.
+
+    In a group of trainers (``group_size`` > 1) the consumer joins no consumer group:
+    it assigns itself the partitions p with p % group_size == group_rank (the users in
+    them are this trainer's), seeks them as an assignment would, and asks every
+    PARTITION_CHECK_S for partitions added since. Its ``kafka_group_id`` then only
+    names where the offsets are committed, each partition's by its owner.
     """
 
     def __init__(
@@ -187,9 +222,20 @@ class KafkaSource:
         self._listener: _PositionFromState | None = None
         self._blocked: dict[TopicPartition, Blocked] = {}
         self._poisoned: SourceError | None = None  # an undecodable batch left unresolved
-        if consumer is None:
-            self._listener = _PositionFromState(self._consumer, positions or dict, self._reblock)
-            self._consumer.subscribe([settings.kafka_topic], listener=self._listener)
+        self._positions = positions or dict
+        # Partitions by rank, assigned by hand (a consumer we are given: its owner's).
+        self._grouped = consumer is None and settings.group_size > 1
+        self._partitions: set[int] = set()  # the topic's, when they were last assigned
+        try:
+            if self._grouped:
+                self._assign_owned(wait_s=TOPIC_WAIT_S)
+            elif consumer is None:
+                self._listener = _PositionFromState(self._consumer, self._positions,
+                                                    self._reblock)
+                self._consumer.subscribe([settings.kafka_topic], listener=self._listener)
+        except BaseException:
+            self._consumer.close(autocommit=False)
+            raise
         self._unassigned_since: float | None = None
         self.rejoins = 0
         self._dlq = DeadLetterWriter(
@@ -197,11 +243,65 @@ class KafkaSource:
             settings.kafka_dlq_topic)
         self._dlq_log = DeadLetterLog(settings.kafka_dlq_topic)
 
+    # ---- a group of trainers: each its own partitions, assigned by hand --------------------
+
+    def _topic_partitions(self, wait_s: float) -> set[int]:
+        """The topic's partitions in the client's metadata (asked of the broker while the
+        topic is not there), waiting up to ``wait_s`` for a topic that is not known yet;
+        raises SourceError if it still is not."""
+        topic = self._settings.kafka_topic
+        deadline = time.monotonic() + wait_s
+        with _kafka_errors(f"reading the partitions of {topic}"):
+            while True:
+                partitions: set[int] = set(self._consumer.partitions_for_topic(topic) or ())
+                if partitions or time.monotonic() >= deadline:
+                    break
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        if not partitions:
+            raise SourceError(f"topic {topic} not found on {self._settings.kafka_bootstrap} "
+                              f"(waited {wait_s:.0f} s): trainer {self._settings.group_rank} of "
+                              f"{self._settings.group_size} has no partitions to assign itself")
+        return partitions
+
+    def _assign_owned(self, wait_s: float = 0.0) -> None:
+        """Assign the consumer the topic's partitions this rank owns; a partition new to
+        it starts where the engine's state is, or at its beginning (as _PositionFromState
+        seeks on a subscribed consumer's assignment). Those it held keep their positions
+        and pauses: kafka-python's assign keeps the state of a partition assigned before."""
+        s = self._settings
+        self._partitions = self._topic_partitions(wait_s)
+        mine = {TopicPartition(s.kafka_topic, p) for p in self._partitions if owns(s, p)}
+        held = self._consumer.assignment()
+        if mine == held:
+            return
+        with _kafka_errors("assigning partitions"):
+            self._consumer.assign(sorted(mine))
+            known = seek_from_state(self._consumer, mine - held, self._positions())
+        self._reblock(mine)
+        log.info("trainer %d of %d: assigned %s; positions from state: %s", s.group_rank,
+                 s.group_size, sorted(map(tuple, mine)), known)
+
+    def _check_partitions(self) -> None:
+        """Take on the partitions of ours added to the topic since they were assigned,
+        once the client's metadata has them (see PARTITION_CHECK_S): a lookup in it."""
+        if not self._grouped:
+            return
+        with _kafka_errors(f"reading the partitions of {self._settings.kafka_topic}"):
+            now = self._consumer.partitions_for_topic(self._settings.kafka_topic)
+        if now and set(now) != self._partitions:
+            self._assign_owned()
+
     def poll(self, timeout_s: float | None = None) -> EventBatch | None:
         """Poll once; None when no record arrived within ``timeout_s``."""
         if self._poisoned is not None:  # its next poll would spin (see _undecodable)
             raise self._poisoned
         timeout = self._settings.kafka_poll_timeout_s if timeout_s is None else timeout_s
+        self._check_partitions()
+        if self._grouped and not self._consumer.assignment():
+            # A rank beyond the topic's partitions owns none (yet); a consumer with no
+            # assignment would not wait for its timeout.
+            time.sleep(timeout)
+            return None
         try:
             by_partition = self._consumer.poll(
                 timeout_ms=int(timeout * 1000), max_records=self._settings.kafka_max_poll_records
@@ -354,7 +454,7 @@ class KafkaSource:
     def _check_assignment(self) -> None:
         """Leave and rejoin the group after UNASSIGNED_REJOIN_S without a partition."""
         if self._listener is None:
-            return  # a consumer we were given: its owner manages its group
+            return  # given a consumer (its owner manages its group) or assigned by hand
         if self.assigned():
             self._unassigned_since = None
             return
@@ -412,7 +512,13 @@ class KafkaSource:
             self._consumer.seek(TopicPartition(topic, partition), lo)
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit ``offsets`` to ``kafka_group_id``. In a group of trainers only those of
+        the partitions this rank owns: each partition's offset is written by its owner
+        (kafka-python and the broker take commits of a consumer assigned by hand into a
+        group that has no members, at no generation)."""
         self.flush()  # never commit past a dead letter that is not written
+        if self._grouped:
+            offsets = {tp: o for tp, o in offsets.items() if owns(self._settings, tp[1])}
         with _kafka_errors("committing offsets"):
             self._consumer.commit({
                 TopicPartition(t, p): OffsetAndMetadata(o, "", -1)

@@ -603,6 +603,25 @@ def check_config(config: Any) -> None:
         check(name, getattr(config, field_name), f"{type(config).__name__}.{field_name}")
 
 
+def check_group(settings: Settings) -> None:
+    """The group settings against each other and the source's; ConfigError if they clash.
+
+    A function the daemon (and ncf-stream serve --workers) calls, not a validator of
+    Settings: load_with_sources builds Settings from the flags and environment alone
+    before it merges the file in, and check() validates one field against defaults, so
+    a validator would see a rank from one place against a size from none."""
+    if settings.group_rank >= settings.group_size:
+        raise ConfigError(f"group_rank = {settings.group_rank} with group_size = "
+                          f"{settings.group_size}: the ranks of a group are 0 to "
+                          f"{settings.group_size - 1}")
+    if settings.group_size > 1 and settings.kafka_sources > 1:
+        raise ConfigError(f"kafka_sources = {settings.kafka_sources} with group_size = "
+                          f"{settings.group_size}: a trainer of a group reads its partitions "
+                          "through one source (they are its own by rank, not split by a "
+                          "consumer group); for more ingest run more trainers (a larger "
+                          "group_size, ncf-stream serve --workers N)")
+
+
 C = TypeVar("C")
 
 
