@@ -1,7 +1,7 @@
 """One trainer against a group of two, on the same events, in one run.
 
     python bench/scale.py [--quick] [--data FILE] [--workers 1,2] [--replay-ratio R]
-                          [--seeds S] [--sync-every SECONDS]
+                          [--seeds S] [--sync-steps N] [--sync-every SECONDS]
 
 Each configuration runs the daemon's engine loop (``ncf_stream.engine.Engine``)
 in one process per trainer, each over its partitions' events (4 partitions,
@@ -226,6 +226,8 @@ def main() -> None:
                         "over them (default 3; --quick 1)")
     parser.add_argument("--sync-every", type=float, help="group_sync_every_s (default: the "
                         "setting's)")
+    parser.add_argument("--sync-steps", type=int, help="group_sync_every_steps (default: the "
+                        "setting's)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
@@ -243,6 +245,7 @@ def main() -> None:
     settings = {"device": "cpu", "checkpoint_dir": None, "replay_ratio": args.replay_ratio,
                 "eval_interval_s": 3600.0, "holdout_fraction": 1.0,
                 **({} if args.sync_every is None else {"group_sync_every_s": args.sync_every}),
+                **({} if args.sync_steps is None else {"group_sync_every_steps": args.sync_steps}),
                 **({"factors": 16, "mlp_layers": [32, 16, 8]} if args.quick else {})}
     counts = [int(x) for x in args.workers.split(",")]
     print(f"{len(events):,} events; trainers {counts}; replay ratio {args.replay_ratio}; "

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from kafka.errors import KafkaError
 
 from ncf_stream.errors import NcfStreamError
+from ncf_stream.group import GroupError
 from ncf_stream.readers import FORMATS
 from ncf_stream.settings import SECTIONS, Settings, default, reference_markdown, toml_value
 from ncf_stream.synth import SynthConfig
@@ -242,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
+    except GroupError as e:  # not the settings: the group must be started again as a whole
+        print(f"ncf-stream: group error: {e}", file=sys.stderr)
+        return 3
     except (NcfStreamError, OSError) as e:
         print(f"ncf-stream: error: {e}", file=sys.stderr)
         return 2

@@ -47,12 +47,12 @@ from prometheus_client import CollectorRegistry
 from ncf_stream import checkpoint
 from ncf_stream.api import Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
-from ncf_stream.errors import NcfStreamError
+from ncf_stream.errors import GroupError, NcfStreamError
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.events import Deletions, Events, segments
 from ncf_stream.export import Exporter
 from ncf_stream.faults import crash_point
-from ncf_stream.group import Group, GroupError, Header, rank_dir, read_manifest, write_manifest
+from ncf_stream.group import Group, Header, rank_dir, read_manifest, write_manifest
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics, Metrics
 from ncf_stream.recommend import Recommender
@@ -604,7 +604,7 @@ class Engine:
             self._group_checkpoint()
         if decision.stop:
             self._group_done = True
-        g.last_sync = time.monotonic()
+        g.synced()
 
     def _group_checkpoint(self) -> None:
         """Every trainer writes its checkpoint of this epoch; once all have, rank 0

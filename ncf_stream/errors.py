@@ -13,3 +13,8 @@ class BadInput(NcfStreamError, ValueError):
 
 class ConfigError(BadInput):
     """A setting that cannot work (a port out of range, an unknown format)."""
+
+
+class GroupError(NcfStreamError):
+    """A group of trainers cannot go on: a trainer is gone, timed out, or out of step
+    (ncf_stream.group); the whole group must start again."""

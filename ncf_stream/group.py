@@ -7,7 +7,8 @@ negatives stay exact and local), user rows, history, hold-outs and offsets.
 What every trainer touches is shared: the item rows (own and context) and the
 tower. They are kept in step over ``torch.distributed`` (gloo, on CPU tensors,
 so the same code serves CUDA trainers) by an **exchange** every
-``group_sync_every_s``, local steps in between ("local SGD"):
+``group_sync_every_steps`` training steps (or ``group_sync_every_s``), local
+steps in between ("local SGD"):
 
 1. *Header* (``all_gather_object``): the item ids new to the group that each
    trainer holds back, the item deletions it was asked for, and its flags (a
@@ -67,7 +68,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector
 
-from ncf_stream.errors import ConfigError, NcfStreamError
+from ncf_stream.errors import ConfigError, GroupError
 from ncf_stream.events import Events
 from ncf_stream.optim import RowAdagrad
 from ncf_stream.settings import Settings
@@ -76,10 +77,6 @@ from ncf_stream.trainer import Trainer
 log = logging.getLogger(__name__)
 
 MANIFEST = "group.json"
-
-
-class GroupError(NcfStreamError):
-    """The group cannot go on: a trainer is gone, timed out, or out of step."""
 
 
 def rank_dir(directory: str | Path, rank: int) -> Path:
@@ -156,6 +153,8 @@ class Group:
         self.rank, self.size = s.group_rank, s.group_size
         self.trainer = trainer
         self.every_s = s.group_sync_every_s
+        self.every_steps = s.group_sync_every_steps
+        self._steps_at_sync = trainer.steps
         self.epoch = 0
         host, _, port = s.group_address.rpartition(":")
         if not host or not port.isdigit():
@@ -228,10 +227,19 @@ class Group:
             self._broadcast(tower)
         self._set_tower(tower)
         self._rebase()
-        self.last_sync = time.monotonic()
+        self.synced()
 
     def due(self) -> bool:
-        return time.monotonic() - self.last_sync >= self.every_s
+        """Whether this trainer's next exchange is due: by its steps since the last one,
+        or by time. Each trainer decides alone; a collective waits for the others to
+        reach theirs, so the group moves at the pace of the slowest."""
+        return (self.trainer.steps - self._steps_at_sync >= self.every_steps
+                or time.monotonic() - self.last_sync >= self.every_s)
+
+    def synced(self) -> None:
+        """The exchange is complete: the cadence counts from here."""
+        self.last_sync = time.monotonic()
+        self._steps_at_sync = self.trainer.steps
 
     def unknown_items(self, events: Events) -> list[str]:
         """The batch's item ids the group has no row for yet (distinct, sorted)."""
