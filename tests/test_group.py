@@ -162,3 +162,19 @@ def test_a_group_refuses_a_rank_outside_it() -> None:
     settings = Settings(device="cpu", group_size=2, group_rank=2)
     with pytest.raises(ConfigError, match="group_rank 2"):
         Group(settings, Trainer())
+
+
+def test_the_scale_bench_compares_one_trainer_with_two_on_the_same_state() -> None:
+    """bench/scale.py --quick end to end: its JSON line, and the group's stores and shared
+    tensors found equal to the single trainer's."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=TIMEOUT_S, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["state_equal"] is True
+    one, two = report["workers"]
+    assert (one["n"], two["n"]) == (1, 2) and one["users"] == two["users"] > 1000
+    assert abs(one["samples"] - two["samples"]) < 0.01 * one["samples"]  # equal budgets
+    assert one["sync_share"] == 0 < two["sync_share"] < 1 and two["bytes_per_step"] > 0
+    lo, hi = two["hr10_diff"][1:]
+    assert lo <= two["hr10_diff"][0] <= hi
