@@ -28,7 +28,7 @@ from kafka.structs import OffsetAndMetadata
 from ncf_stream.events import EventFilter, Events, Reason, Rejection, decode_batch
 from ncf_stream.metrics import IngestMetrics
 from ncf_stream.settings import Settings
-from ncf_stream.source import Blocked, EventBatch, Partition, SourceError
+from ncf_stream.source import Blocked, EventBatch, Partition, SourceError, owns
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,6 @@ def _kafka_errors(what: str) -> Iterator[None]:
         yield
     except KafkaError as e:
         raise SourceError(f"{what}: {type(e).__name__}: {e}") from e
-
-
-def owns(settings: Settings, partition: int) -> bool:
-    """Whether this trainer owns ``partition`` of the topic: in a group of
-    ``group_size`` trainers, rank r owns the partitions p with p % group_size == r."""
-    return partition % settings.group_size == settings.group_rank
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -270,7 +264,8 @@ class KafkaSource:
         and pauses: kafka-python's assign keeps the state of a partition assigned before."""
         s = self._settings
         self._partitions = self._topic_partitions(wait_s)
-        mine = {TopicPartition(s.kafka_topic, p) for p in self._partitions if owns(s, p)}
+        mine = {TopicPartition(s.kafka_topic, p) for p in self._partitions
+                if owns(p, s.group_size, s.group_rank)}
         held = self._consumer.assignment()
         if mine == held:
             return
@@ -518,7 +513,8 @@ class KafkaSource:
         group that has no members, at no generation)."""
         self.flush()  # never commit past a dead letter that is not written
         if self._grouped:
-            offsets = {tp: o for tp, o in offsets.items() if owns(self._settings, tp[1])}
+            offsets = {tp: o for tp, o in offsets.items()
+                       if owns(tp[1], self._settings.group_size, self._settings.group_rank)}
         with _kafka_errors("committing offsets"):
             self._consumer.commit({
                 TopicPartition(t, p): OffsetAndMetadata(o, "", -1)

@@ -83,11 +83,6 @@ def rank_dir(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"rank-{rank}"
 
 
-def owns(partition: int, size: int, rank: int) -> bool:
-    """Whether rank ``rank`` of a group of ``size`` consumes ``partition``."""
-    return partition % size == rank
-
-
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST
     try:

@@ -154,6 +154,12 @@ class EventSource(Protocol):
     def close(self) -> None: ...
 
 
+def owns(partition: int, group_size: int, group_rank: int) -> bool:
+    """Whether trainer ``group_rank`` of a group of ``group_size`` consumes ``partition``
+    (and owns the users in it): the partitions are dealt out round-robin by number."""
+    return partition % group_size == group_rank
+
+
 class MemorySource:
     """Events in batches, as one partition of a pseudo-topic; :meth:`push` appends more.
 
