@@ -49,7 +49,7 @@ from ncf_stream.api import Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
 from ncf_stream.errors import GroupError, NcfStreamError
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
-from ncf_stream.events import Deletions, Events, segments
+from ncf_stream.events import Availability, Deletions, Events, segments
 from ncf_stream.export import Exporter
 from ncf_stream.faults import crash_point
 from ncf_stream.group import Group, Header, rank_dir, read_manifest, write_manifest
@@ -296,6 +296,7 @@ class Engine:
         self._held_records = 0
         self._held_items: set[str] = set()
         self._group_deletes: list[str] = []
+        self._group_availability: list[tuple[str, bool]] = []
         self._group_done = False  # the group decided to stop: the loop ends
         if grouped:
             self.group = Group(s, self.trainer)
@@ -497,10 +498,10 @@ class Engine:
             at += len(part)
             for kind, external_id in zip(deletions.kinds.tolist(), deletions.ids.tolist(),
                                          strict=True):
-                self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after == done)))
+                self._availability(avail.take(np.flatnonzero(avail.after == done)))
                 self.forget(kind, external_id)
                 done += 1
-        self.catalogue.availability.apply(avail.take(np.flatnonzero(avail.after >= done)))
+        self._availability(avail.take(np.flatnonzero(avail.after >= done)))
         crash_point("ingest")
         self.positions.update(batch.commit_offsets())
         c = self.counters
@@ -509,6 +510,15 @@ class Engine:
         self.watermark.ingested(queued, c.consumed)
         if self._unpublished_since is None:
             self._unpublished_since = time.monotonic()
+
+    def _availability(self, events: Availability) -> None:
+        """Apply availability events; in a group every trainer serves every item, so all
+        apply them at the next exchange (before its item deletions)."""
+        if self.group is not None:
+            self._group_availability += zip(events.items.tolist(), events.available.tolist(),
+                                            strict=True)
+        else:
+            self.catalogue.availability.apply(events)
 
     def _ingest_events(self, events: Events | MappedEvents,
                        partitions: np.ndarray | None = None) -> int:
@@ -567,10 +577,11 @@ class Engine:
         g, s = self.group, self.settings
         assert g is not None
         start = time.perf_counter()
-        sent_deletes = len(self._group_deletes)
+        sent_deletes, sent_availability = len(self._group_deletes), len(self._group_availability)
         header = Header(
             epoch=g.epoch, new_items=sorted(self._held_items),
             delete_items=self._group_deletes[:sent_deletes],
+            availability=self._group_availability[:sent_availability],
             checkpoint=bool(self._checkpoint_dir) and g.rank == 0
             and time.monotonic() - self._last_checkpoint >= s.checkpoint_every_s,
             dirty=bool(self._checkpoint_dir) and (self.positions != self._checkpointed
@@ -590,6 +601,10 @@ class Engine:
             self._ingest(batch)
             self._maybe_expire()
         del self._group_deletes[:sent_deletes]
+        del self._group_availability[:sent_availability]
+        if decision.availability:
+            self.catalogue.availability.apply(Availability.from_rows(decision.availability))
+            self._changed()
         for item in decision.delete_items:
             self._forget("item", item)
         if decision.delete_items:

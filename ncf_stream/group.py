@@ -30,9 +30,11 @@ steps in between ("local SGD"):
    An event whose item the group does not know yet waits (its whole batch, so
    each user's events keep their order) until this exchange: the wait is
    bounded by ``group_sync_every_s``.
-4. *Item deletions* from any trainer are applied by all of them, at the
-   exchange (after the held batches, so an interaction consumed before it is
-   deleted with the item).
+4. *Item availability and deletions* from any trainer are applied by all of
+   them, at the exchange (after the held batches, so an interaction consumed
+   before a deletion is deleted with the item; availability before deletions,
+   so a deleted item's id is kept nowhere). Each trainer's availability
+   events keep their stream order; two trainers' are applied in rank order.
 
 Checkpoints are **aligned**: when rank 0's timer says so (or at a stop), every
 trainer writes its state right after an exchange, when the shared tensors are
@@ -109,6 +111,7 @@ class Header:
     epoch: int
     new_items: list[str] = field(default_factory=list)
     delete_items: list[str] = field(default_factory=list)
+    availability: list[tuple[str, bool]] = field(default_factory=list)  # in stream order
     checkpoint: bool = False  # rank 0's timer: checkpoint after this exchange
     dirty: bool = False  # this trainer's state changed since its last checkpoint
     stop: bool = False  # stop the group after this exchange
@@ -122,6 +125,7 @@ class Decision:
 
     new_items: list[str]  # sorted: their rows, in this order
     delete_items: list[str]
+    availability: list[tuple[str, bool]]  # every trainer's, in rank order
     checkpoint: bool
     stop: bool
     diverged: bool  # some trainer's loss was not finite: nobody trains on
@@ -253,6 +257,7 @@ class Group:
         decision = Decision(
             new_items=sorted({i for h in headers for i in h.new_items}),
             delete_items=sorted({i for h in headers for i in h.delete_items}),
+            availability=[a for h in headers for a in h.availability],
             checkpoint=(headers[0].checkpoint or any(h.stop for h in headers)
                         or all(h.done for h in headers)) and any(h.dirty for h in headers)
             and not diverged,

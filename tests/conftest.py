@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from consumers.broker import create_topics, existing_or_local
 from consumers.daemon import Daemon
-from ncf_stream.events import Events
+from ncf_stream.events import Events, encode_event
 from ncf_stream.model import NeuMFConfig
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
-from ncf_stream.source import EventSource, MemorySource
+from ncf_stream.source import EventSource, MemorySource, Partition
 from ncf_stream.store import split_keys
 from ncf_stream.synth import SynthConfig, generate
 from ncf_stream.trainer import Trainer, TrainerConfig
@@ -159,6 +159,35 @@ def topics(kafka_bootstrap: str) -> tuple[str, str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
     create_topics(kafka_bootstrap, [name, f"{name}.dlq"], partitions=3)
     return name, f"{name}.dlq"
+
+
+def committed(bootstrap: str, group: str) -> dict[Partition, int]:
+    """The offsets consumer group ``group`` has committed, per partition."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group)[group]
+    finally:
+        admin.close()
+    return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
+
+
+def partitioned_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    """A fresh topic of ``partitions`` partitions and its dead-letter topic; the topic's name."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    create_topics(bootstrap, [name, f"{name}.dlq"], partitions=partitions)
+    return name
+
+
+def publish_keyed(bootstrap: str, topic: str, events: Events,
+                  partition: int | None = None) -> None:
+    """``events`` keyed by user, as the event contract asks (so each user to one
+    partition), or all to ``partition``."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for u, i, t in zip(events.users.tolist(), events.items.tolist(), events.ts.tolist(),
+                       strict=True):
+        producer.send(topic, encode_event(u, i, t), key=u.encode(), partition=partition)
+    producer.flush()
+    producer.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

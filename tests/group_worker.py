@@ -18,7 +18,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from ncf_stream.engine import Engine, Resume
-from ncf_stream.events import Events
+from ncf_stream.events import Availability, Events
 from ncf_stream.settings import Settings
 from ncf_stream.source import MemorySource
 from ncf_stream.store import split_keys
@@ -59,6 +59,7 @@ def dump(engine: Engine) -> dict:
         "tower": digest(parameters_to_vector(m.tower.parameters())),
         "epoch": None if engine.group is None else engine.group.epoch,
         "samples": t.samples_trained, "consumed": engine.counters.consumed,
+        "unavailable": engine.catalogue.availability.ids(),
         "exchange_bytes": engine.metrics.engine.group_exchange_bytes._value.get(),
     }
 
@@ -69,15 +70,23 @@ def main() -> None:
     events = load_events(spec["events"])
     settings = Settings(**spec["settings"])
 
+    # Items made unavailable at the end of this trainer's stream (every trainer must
+    # serve them so): records after the events, so a resumed run never replays them.
+    unavailable = spec.get("unavailable", [])
+    total = len(events) + len(unavailable)
+
     def source(resume: Resume) -> MemorySource:
         start = resume.positions.get((TOPIC, 0), 0)
-        return MemorySource(events.take(np.arange(start, len(events))),
-                            batch_size=spec.get("poll", 200), topic=TOPIC, offset=start)
+        memory = MemorySource(events.take(np.arange(start, len(events))),
+                              batch_size=spec.get("poll", 200), topic=TOPIC, offset=start)
+        if unavailable and start <= len(events):
+            memory.push(Availability.from_rows([(i, False) for i in unavailable]))
+        return memory
 
     engine = Engine(settings, source)
 
     def done() -> bool:
-        return engine.positions.get((TOPIC, 0), 0) >= len(events) and not engine.trainer.pending
+        return engine.positions.get((TOPIC, 0), 0) >= total and not engine.trainer.pending
 
     engine.run(until=done)
     engine.close()

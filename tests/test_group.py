@@ -53,10 +53,11 @@ def free_port() -> int:
 
 
 def start(tmp: Path, name: str, events: Events, settings: dict[str, Any],
-          env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+          env: dict[str, str] | None = None, unavailable: list[str] | None = None
+          ) -> tuple[subprocess.Popen[bytes], Path]:
     out = tmp / f"{name}.json"
     spec = {"events": save_events(tmp / f"{name}.npz", events), "settings": settings,
-            "out": str(out), "poll": 100}
+            "out": str(out), "poll": 100, "unavailable": unavailable or []}
     spec_path = tmp / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.Popen([sys.executable, str(WORKER), str(spec_path)],
@@ -71,11 +72,12 @@ def finish(proc: subprocess.Popen[bytes]) -> str:
 
 
 def run_group(tmp: Path, shards: list[Events], extra: dict[str, Any],
-              envs: list[dict[str, str]] | None = None) -> list[tuple[int, str, Path]]:
+              envs: list[dict[str, str]] | None = None,
+              unavailable: list[list[str]] | None = None) -> list[tuple[int, str, Path]]:
     address = f"127.0.0.1:{free_port()}"
     procs = [start(tmp, f"rank{r}", shard, {**MODEL, **extra, "group_size": len(shards),
                                             "group_rank": r, "group_address": address},
-                   (envs or [{}] * len(shards))[r])
+                   (envs or [{}] * len(shards))[r], (unavailable or [[]] * len(shards))[r])
              for r, shard in enumerate(shards)]
     errs = [finish(p) for p, _ in procs]
     return [(p.returncode, err, out) for (p, out), err in zip(procs, errs, strict=True)]
@@ -114,13 +116,16 @@ def test_two_trainers_hold_what_one_holds_and_share_identical_items(tmp_path: Pa
     ref = reference(tmp_path, events)
     parts = shards(events, 2)
     assert min(map(len, parts)) > 1000  # both trainers have real work
+    # An item made unavailable through one trainer's partitions is unavailable on both.
     results = run_group(tmp_path, parts, {"checkpoint_dir": str(tmp_path / "ckpt"),
-                                          "group_sync_every_s": 0.05})
+                                          "group_sync_every_s": 0.05},
+                        unavailable=[[], [events.items[0], events.items[1]]])
     for code, err, _ in results:
         assert code == 0, err
     dumps = [json.loads(out.read_text()) for _, _, out in results]
     check_against_reference(ref, dumps)
     assert all(d["exchange_bytes"] > 0 and d["samples"] > 0 for d in dumps)
+    assert all(d["unavailable"] == sorted({events.items[0], events.items[1]}) for d in dumps)
     # The stop was an aligned checkpoint: the manifest names the final epoch.
     manifest = read_manifest(tmp_path / "ckpt")
     assert manifest is not None and manifest == {**manifest, "epoch": dumps[0]["epoch"],

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +18,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from kafka import KafkaProducer
+from conftest import partitioned_topic, publish_keyed  # tests/conftest.py
 
-from consumers.broker import create_topics, free_port
-from ncf_stream.events import Events, encode_event
+from consumers.broker import free_port
 from ncf_stream.group import read_manifest
 from ncf_stream.ids import IdMap
 from ncf_stream.store import InteractionStore, split_keys
@@ -50,15 +48,6 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
             pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def publish(bootstrap: str, topic: str, events: Events) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    for u, i, t in zip(events.users.tolist(), events.items.tolist(), events.ts.tolist(),
-                       strict=True):
-        producer.send(topic, encode_event(u, i, t), key=u.encode())  # keyed by user
-    producer.flush()
-    producer.close()
 
 
 def status(port: int) -> dict[str, Any]:
@@ -111,10 +100,9 @@ def stored(directory: Path, epoch: int | None = None) -> tuple[set[Any], set[Any
 def test_a_group_of_two_survives_a_kill_9_and_ends_with_the_single_trainers_stores(
         kafka_bootstrap: str, tmp_path: Path) -> None:
     events = generate(SynthConfig(users=120, items=80, events=3000, seed=5, topics=4)).to_events()
-    topic = f"grp-e2e-{uuid.uuid4().hex[:8]}"
-    create_topics(kafka_bootstrap, [topic, f"{topic}.dlq"], partitions=PARTITIONS)
+    topic = partitioned_topic(kafka_bootstrap, "grp-e2e", PARTITIONS)
     half = len(events) // 2
-    publish(kafka_bootstrap, topic, events.take(np.arange(half)))
+    publish_keyed(kafka_bootstrap, topic, events.take(np.arange(half)))
     base = {**ENV, "NCF_STREAM_KAFKA_BOOTSTRAP": kafka_bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
             "NCF_STREAM_KAFKA_DLQ_TOPIC": f"{topic}.dlq"}
     group_ckpt, snapshots = tmp_path / "group", tmp_path / "snapshots"
@@ -157,7 +145,7 @@ def test_a_group_of_two_survives_a_kill_9_and_ends_with_the_single_trainers_stor
             pid = int(log().split("trainer 1 of 2 (pid ")[1].split(")")[0])
             os.kill(pid, signal.SIGKILL)
             wait_for(lambda: "generation 2" in log(), 120, "the group restarted")
-            publish(kafka_bootstrap, topic, events.take(np.arange(half, len(events))))
+            publish_keyed(kafka_bootstrap, topic, events.take(np.arange(half, len(events))))
             wait_for(lambda: consumed() >= len(events), 180, "every event consumed")
         finally:
             stop.set()

@@ -21,19 +21,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
+from conftest import committed, partitioned_topic, publish_keyed  # tests/conftest.py
+from kafka import KafkaAdminClient
 from kafka.admin import NewPartitions
 
 from consumers import kafka_source
-from consumers.broker import create_topics
 from consumers.cli import _load, build_parser, torchrun_group
 from consumers.daemon import Daemon
 from consumers.group_supervisor import Ports, Supervisor, trainer_argv
 from consumers.kafka_source import KafkaSource
 from consumers.source_process import ProcessSource
 from ncf_stream.errors import ConfigError
-from ncf_stream.events import Events, encode_event
+from ncf_stream.events import Events
 from ncf_stream.settings import Settings, check_group
 from ncf_stream.source import EventBatch, EventSource, Partition, SourceError
 from ncf_stream.synth import SynthConfig, generate
@@ -98,9 +99,7 @@ def test_serve_takes_the_group_from_torchrun_where_not_given(
 
 @pytest.fixture
 def topic(kafka_bootstrap: str) -> str:
-    name = f"grp-{uuid.uuid4().hex[:10]}"
-    create_topics(kafka_bootstrap, [name, f"{name}.dlq"], partitions=PARTITIONS)
-    return name
+    return partitioned_topic(kafka_bootstrap, "grp", PARTITIONS)
 
 
 @pytest.fixture
@@ -110,13 +109,8 @@ def stream() -> Events:
 
 def publish(bootstrap: str, topic: str, events: Events, lo: int, hi: int,
             partition: int | None = None) -> None:
-    """Events lo..hi keyed by user, as the event contract asks (so by user to a partition)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    for u, i, t in zip(events.users[lo:hi].tolist(), events.items[lo:hi].tolist(),
-                       events.ts[lo:hi].tolist(), strict=True):
-        producer.send(topic, encode_event(u, i, t), key=u.encode(), partition=partition)
-    producer.flush()
-    producer.close()
+    """Events lo..hi, keyed by user (or all to ``partition``)."""
+    publish_keyed(bootstrap, topic, events.take(np.arange(lo, hi)), partition)
 
 
 def member(bootstrap: str, topic: str, rank: int, size: int = 2) -> Settings:
@@ -149,15 +143,6 @@ def offsets_read(batches: list[EventBatch]) -> dict[Partition, list[int]]:
 def events_of(batches: list[EventBatch]) -> list[tuple[str, str, float]]:
     return [(u, i, t) for b in batches for u, i, t in zip(
         b.events.users.tolist(), b.events.items.tolist(), b.events.ts.tolist(), strict=True)]
-
-
-def committed(bootstrap: str, group: str) -> dict[Partition, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group)[group]
-    finally:
-        admin.close()
-    return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
 
 
 def test_two_ranks_read_their_partitions_every_event_once_and_resume_where_told(

@@ -17,7 +17,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import running, same_content, small_engine_settings  # tests/conftest.py
+from conftest import (  # tests/conftest.py
+    committed,
+    partitioned_topic,
+    running,
+    same_content,
+    small_engine_settings,
+)
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import MemberToRemove
 
@@ -72,9 +78,7 @@ def test_each_member_has_a_static_id_of_its_own() -> None:
 
 @pytest.fixture
 def topic(kafka_bootstrap: str) -> str:
-    name = f"par-{uuid.uuid4().hex[:10]}"
-    create_topics(kafka_bootstrap, [name, f"{name}.dlq"], partitions=PARTITIONS)
-    return name
+    return partitioned_topic(kafka_bootstrap, "par", PARTITIONS)
 
 
 @pytest.fixture
@@ -246,15 +250,6 @@ def test_partitions_moved_by_rebalances_are_read_on_from_the_engine_positions(
     # from where it had left it: each refused once at least.
     assert refused >= 2
     same_content(engine.trainer, reference(s, stream))
-
-
-def committed(bootstrap: str, group: str) -> dict[Partition, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group)[group]
-    finally:
-        admin.close()
-    return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
 
 
 def test_commit_and_restart_from_a_checkpoint_resume_without_loss_or_repeat(
