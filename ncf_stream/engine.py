@@ -45,7 +45,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from ncf_stream import checkpoint
-from ncf_stream.api import Status
+from ncf_stream.api import RankStatus, Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
 from ncf_stream.errors import GroupError, NcfStreamError
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
@@ -871,7 +871,12 @@ class Engine:
             snapshot_age_seconds=0.0 if snap is None else round(snap.age(), 3),
             ingest="ok" if self.health.up and not self.blocked and not self.diverged
             else "degraded",
-            ingest_reason=self._ingest_reason())
+            ingest_reason=self._ingest_reason(),
+            # A trainer of a group reports its own rank: which part of the group this is.
+            ranks=() if self.group is None else (RankStatus(
+                self.group.rank, 0 if snap is None else snap.version,
+                0 if snap is None else snap.events,
+                0.0 if snap is None else round(snap.age(), 3)),))
 
     def _ingest_reason(self) -> str:
         """Why ingest is degraded: the source down, training diverged, partitions

@@ -122,6 +122,8 @@ def test_a_group_of_two_survives_a_kill_9_and_ends_with_the_single_trainers_stor
             return sum(status(p)["events_consumed"] for p in http)
 
         wait_for(lambda: consumed() >= half, 120, "the first half consumed")
+        for rank, port in enumerate(http):  # each trainer says which rank it is
+            assert [r["rank"] for r in status(port)["ranks"]] == [rank]
         manifest = wait_for(lambda: read_manifest(group_ckpt), 60, "an aligned checkpoint")
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{replica_port}/readyz").status_code == 200,
                  60, "the replica ready")
