@@ -56,6 +56,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("rate(ncf_stream_eval_duration_seconds_sum[10m]) / "
          "rate(ncf_stream_eval_duration_seconds_count[10m])", "mean duration"),
         ("ncf_stream_eval_users", "hold-outs evaluated")]),
+    # A group of trainers (docs/group.md): zero for a single trainer.
+    ("Group exchanges: share of time, bytes/s", "short", [
+        ("rate(ncf_stream_group_exchange_seconds_sum[1m])", "share of time exchanging"),
+        ("rate(ncf_stream_group_exchange_bytes_total[1m])", "bytes sent/s")]),
 ]
 
 
