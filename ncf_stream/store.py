@@ -322,6 +322,17 @@ class InteractionStore:
         lost = lost[~self._pairs.contains(pair_keys(lost, u["newest_item"][lost]))]
         u["newest_item"][lost], u["newest_ts"][lost], u["newest_seq"][lost] = -1, -np.inf, -1
 
+    def _user_columns(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every per-user column at ``rows`` (a row past the store's: its defaults)."""
+        out: dict[str, np.ndarray] = {}
+        for name, (dtype, fill) in self._users._spec.items():
+            column = self._users[name]
+            inside = rows < len(column)
+            values = np.full(len(rows), fill, dtype=dtype)
+            values[inside] = column[rows[inside]]
+            out[name] = values
+        return out
+
     def is_dead(self, items: np.ndarray) -> np.ndarray:
         return self._items["dead"][items]
 
@@ -440,6 +451,79 @@ class InteractionStore:
             t0 = float(z["t0"][0])
             store._t0 = None if np.isnan(t0) else t0
         return store
+
+
+def merge_stores(parts: Sequence[tuple[InteractionStore, np.ndarray]]) -> InteractionStore:
+    """A new store holding, of each ``(store, rows)`` part, the user rows listed, renumbered:
+    the first part's rows become rows ``0, 1, ...`` in the order listed, the next part's
+    continue from there. Re-deals a group's users at another size
+    (:mod:`ncf_stream.reshard`); one part with some of its rows is a split.
+
+    Item rows are one numbering across the parts (a group's trainers share their item
+    ids) and stay as they are. Per user everything carries over exactly: the pairs with
+    their times, the count, the hold-out (item, time and arrival number) and the
+    evaluated mark; a row the part's store never saw stays empty. Per item: the counts
+    are recomputed over the merged users (distinct users per item), the dead items are
+    the union of the parts'.
+
+    The counters: ``events`` and ``repeats`` are the sums over the distinct stores
+    (each store counted once however many parts it feeds). Merging every user of a
+    group's stores gives what one store of all their events counts; a split keeps its
+    whole store's. ``events`` then exceeds every kept arrival number, so a user's
+    number still changes exactly when the hold-out does. ``removed`` starts at 0 (it
+    keys the caches of whoever reads this store, all new). The origin of times is the
+    earliest of the parts'; each part's stored times (whole seconds after its own
+    origin) are moved to it unchanged. Every part must have the same ``min_history``;
+    a row listed twice in one part is refused (ValueError)."""
+    if not parts:
+        raise ValueError("merge_stores needs at least one part")
+    min_history = {store.min_history for store, _ in parts}
+    if len(min_history) != 1:
+        raise ValueError(f"the parts' min_history differ: {sorted(min_history)}")
+    selected = [np.asarray(rows, dtype=np.int64).reshape(-1) for _, rows in parts]
+    for rows in selected:
+        if len(rows) and rows.min() < 0:
+            raise ValueError("user rows must be >= 0")
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError("a user row is listed twice in one part")
+    stores = list({id(store): store for store, _ in parts}.values())
+    origins = [store._t0 for store in stores if store._t0 is not None]
+    t0 = min(origins) if origins else None
+    n_users = sum(len(rows) for rows in selected)
+    n_items = max(store.n_items for store in stores)
+
+    out = InteractionStore(min_history=min_history.pop())
+    out._grow(n_users, n_items)
+    keys: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    base = 0
+    for (store, _), rows in zip(parts, selected, strict=True):
+        new = base + np.arange(len(rows))
+        for name, column in store._user_columns(rows).items():
+            out._users[name][new] = column
+        if len(store._pairs) and len(rows):
+            new_of = np.full(max(store.n_users, int(rows.max()) + 1), -1, dtype=np.int64)
+            new_of[rows] = new
+            k, v = store._pairs.arrays()
+            users, items = split_keys(k)
+            moved = new_of[users]
+            keep = moved >= 0
+            assert store._t0 is not None and t0 is not None  # it holds pairs
+            shift = int(store._t0 - t0)  # both whole seconds
+            keys.append(pair_keys(moved[keep], items[keep]))
+            vals.append(np.clip(v[keep].astype(np.int64) + shift, _I32.min, _I32.max)
+                        .astype(np.int32))
+        base += len(rows)
+    if keys:
+        out._pairs = KeySet.from_arrays(np.concatenate(keys), np.concatenate(vals))
+        _, items = split_keys(out._pairs.arrays()[0])
+        out._items["count"][:n_items] = np.bincount(items, minlength=n_items)
+    for store in stores:
+        out._items["dead"][store.dead_items()] = True
+    out.events = sum(store.events for store in stores)
+    out.repeats = sum(store.repeats for store in stores)
+    out._t0 = t0
+    return out
 
 
 def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
