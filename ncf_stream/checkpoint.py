@@ -10,6 +10,10 @@ A checkpoint is a directory ``ckpt-<seq>`` holding plain files:
 * ``catalogue.npz``: the stream's item state for serving (the unavailable items,
   :mod:`ncf_stream.catalogue`); optional, so checkpoints from before it still load
   (with an empty one);
+* ``partitions.npz``: the partition each user row's events arrived in
+  (:class:`ncf_stream.source.UserPartitions`), what a group needs to deal the users
+  out again at another size (:mod:`ncf_stream.reshard`); optional likewise (an
+  empty one: every user's partition unknown);
 * ``meta.json``: the offsets (next offset per topic partition) whose events
   the state includes, counters, the model shape, and a SHA-256 per file.
 
@@ -45,7 +49,7 @@ from ncf_stream.faults import crash_point
 from ncf_stream.history import RecentItems
 from ncf_stream.ids import IdMap
 from ncf_stream.model import NeuMF
-from ncf_stream.source import Partition
+from ncf_stream.source import Partition, UserPartitions
 from ncf_stream.store import InteractionStore
 from ncf_stream.trainer import Trainer
 
@@ -54,6 +58,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 FILES = ("model.pt", "optim.pt", "store.npz", "users.npz", "items.npz")
 CATALOGUE = "catalogue.npz"  # checksummed when present; absent from older checkpoints
+PARTITIONS = "partitions.npz"  # likewise
+OPTIONAL = (CATALOGUE, PARTITIONS)
 
 
 class CheckpointError(NcfStreamError):
@@ -66,21 +72,28 @@ class Restored:
     offsets: dict[Partition, int]
     counters: dict[str, int] = field(default_factory=dict)
     catalogue: Catalogue = field(default_factory=Catalogue)
+    # Empty (every row unknown) when the checkpoint has none.
+    partitions: UserPartitions = field(default_factory=UserPartitions)
 
 
 def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
          counters: dict[str, int] | None = None, keep: int = 3,
-         catalogue: Catalogue | None = None, group: dict[str, int] | None = None) -> Path:
-    """Write a checkpoint of ``trainer`` (and ``catalogue``) covering ``offsets``;
-    returns its path. ``group``: a group trainer's ``{"epoch": E, "size": N}``, the
-    exchange it was written after (ncf_stream.group)."""
+         catalogue: Catalogue | None = None, group: dict[str, int] | None = None,
+         partitions: UserPartitions | None = None) -> Path:
+    """Write a checkpoint of ``trainer`` (and ``catalogue``, ``partitions``) covering
+    ``offsets``; returns its path. ``group``: a group trainer's ``{"epoch": E, "size": N}``,
+    the exchange it was written after (ncf_stream.group). ``partitions``: by user row,
+    the partition each user's events arrived in (the engine's ``user_partitions``)."""
     root = Path(directory)
     seq, tmp = begin(root, "ckpt")
     _write_state(tmp, trainer)
     files: tuple[str, ...] = FILES
     if catalogue is not None:
         catalogue.save(tmp / CATALOGUE)
-        files = (*FILES, CATALOGUE)
+        files = (*files, CATALOGUE)
+    if partitions is not None:
+        partitions.save(tmp / PARTITIONS)
+        files = (*files, PARTITIONS)
     meta = {
         "format": FORMAT, "seq": seq, "created": time.time(),
         "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
@@ -153,7 +166,7 @@ def load_latest(directory: str | Path, trainer: Trainer,
             meta = _verify(path, trainer)
             if group is not None and meta.get("group") != group:
                 continue  # another epoch's: not the aligned one
-            state = _read_files(path, CATALOGUE in meta["sha256"])
+            state = _read_files(path, meta["sha256"])
         except (CheckpointError, OSError, ValueError, KeyError, RuntimeError,
                 pickle.UnpicklingError) as e:
             log.warning("skipping checkpoint %s: %s", path, str(e).splitlines()[0][:300])
@@ -163,7 +176,7 @@ def load_latest(directory: str | Path, trainer: Trainer,
         log.info("restored %s: %d interactions, offsets %s", path.name, len(trainer.store),
                  offsets)
         return Restored(path, offsets, {k: int(v) for k, v in meta["counters"].items()},
-                        state["catalogue"])
+                        state["catalogue"], state["partitions"])
     return None
 
 
@@ -173,14 +186,17 @@ def _verify(path: Path, trainer: Trainer) -> dict[str, Any]:
         raise CheckpointError(f"format {meta.get('format')}, expected {FORMAT}")
     if meta["model"] != _shape(trainer):
         raise CheckpointError(f"model shape {meta['model']} differs from {_shape(trainer)}")
-    check_files(path, meta, (*FILES, *([CATALOGUE] if CATALOGUE in meta["sha256"] else [])))
+    check_files(path, meta, (*FILES, *(f for f in OPTIONAL if f in meta["sha256"])))
     return meta
 
 
-def _read_files(path: Path, has_catalogue: bool) -> dict[str, Any]:
-    """Everything read and checked before anything in the trainer changes."""
+def _read_files(path: Path, present: Mapping[str, str]) -> dict[str, Any]:
+    """Everything read and checked before anything in the trainer changes. ``present``:
+    the files the checkpoint has (its checksums), for the optional ones."""
     return {
-        "catalogue": Catalogue.load(path / CATALOGUE) if has_catalogue else Catalogue(),
+        "catalogue": Catalogue.load(path / CATALOGUE) if CATALOGUE in present else Catalogue(),
+        "partitions": (UserPartitions.load(path / PARTITIONS) if PARTITIONS in present
+                       else UserPartitions()),
         "weights": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
         "optim": torch.load(path / "optim.pt", map_location="cpu", weights_only=True),
         "users": IdMap.load(path / "users.npz"), "items": IdMap.load(path / "items.npz"),

@@ -11,7 +11,7 @@ knowing any client library's exception types.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -82,6 +82,58 @@ class UserPartitions:
 
     def __init__(self) -> None:
         self._of = np.full(1024, -1, dtype=np.int32)  # -1: not seen in any yet
+        self._n = 0  # rows observed: one past the largest user row seen
+
+    def __len__(self) -> int:
+        """One past the largest user row observed (rows from here on are unknown)."""
+        return self._n
+
+    def partition_of(self, rows: np.ndarray) -> np.ndarray:
+        """The partition of each user row (int32): -1 unknown (never observed, or beyond
+        the rows observed), :attr:`SPLIT` seen in more than one."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows.min() < 0:
+            raise IndexError("user rows must be >= 0")
+        known = rows < self._n
+        return np.where(known, self._of[np.where(known, rows, 0)], -1).astype(np.int32)
+
+    def owned_rows(self, group_size: int, group_rank: int) -> np.ndarray:
+        """The user rows (sorted) whose partition trainer ``group_rank`` of a group of
+        ``group_size`` owns (:func:`owns`). Users of unknown (-1) or split partitions are
+        in no trainer's rows: the caller decides where those go."""
+        of = self._of[: self._n].astype(np.int64)
+        return np.flatnonzero((of >= 0) & (of % group_size == group_rank))
+
+    @classmethod
+    def merged(cls, parts: Sequence[tuple[UserPartitions, np.ndarray]]) -> UserPartitions:
+        """The partitions of users renumbered as :func:`ncf_stream.store.merge_stores`
+        renumbers them: each part's listed rows, in order, become consecutive new rows."""
+        of = [p.partition_of(rows) for p, rows in parts]
+        return cls.from_arrays(np.concatenate(of) if of else np.empty(0, dtype=np.int32))
+
+    # Plain arrays in an .npz (a checkpoint's partitions.npz): nothing executes on load.
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"partition": self._of[: self._n].copy()}
+
+    @classmethod
+    def from_arrays(cls, partition: np.ndarray) -> UserPartitions:
+        out = cls()
+        partition = np.asarray(partition)
+        if partition.ndim != 1 or (len(partition) and partition.min() < cls.SPLIT):
+            raise ValueError("partitions: one int per user row, >= -2")
+        out._n = len(partition)
+        if len(partition) > len(out._of):
+            out._of = np.full(len(partition), -1, dtype=np.int32)
+        out._of[: len(partition)] = partition
+        return out
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **self.arrays())  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | Path) -> UserPartitions:
+        with np.load(path, allow_pickle=False) as z:
+            return cls.from_arrays(z["partition"])
 
     def observe(self, users: np.ndarray, partitions: np.ndarray) -> int:
         """Record (user row, partition) pairs; returns how many users this made seen in
@@ -96,6 +148,7 @@ class UserPartitions:
             grown = np.full(max(top, 2 * len(self._of)), -1, dtype=np.int32)
             grown[: len(self._of)] = self._of
             self._of = grown
+        self._n = max(self._n, top)
         # A user's first partition is the one it is first seen with (among a batch's new
         # users, any of theirs: a second one in the batch is then a mismatch below).
         # Gathers only: no sort of the batch (np.unique runs over the mismatches alone).
