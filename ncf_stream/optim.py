@@ -61,6 +61,17 @@ class RowAdagrad:
         """A deleted row's state back to its start: nothing of its gradients is kept."""
         self.state[row] = self.initial
 
+    def row_state(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-row state of ``rows`` (a copy): what :meth:`set_row_state` puts back,
+        at the same rows or others (users re-dealt: ncf_stream.reshard)."""
+        return {"state": self.state.index_select(0, rows.to(self.state.device))}
+
+    @torch.no_grad()
+    def set_row_state(self, rows: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        """Put :meth:`row_state` at ``rows`` (live rows of the table)."""
+        rows = rows.to(self.state.device)
+        self.state.index_copy_(0, rows, state["state"].to(self.state.device))
+
     def state_dict(self) -> dict[str, torch.Tensor | float]:
         return {"state": self.state[: self.table.rows].clone(), "lr": self.lr, "eps": self.eps,
                 "weight_decay": self.weight_decay}
@@ -114,6 +125,18 @@ class RowAdam:
     def reset(self, row: int) -> None:
         self.m[row] = 0
         self.v[row] = 0
+
+    def row_state(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The moments of ``rows`` (a copy), as :meth:`RowAdagrad.row_state`. The step
+        count ``t`` is the table's, not a row's: it is not in it."""
+        rows = rows.to(self.m.device)
+        return {"m": self.m.index_select(0, rows), "v": self.v.index_select(0, rows)}
+
+    @torch.no_grad()
+    def set_row_state(self, rows: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        rows = rows.to(self.m.device)
+        self.m.index_copy_(0, rows, state["m"].to(self.m.device))
+        self.v.index_copy_(0, rows, state["v"].to(self.v.device))
 
     def state_dict(self) -> dict[str, torch.Tensor | float | int]:
         rows = self.table.rows

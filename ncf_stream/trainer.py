@@ -101,7 +101,10 @@ class Trainer:
         self.cfg = cfg = cfg or TrainerConfig()
         self.device = torch.device(device)
         self.user_ids, self.item_ids = IdMap(), IdMap()
-        self.store = store or InteractionStore(min_history=cfg.min_history)
+        # "is None", not "or": an empty store given (a merge of users without events) is
+        # falsy, and must still be the one trained from.
+        self.store = store if store is not None else InteractionStore(
+            min_history=cfg.min_history)
         self.sampler = NegativeSampler(
             self.store, SamplerConfig(k=cfg.negatives, alpha=cfg.alpha, seed=cfg.seed))
         self.model = NeuMF(cfg.model, self.device, seed=cfg.seed)
