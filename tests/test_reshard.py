@@ -253,3 +253,39 @@ def test_a_user_in_two_parts_or_other_items_are_refused(
     other.ingest(stream(range(60, 62), 3))  # its own item numbering
     with pytest.raises(ValueError, match="item ids"):
         merge_trainers([(a, np.array([0])), (other, np.array([0]))], cfg, "cpu")
+
+
+@pytest.mark.parametrize("new_size", [1, 3])
+def test_a_group_of_two_re_dealt_from_its_checkpoints(
+        parts: tuple[TrainerConfig, Trainer, Trainer], tmp_path: Path, new_size: int) -> None:
+    """The flow of a resize at the state level: each old rank's checkpoint (with its
+    partitions) loaded, each new rank keeping the users of the partitions it owns."""
+    cfg, a, b = parts
+    old: list[tuple[Trainer, UserPartitions]] = []
+    for rank, t in enumerate((a, b)):
+        rows = np.arange(len(t.user_ids))
+        observed = UserPartitions()
+        observed.observe(rows, 2 * (rows % 3) + rank)  # old rank r owned p % 2 == r
+        if rank == 1:
+            observed.observe(rows[:1], np.array([5]))  # row 0 was in 1: now split
+        checkpoint.save(tmp_path / f"rank-{rank}", t, {("t", rank): 10}, partitions=observed)
+        loaded = Trainer(cfg)
+        restored = checkpoint.load_latest(tmp_path / f"rank-{rank}", loaded)
+        assert restored is not None
+        old.append((loaded, restored.partitions))
+    split = b.user_ids.ids([0])[0]
+    assert split is not None
+    dealt: list[str] = []
+    for r in range(new_size):
+        selected = [(t, p.owned_rows(new_size, r)) for t, p in old]
+        merged, origin = merge_trainers(selected, cfg, "cpu")
+        partitions = merge_partitions([p for _, p in old], origin)
+        ids = merged.user_ids.all_ids().tolist()
+        assert all(p % new_size == r for p in partitions.partition_of(
+            np.arange(len(ids))).tolist())
+        for user in ids:
+            src = a if user in a.user_ids else b
+            assert user_state(merged, user) == user_state(src, user)
+        dealt += ids
+    live = [x for t in (a, b) for x in t.user_ids.all_ids().tolist() if x is not None]
+    assert sorted(dealt) == sorted(set(live) - {split})  # each once; the split one: nowhere
