@@ -84,8 +84,10 @@ class UserPartitions:
         self._of = np.full(1024, -1, dtype=np.int32)  # -1: not seen in any yet
         self._n = 0  # rows observed: one past the largest user row seen
 
-    def __len__(self) -> int:
-        """One past the largest user row observed (rows from here on are unknown)."""
+    @property
+    def rows_observed(self) -> int:
+        """One past the largest user row observed (rows from here on are unknown). Not
+        ``len``: an empty one would be falsy, and a caller's ``x or default`` replace it."""
         return self._n
 
     def partition_of(self, rows: np.ndarray) -> np.ndarray:

@@ -25,10 +25,10 @@ from ncf_stream.trainer import Trainer, TrainerConfig
 
 def test_user_partitions_round_trip_and_merge(tmp_path: Path) -> None:
     parts = UserPartitions()
-    assert len(parts) == 0 and parts.partition_of(np.array([0, 5])).tolist() == [-1, -1]
+    assert parts.rows_observed == 0 and parts.partition_of(np.array([0, 5])).tolist() == [-1, -1]
     assert parts.observe(np.array([0, 2, 4, 4, 2000]), np.array([3, 1, 2, 2, 5])) == 0
     assert parts.observe(np.array([2, -1]), np.array([0, 7])) == 1  # row 2: split
-    assert len(parts) == 2001
+    assert parts.rows_observed == 2001
     assert parts.partition_of(np.array([0, 1, 2, 4, 2000, 2001, 10**9])).tolist() == [
         3, -1, UserPartitions.SPLIT, 2, 5, -1, -1]
     assert parts.owned_rows(2, 1).tolist() == [0, 2000]  # 3 and 5; never the split row
@@ -65,7 +65,7 @@ def test_partitions_round_trip_in_a_checkpoint_and_older_ones_load_without(
     parts.observe(np.arange(len(trainer.user_ids)), np.arange(len(trainer.user_ids)) % 3)
     checkpoint.save(tmp_path / "old", trainer, {("t", 0): 5})  # as before partitions
     restored = checkpoint.load_latest(tmp_path / "old", Trainer(CFG))
-    assert restored is not None and len(restored.partitions) == 0
+    assert restored is not None and restored.partitions.rows_observed == 0
     checkpoint.save(tmp_path / "new", trainer, {("t", 0): 5}, partitions=parts)
     restored = checkpoint.load_latest(tmp_path / "new", Trainer(CFG))
     assert restored is not None
