@@ -69,7 +69,7 @@ class Daemon:
 
     def _kafka_source(self, resume: Resume) -> EventSource:
         s = self.settings
-        if s.group_size > 1:  # its partitions by rank; the engine maps ids (ncf_stream.group)
+        if resume.grouped:  # its partitions by rank; the engine maps ids (ncf_stream.group)
             if s.kafka_source_process:
                 return ProcessSource(s, metrics=resume.metrics, positions=resume.positions,
                                      background=s.background_policy)

@@ -38,7 +38,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from ncf_stream.group import Group, Header, rank_dir, read_manifest, write_manif
 from ncf_stream.ids import IdMap, MappedEvents
 from ncf_stream.metrics import IngestMetrics, Metrics
 from ncf_stream.recommend import Recommender
+from ncf_stream.reshard import merge_partitions, merge_trainers
 from ncf_stream.retrieval import IndexConfig
 from ncf_stream.settings import Settings
 from ncf_stream.snapshot import Publisher, SnapshotHolder
@@ -67,6 +69,7 @@ from ncf_stream.source import (
     Partition,
     SourceError,
     UserPartitions,
+    owns,
 )
 from ncf_stream.status_page import History, Sample
 from ncf_stream.trainer import StepStats, Trainer, TrainerConfig
@@ -120,6 +123,9 @@ class Resume:
     user_ids: IdMap
     item_ids: IdMap
     metrics: IngestMetrics
+    # A trainer of a group (even of one, on a group's checkpoints): the engine maps ids
+    # itself, so the source must deliver them unmapped (ncf_stream.group).
+    grouped: bool = False
 
 
 class SourceFactory(Protocol):
@@ -210,24 +216,25 @@ class Engine:
         # advanced by every ingested batch. The source starts here.
         self.positions: dict[Partition, int] = {}
         # A trainer of a group keeps its checkpoints and exports under rank-<r>/ and
-        # restores the epoch the group last checkpointed as a whole (ncf_stream.group).
-        grouped = s.group_size > 1
+        # restores the epoch the group last checkpointed as a whole (ncf_stream.group). A
+        # daemon whose checkpoint_dir holds a group's checkpoints stays in that layout,
+        # even as a group of one: that is how a group's partitions move to fewer trainers.
+        manifest = read_manifest(s.checkpoint_dir) if s.checkpoint_dir else None
+        self._grouped = grouped = s.group_size > 1 or manifest is not None
         self._checkpoint_dir = s.checkpoint_dir and (
             str(rank_dir(s.checkpoint_dir, s.group_rank)) if grouped else s.checkpoint_dir)
+        restored_partitions = UserPartitions()
         restored_epoch: int | None = None
         if self._checkpoint_dir:
-            aligned = self._aligned_epoch() if grouped else None
-            restored = (None if grouped and aligned is None else checkpoint.load_latest(
-                self._checkpoint_dir, self.trainer, group=aligned))
-            if aligned is not None and restored is None:
-                raise GroupError(f"rank {s.group_rank} has no checkpoint of the group's epoch "
-                                 f"{aligned['epoch']} in {self._checkpoint_dir}")
-            restored_epoch = None if aligned is None else aligned["epoch"]
+            restored = self._restore(manifest)
+            if manifest is not None:
+                restored_epoch = int(manifest["epoch"])
             if restored is not None:
                 self.positions = dict(restored.offsets)
                 self.counters = Counters(**{k: v for k, v in restored.counters.items()
                                             if k in Counters.__dataclass_fields__})
                 self.catalogue = restored.catalogue
+                restored_partitions = restored.partitions
                 if self.catalogue.recent.window_s != s.popular_window_s:
                     log.warning("popular_window_s changed from %s to %s: recent popularity "
                                 "starts over", self.catalogue.recent.window_s,
@@ -276,7 +283,7 @@ class Engine:
         self._requested: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._dirty = False  # state changed by an admin request since the last checkpoint
         self._newest_ts: float | None = None  # the newest event time seen (retention)
-        self.user_partitions = UserPartitions()
+        self.user_partitions = restored_partitions
         self.split_users = 0  # users seen in more than one partition since start
         self._split_warned_at = -SPLIT_WARN_EVERY_S
         self._expired_at: float | None = None  # the newest event time at the last sweep
@@ -305,18 +312,77 @@ class Engine:
             log.info("rank %d of a group of %d trainers, at epoch %d", s.group_rank,
                      s.group_size, self.group.epoch)
 
-    def _aligned_epoch(self) -> dict[str, int] | None:
-        """The group's last aligned checkpoint, as checkpoints tag it; None: start afresh."""
+    def _restore(self, manifest: dict[str, Any] | None) -> checkpoint.Restored | None:
+        """Load the state to resume from into ``self.trainer``: the newest checkpoint of
+        a single trainer; a group's at the epoch its manifest names (none: start afresh);
+        or, when the group was of another size, this rank's share of every old rank's
+        users, re-dealt by partition (ncf_stream.reshard)."""
+        s = self.settings
+        assert self._checkpoint_dir and s.checkpoint_dir
+        if manifest is None:
+            if s.group_size > 1:
+                return None  # no epoch every trainer wrote: the group starts afresh
+            return checkpoint.load_latest(self._checkpoint_dir, self.trainer)
+        epoch, old_size = int(manifest["epoch"]), int(manifest["size"])
+        if old_size == s.group_size:
+            restored = checkpoint.load_latest(self._checkpoint_dir, self.trainer,
+                                              group={"epoch": epoch, "size": old_size})
+            if restored is None:
+                raise GroupError(f"rank {s.group_rank} has no checkpoint of the group's epoch "
+                                 f"{epoch} in {self._checkpoint_dir}")
+            return restored
+        return self._reshard(epoch, old_size)
+
+    def _reshard(self, epoch: int, old_size: int) -> checkpoint.Restored:
+        """Resume a group that checkpointed with ``old_size`` trainers as rank r of
+        ``group_size``: every old rank's checkpoint of ``epoch`` is read, and the users
+        of the partitions p with p % group_size == r are kept (a user whose partition is
+        unknown stays with its old rank's share). The item side is identical in all of
+        them (an aligned epoch); the offsets are those of the partitions now owned."""
         s = self.settings
         assert s.checkpoint_dir
-        manifest = read_manifest(s.checkpoint_dir)
-        if manifest is None:
-            return None
-        if manifest["size"] != s.group_size:
-            raise GroupError(f"the checkpoints in {s.checkpoint_dir} are of a group of "
-                             f"{manifest['size']} trainers, not {s.group_size}: a group resumes "
-                             "with the size it checkpointed at (docs/group.md)")
-        return {"epoch": int(manifest["epoch"]), "size": s.group_size}
+        size, rank = s.group_size, s.group_rank
+        tag = {"epoch": epoch, "size": old_size}
+        parts: list[tuple[Trainer, np.ndarray]] = []
+        partitions: list[UserPartitions] = []
+        offsets: dict[Partition, int] = {}
+        counters: dict[str, int] = {}
+        catalogue: Catalogue | None = None
+        taken: set[str] = set()
+        for old in range(old_size):
+            trainer = Trainer(self.trainer.cfg, self.device)
+            restored = checkpoint.load_latest(rank_dir(s.checkpoint_dir, old), trainer, group=tag)
+            if restored is None:
+                raise GroupError(f"the group's epoch {epoch} has no checkpoint of its rank "
+                                 f"{old} in {rank_dir(s.checkpoint_dir, old)}")
+            rows = np.arange(len(trainer.user_ids))
+            of = restored.partitions.partition_of(rows)
+            mine = np.where(of >= 0, of % size == rank, old % size == rank)
+            # A user whose events reached two old ranks (not keyed by user) has a partial
+            # state in each: the first one taken is kept, the others are dropped, counted.
+            ids = trainer.user_ids.ids(rows)
+            live = np.array([i is not None for i in ids.tolist()], dtype=bool)
+            again = np.array([i in taken for i in ids.tolist()], dtype=bool)
+            keep = rows[mine & live & ~again]
+            if (mine & live & again).any():
+                log.warning("resharding: %d users had state on more than one old trainer "
+                            "(events in several partitions); kept the first one's",
+                            int((mine & live & again).sum()))
+            taken.update(ids[keep].tolist())
+            parts.append((trainer, keep))
+            partitions.append(restored.partitions)
+            offsets |= {tp: o for tp, o in restored.offsets.items() if owns(tp[1], size, rank)}
+            if old % size == rank:  # counted per trainer, not per partition: an estimate
+                for k, v in restored.counters.items():
+                    counters[k] = counters.get(k, 0) + v
+            catalogue = catalogue or restored.catalogue  # availability is the group's
+        self.trainer, moved = merge_trainers(parts, self.trainer.cfg, self.device)
+        log.info("resharded the group's epoch %d from %d trainers to %d: rank %d takes %d "
+                 "users and partitions %s", epoch, old_size, size, rank,
+                 len(self.trainer.user_ids), sorted(p for _, p in offsets))
+        assert catalogue is not None
+        return checkpoint.Restored(Path(s.checkpoint_dir), offsets, counters, catalogue,
+                                   merge_partitions(partitions, moved))
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -361,7 +427,7 @@ class Engine:
 
     def _open_source(self, factory: SourceFactory) -> EventSource:
         return factory(Resume(self.positions, self.trainer.user_ids, self.trainer.item_ids,
-                              self.metrics.ingest))
+                              self.metrics.ingest, self._grouped))
 
     def _poll(self, stop: threading.Event | None) -> EventBatch | None:
         """The source's next batch; while it is down, rest and rebuild it when due.
@@ -828,7 +894,8 @@ class Engine:
         keep = self.settings.checkpoint_keep if group is None else max(
             2, self.settings.checkpoint_keep)
         checkpoint.save(self._checkpoint_dir, self.trainer, self.positions, counters,
-                        keep=keep, catalogue=self.catalogue, group=group)
+                        keep=keep, catalogue=self.catalogue, group=group,
+                        partitions=self.user_partitions)
         self._checkpointed, self._dirty = dict(self.positions), False
         self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
         return True

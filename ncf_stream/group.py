@@ -386,8 +386,12 @@ def _init(url: str, rank: int, size: int, timeout: timedelta) -> dist.ProcessGro
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed")
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=size,
-                                timeout=timeout)
+        if size == 1:  # a group of one (a group's state resumed alone): nobody to meet
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group("gloo", init_method=url, rank=rank, world_size=size,
+                                    timeout=timeout)
     pg = dist.group.WORLD
     assert pg is not None
     return pg

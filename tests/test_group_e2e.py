@@ -63,6 +63,24 @@ def answer(port: int, user: str) -> tuple[list[str], bool]:
     return [x["item"] for x in body["items"]], body["cold_start"]
 
 
+def assert_replica_answers_as(replica: int, owner: int, rank: int, user: str) -> None:
+    """The replica answers ``user`` as the trainer owning it (rank ``rank``), from the same
+    model version. Replay may still be publishing (until its budget is spent): an answer
+    counts when the replica served the owner's version throughout."""
+    def versions() -> tuple[int, int]:
+        ranks = {r["rank"]: r["model_version"] for r in status(replica)["ranks"]}
+        return status(owner)["model_version"], ranks[rank]
+
+    for _ in range(300):
+        before = versions()
+        got, want = answer(replica, user), answer(owner, user)
+        if before[0] == before[1] and versions() == before:
+            assert got == want, user
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the replica never caught up with trainer :{owner}")
+
+
 @contextmanager
 def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[str]]:
     with open(log, "w") as out:
@@ -159,43 +177,112 @@ def test_a_group_of_two_survives_a_kill_9_and_ends_with_the_single_trainers_stor
         # Any user, asked of the replica, gets what the trainer owning it answers, from
         # the same model version. Replay may still be publishing (until its budget is
         # spent): an answer counts when the replica served the owner's version throughout.
-        def versions(port: int) -> tuple[int, int]:
-            ranks = {r["rank"]: r["model_version"] for r in status(replica_port)["ranks"]}
-            return status(port)["model_version"], ranks[http.index(port)]
-
         owners = {}
         for user in sorted(set(events.users.tolist())):
             known = [(p, items) for p in http for items, cold in [answer(p, user)] if not cold]
             assert len(known) == 1, user  # keyed by user: one owner
-            owner = owners[user] = known[0][0]
-            for _ in range(300):
-                before = versions(owner)
-                got, want = answer(replica_port, user), answer(owner, user)
-                if before[0] == before[1] and versions(owner) == before:
-                    assert got == want, user
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError(f"the replica never caught up with trainer :{owner}")
+            owners[user] = known[0][0]
+            assert_replica_answers_as(replica_port, owners[user], http.index(owners[user]), user)
         assert set(owners.values()) == set(http)  # both trainers own users
 
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=60) == 0, log()
 
-    # The reference: one trainer over the same topic, from the start.
-    ref_ckpt = tmp_path / "single"
-    single_port = free_port()
-    with process([*CLI, "serve", "--http-port", str(single_port), "--grpc-port", "0"],
-                 {**base, "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-single",
-                  "NCF_STREAM_CHECKPOINT_DIR": str(ref_ckpt)}, tmp_path / "single.log") as single:
-        wait_for(lambda: status(single_port)["events_consumed"] >= len(events), 120,
-                 "the single trainer consumed every event")
-        single.send_signal(signal.SIGTERM)
-        assert single.wait(timeout=60) == 0
-    want_pairs, want_holdouts = stored(ref_ckpt)
+    want_pairs, want_holdouts = reference_stores(tmp_path, base, topic, len(events))
     final = read_manifest(group_ckpt)
     assert final is not None and final["epoch"] > manifest["epoch"]
     got = [stored(group_ckpt / f"rank-{r}", final["epoch"]) for r in range(2)]
     assert got[0][0].isdisjoint(got[1][0])  # each user's pairs on one trainer only
     assert got[0][0] | got[1][0] == want_pairs  # every event's effect exactly once
     assert got[0][1] | got[1][1] == want_holdouts
+
+
+def reference_stores(tmp: Path, base: dict[str, str], topic: str, n: int
+                     ) -> tuple[set[Any], set[Any]]:
+    """What one trainer over the whole topic, from the start, holds once it consumed n."""
+    ref_ckpt = tmp / "single"
+    single_port = free_port()
+    with process([*CLI, "serve", "--http-port", str(single_port), "--grpc-port", "0"],
+                 {**base, "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-single",
+                  "NCF_STREAM_CHECKPOINT_DIR": str(ref_ckpt)}, tmp / "single.log") as single:
+        wait_for(lambda: status(single_port)["events_consumed"] >= n, 120,
+                 "the single trainer consumed every event")
+        single.send_signal(signal.SIGTERM)
+        assert single.wait(timeout=60) == 0
+    return stored(ref_ckpt)
+
+
+def test_a_lost_trainers_partitions_move_to_the_survivor_with_its_users(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Two trainers started apart (as on two machines); one is lost for good (SIGKILL),
+    the other fails the group and exits; the survivor restarts alone from the same
+    checkpoint directory: it re-deals the group's last aligned epoch, takes all four
+    partitions and the lost trainer's users, and ends with one trainer's stores. A
+    replica answers throughout."""
+    events = generate(SynthConfig(users=120, items=80, events=3000, seed=6, topics=4)).to_events()
+    topic = partitioned_topic(kafka_bootstrap, "grp-move", PARTITIONS)
+    half = len(events) // 2
+    publish_keyed(kafka_bootstrap, topic, events.take(np.arange(half)))
+    base = {**ENV, "NCF_STREAM_KAFKA_BOOTSTRAP": kafka_bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
+            "NCF_STREAM_KAFKA_DLQ_TOPIC": f"{topic}.dlq"}
+    ckpt, snapshots = tmp_path / "group", tmp_path / "snapshots"
+    http, replica_port = [free_port(), free_port()], free_port()
+    trainer_env = {**base, "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-group",
+                   "NCF_STREAM_CHECKPOINT_DIR": str(ckpt),
+                   "NCF_STREAM_SNAPSHOT_DIR": str(snapshots)}
+    address = f"127.0.0.1:{free_port()}"
+
+    def trainer(rank: int) -> Any:
+        return process([*CLI, "serve", "--http-port", str(http[rank]), "--grpc-port", "0"],
+                       {**trainer_env, "NCF_STREAM_GROUP_SIZE": "2",
+                        "NCF_STREAM_GROUP_RANK": str(rank), "NCF_STREAM_GROUP_ADDRESS": address},
+                       tmp_path / f"rank{rank}.log")
+
+    with process([*CLI, "serve-replica", "--snapshot-dir", str(snapshots), "--http-port",
+                  str(replica_port), "--grpc-port", "0"], base, tmp_path / "replica.log"), \
+            trainer(0) as rank0, trainer(1) as rank1:
+        wait_for(lambda: sum(status(p)["events_consumed"] for p in http) >= half, 120,
+                 "the first half consumed")
+        wait_for(lambda: read_manifest(ckpt), 60, "an aligned checkpoint")
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{replica_port}/readyz").status_code == 200,
+                 60, "the replica ready")
+        failures: list[str] = []
+        stop = threading.Event()
+        users = sorted(set(events.users.tolist()))
+
+        def ask() -> None:
+            while not stop.is_set():
+                for user in users[:20]:
+                    try:
+                        answer(replica_port, user)
+                    except httpx.HTTPError as e:
+                        failures.append(f"{user}: {e!r}")
+        asker = threading.Thread(target=ask)
+        asker.start()
+        try:
+            rank1.kill()  # lost for good
+            assert rank0.wait(timeout=90) == 3  # the group failed: a group error
+            with process([*CLI, "serve", "--http-port", str(http[0]), "--grpc-port", "0"],
+                         trainer_env, tmp_path / "alone.log") as alone:
+                publish_keyed(kafka_bootstrap, topic, events.take(np.arange(half, len(events))))
+                wait_for(lambda: status(http[0])["events_consumed"] >= len(events), 180,
+                         "every event consumed by the survivor")
+                # Every user is the survivor's now, and the replica answers it from there
+                # (the lost trainer's last exports are older).
+                for user in users:
+                    assert not answer(http[0], user)[1], user  # known: not a cold start
+                    assert_replica_answers_as(replica_port, http[0], 0, user)
+                stop.set()
+                asker.join()
+                alone.send_signal(signal.SIGTERM)
+                assert alone.wait(timeout=60) == 0, (tmp_path / "alone.log").read_text()
+        finally:
+            stop.set()
+            asker.join()
+        assert not failures, failures[:5]
+    final = read_manifest(ckpt)
+    assert final is not None and final["size"] == 1
+    want_pairs, want_holdouts = reference_stores(tmp_path, base, topic, len(events))
+    got_pairs, got_holdouts = stored(ckpt / "rank-0", final["epoch"])
+    assert got_pairs == want_pairs  # every event's effect exactly once, across the move
+    assert got_holdouts == want_holdouts

@@ -247,7 +247,8 @@ def test_the_daemon_gives_a_trainer_of_a_group_a_source_that_maps_no_ids(
 ) -> None:
     """The engine maps ids itself in a group (its item rows are the group's)."""
     daemon = object.__new__(Daemon)  # only the source factory, not the engine behind it
-    resume = SimpleNamespace(positions={}, metrics=None, user_ids=None, item_ids=None)
+    resume = SimpleNamespace(positions={}, metrics=None, user_ids=None, item_ids=None,
+                             grouped=True)
     daemon.settings = member(kafka_bootstrap, topic, 1)
     source = daemon._kafka_source(resume)  # type: ignore[arg-type]
     try:
