@@ -21,6 +21,7 @@ import numpy as np
 from conftest import partitioned_topic, publish_keyed  # tests/conftest.py
 
 from consumers.broker import free_port
+from ncf_stream.events import Events
 from ncf_stream.group import read_manifest
 from ncf_stream.ids import IdMap
 from ncf_stream.store import InteractionStore, split_keys
@@ -48,6 +49,18 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
             pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def first_half(bootstrap: str, prefix: str, seed: int) -> tuple[Events, str, dict[str, str]]:
+    """A stream, a fresh topic of PARTITIONS partitions with the stream's first half on it
+    (keyed by user), and the daemons' environment for it."""
+    events = generate(SynthConfig(users=120, items=80, events=3000, seed=seed,
+                                  topics=4)).to_events()
+    topic = partitioned_topic(bootstrap, prefix, PARTITIONS)
+    publish_keyed(bootstrap, topic, events.take(np.arange(len(events) // 2)))
+    return events, topic, {**ENV, "NCF_STREAM_KAFKA_BOOTSTRAP": bootstrap,
+                           "NCF_STREAM_KAFKA_TOPIC": topic,
+                           "NCF_STREAM_KAFKA_DLQ_TOPIC": f"{topic}.dlq"}
 
 
 def status(port: int) -> dict[str, Any]:
@@ -117,12 +130,8 @@ def stored(directory: Path, epoch: int | None = None) -> tuple[set[Any], set[Any
 
 def test_a_group_of_two_survives_a_kill_9_and_ends_with_the_single_trainers_stores(
         kafka_bootstrap: str, tmp_path: Path) -> None:
-    events = generate(SynthConfig(users=120, items=80, events=3000, seed=5, topics=4)).to_events()
-    topic = partitioned_topic(kafka_bootstrap, "grp-e2e", PARTITIONS)
+    events, topic, base = first_half(kafka_bootstrap, "grp-e2e", seed=5)
     half = len(events) // 2
-    publish_keyed(kafka_bootstrap, topic, events.take(np.arange(half)))
-    base = {**ENV, "NCF_STREAM_KAFKA_BOOTSTRAP": kafka_bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
-            "NCF_STREAM_KAFKA_DLQ_TOPIC": f"{topic}.dlq"}
     group_ckpt, snapshots = tmp_path / "group", tmp_path / "snapshots"
     first = free_port()
     http = [first, first + 1]  # rank r serves on the given port plus r
@@ -219,12 +228,8 @@ def test_a_lost_trainers_partitions_move_to_the_survivor_with_its_users(
     checkpoint directory: it re-deals the group's last aligned epoch, takes all four
     partitions and the lost trainer's users, and ends with one trainer's stores. A
     replica answers throughout."""
-    events = generate(SynthConfig(users=120, items=80, events=3000, seed=6, topics=4)).to_events()
-    topic = partitioned_topic(kafka_bootstrap, "grp-move", PARTITIONS)
+    events, topic, base = first_half(kafka_bootstrap, "grp-move", seed=6)
     half = len(events) // 2
-    publish_keyed(kafka_bootstrap, topic, events.take(np.arange(half)))
-    base = {**ENV, "NCF_STREAM_KAFKA_BOOTSTRAP": kafka_bootstrap, "NCF_STREAM_KAFKA_TOPIC": topic,
-            "NCF_STREAM_KAFKA_DLQ_TOPIC": f"{topic}.dlq"}
     ckpt, snapshots = tmp_path / "group", tmp_path / "snapshots"
     http, replica_port = [free_port(), free_port()], free_port()
     trainer_env = {**base, "NCF_STREAM_KAFKA_GROUP_ID": f"{topic}-group",
