@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry
 from ncf_stream import checkpoint
 from ncf_stream.api import RankStatus, Status
 from ncf_stream.catalogue import Catalogue, RecentCounts
-from ncf_stream.errors import GroupError, NcfStreamError
+from ncf_stream.errors import ConfigError, GroupError, NcfStreamError
 from ncf_stream.evaluator import EvalConfig, EvalReport, Evaluator, OnlineHitRate
 from ncf_stream.events import Availability, Deletions, Events, segments
 from ncf_stream.export import Exporter
@@ -320,9 +320,16 @@ class Engine:
         s = self.settings
         assert self._checkpoint_dir and s.checkpoint_dir
         if manifest is None:
-            if s.group_size > 1:
-                return None  # no epoch every trainer wrote: the group starts afresh
-            return checkpoint.load_latest(self._checkpoint_dir, self.trainer)
+            if s.group_size == 1:
+                return checkpoint.load_latest(self._checkpoint_dir, self.trainer)
+            if any(Path(s.checkpoint_dir).glob("ckpt-*")):
+                # Starting afresh would silently drop that state (and replay the topic).
+                raise ConfigError(
+                    f"{s.checkpoint_dir} holds a single trainer's checkpoints: a group of "
+                    f"{s.group_size} cannot start from them yet. Run the group on a new "
+                    "checkpoint_dir (it replays the topic from its start), or run one trainer "
+                    "(docs/group.md)")
+            return None  # no epoch every trainer wrote: the group starts afresh
         epoch, old_size = int(manifest["epoch"]), int(manifest["size"])
         if old_size == s.group_size:
             restored = checkpoint.load_latest(self._checkpoint_dir, self.trainer,

@@ -183,3 +183,14 @@ def test_the_scale_bench_compares_one_trainer_with_two_on_the_same_state() -> No
     assert one["sync_share"] == 0 < two["sync_share"] < 1 and two["bytes_per_step"] > 0
     lo, hi = two["hr10_diff"][1:]
     assert lo <= two["hr10_diff"][0] <= hi
+
+
+def test_a_group_refuses_a_single_trainers_checkpoints_rather_than_dropping_them(
+        tmp_path: Path) -> None:
+    from ncf_stream.engine import Engine
+    from ncf_stream.source import MemorySource
+
+    (tmp_path / "ckpt-00000001").mkdir()  # what one `ncf-stream serve` leaves
+    settings = Settings(**MODEL, checkpoint_dir=str(tmp_path), group_size=2, group_rank=0)
+    with pytest.raises(ConfigError, match="single trainer's checkpoints"):
+        Engine(settings, MemorySource())
