@@ -77,7 +77,7 @@ class Restored:
 
 
 def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
-         counters: dict[str, int] | None = None, keep: int = 3,
+         counters: dict[str, int] | None = None, keep: int | None = 3,
          catalogue: Catalogue | None = None, group: dict[str, int] | None = None,
          partitions: UserPartitions | None = None) -> Path:
     """Write a checkpoint of ``trainer`` (and ``catalogue``, ``partitions``) covering
@@ -106,9 +106,22 @@ def save(directory: str | Path, trainer: Trainer, offsets: dict[Partition, int],
     os.rename(tmp, final)
     fsync(root)
     crash_point("checkpoint-renamed")  # the caller commits the offsets after this
-    for old in sorted(root.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        prune(root, keep)
     return final
+
+
+def prune(directory: str | Path, keep: int,
+          protect: Sequence[dict[str, int]] = ()) -> None:
+    """Remove all but the newest ``keep`` checkpoints, and never one whose group tag is in
+    ``protect`` (a trainer of a group: the epochs its group's manifest may name)."""
+    for old in sorted(Path(directory).glob("ckpt-*"))[:-keep]:
+        try:
+            tag = json.loads((old / "meta.json").read_text()).get("group")
+        except (OSError, ValueError):
+            tag = None  # unreadable: nothing restores from it
+        if tag is None or tag not in protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_state(directory: Path, trainer: Trainer) -> None:

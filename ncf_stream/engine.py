@@ -305,6 +305,9 @@ class Engine:
         self._group_deletes: list[str] = []
         self._group_availability: list[tuple[str, bool]] = []
         self._group_done = False  # the group decided to stop: the loop ends
+        self._aligned: dict[str, int] | None = (  # the last epoch every trainer checkpointed
+            None if restored_epoch is None or manifest is None
+            else {"epoch": restored_epoch, "size": int(manifest["size"])})
         if grouped:
             self.group = Group(s, self.trainer)
             self.group.join(restored_epoch)
@@ -497,6 +500,9 @@ class Engine:
         if self._factory is None:
             raise error  # a source given as an instance cannot be rebuilt
         first = self.health.up
+        # Batches held for the group's next exchange (never ingested: the state's positions
+        # are before them) come again from the rebuilt source, which starts there.
+        self._held, self._held_records, self._held_items = [], 0, set()
         self.health.failed(f"{during}: {error}")
         self.metrics.ingest.source_up.set(0)
         self.metrics.ingest.source_restarts.labels(reason=during).inc()
@@ -537,6 +543,11 @@ class Engine:
             if fresh and steps == FRESH_SLICE_MAX_STEPS:
                 break
             if not fresh and time.perf_counter() - start >= TRAIN_SLICE_S:
+                break
+            if steps and self.group is not None and self.group.due():
+                # The others wait for this trainer's exchange: train on after it. (Not
+                # before one step: a rest may end just as the exchange falls due, and
+                # idle replay would then never start.)
                 break
             stats = self.trainer.step()
             if stats is None:
@@ -675,13 +686,25 @@ class Engine:
             self._maybe_expire()
         del self._group_deletes[:sent_deletes]
         del self._group_availability[:sent_availability]
-        if decision.availability:
-            self.catalogue.availability.apply(Availability.from_rows(decision.availability))
+        deletes, availability = decision.delete_items, decision.availability
+        if (decision.checkpoint or decision.stop) and not decision.diverged:
+            # The held batches just ingested may carry item deletions and availability
+            # events, and the checkpoint below covers their offsets: they must be in it
+            # (a deletion past the checkpoint's offsets would be lost to a restart).
+            more_deletes, more_availability = g.pending(self._group_deletes,
+                                                        self._group_availability)
+            deletes = sorted({*deletes, *more_deletes})
+            availability = availability + more_availability
+            self._group_deletes, self._group_availability = [], []
+        if availability:
+            self.catalogue.availability.apply(Availability.from_rows(availability))
             self._changed()
-        for item in decision.delete_items:
+        for item in deletes:
             self._forget("item", item)
-        if decision.delete_items:
+        if deletes:
             g.forgotten()
+        if deletes or availability or self._group_deletes or self._group_availability:
+            self._dirty = True  # applied, or consumed and waiting: a checkpoint follows
         m = self.metrics.engine
         m.group_exchanges.inc()
         m.group_epoch.set(g.epoch)
@@ -702,7 +725,7 @@ class Engine:
         tag = {"epoch": g.epoch, "size": g.size}
         try:
             written = self._save(group=tag)
-        except OSError as e:
+        except Exception as e:  # any: the others wait in the collective below for this one
             log.error("could not write the checkpoint of epoch %d: %s", g.epoch, e)
             written = False
         if not g.checkpointed(written):
@@ -711,6 +734,12 @@ class Engine:
             return
         if g.rank == 0:
             write_manifest(s.checkpoint_dir, g.epoch, g.size)
+        # Only now, and never the previous aligned epoch: until rank 0's manifest names
+        # this one, a restart resumes from that.
+        assert self._checkpoint_dir
+        checkpoint.prune(self._checkpoint_dir, s.checkpoint_keep,
+                         protect=[tag] + ([self._aligned] if self._aligned else []))
+        self._aligned = tag
         self._commit()
 
     # ---- forgetting and retention --------------------------------------------------------------
@@ -897,12 +926,11 @@ class Engine:
             return False
         counters = {"consumed": self.counters.consumed, "rejected": self.counters.rejected,
                     "trained": self.counters.trained}
-        # A group's manifest may lag its trainers' newest checkpoint by one epoch: keep two.
-        keep = self.settings.checkpoint_keep if group is None else max(
-            2, self.settings.checkpoint_keep)
+        # A trainer of a group prunes only once every trainer has written (_group_checkpoint):
+        # pruning here could remove the epoch the group's manifest names.
         checkpoint.save(self._checkpoint_dir, self.trainer, self.positions, counters,
-                        keep=keep, catalogue=self.catalogue, group=group,
-                        partitions=self.user_partitions)
+                        keep=self.settings.checkpoint_keep if group is None else None,
+                        catalogue=self.catalogue, group=group, partitions=self.user_partitions)
         self._checkpointed, self._dirty = dict(self.positions), False
         self.metrics.engine.checkpoint_seconds.observe(time.perf_counter() - start)
         return True

@@ -78,6 +78,7 @@ from ncf_stream.trainer import Trainer
 log = logging.getLogger(__name__)
 
 MANIFEST = "group.json"
+STARTUP_TIMEOUT_S = 1800.0  # how long the trainers wait for each other to restore and meet
 
 
 def rank_dir(directory: str | Path, rank: int) -> Path:
@@ -159,7 +160,6 @@ class Group:
             raise ConfigError(f"group_address must be host:port, not {s.group_address!r}")
         timeout = timedelta(seconds=s.group_timeout_s)
         try:
-            # A group of its own, so that nothing else's default group is disturbed.
             self.pg = _init(f"tcp://{host}:{port}", self.rank, self.size, timeout)
         except (RuntimeError, ValueError) as e:
             raise GroupError(f"could not form the group at {s.group_address} as rank "
@@ -327,6 +327,14 @@ class Group:
                 table[lo:hi] = init.to(table.device)
         self._rebase()
 
+    def pending(self, deletes: Sequence[str], availability: Sequence[tuple[str, bool]],
+                ) -> tuple[list[str], list[tuple[str, bool]]]:
+        """Every trainer's item deletions and availability events not yet exchanged (those
+        the held batches carried), gathered: before a checkpoint that covers their offsets."""
+        gathered = self._gather_objects((list(deletes), list(availability)))
+        return (sorted({i for d, _ in gathered for i in d}),
+                [a for _, av in gathered for a in av])
+
     def forgotten(self) -> None:
         """After step 4's deletions: the zeroed rows are the new base everywhere."""
         self._rebase()
@@ -339,7 +347,7 @@ class Group:
 
     def close(self) -> None:
         try:
-            dist.destroy_process_group(self.pg)
+            dist.destroy_process_group()  # the exchanges' group and the default one
         except (RuntimeError, ValueError, AssertionError) as e:  # already broken
             log.debug("destroying the process group: %s", e)
 
@@ -381,17 +389,25 @@ def _lost(error: Exception) -> GroupError:
 
 
 def _init(url: str, rank: int, size: int, timeout: timedelta) -> dist.ProcessGroup:
-    """The group's gloo process group. torch.distributed keeps one default group per
-    process; a trainer is its only user, so that is this one."""
+    """The process group the exchanges run on, with ``timeout`` on every collective.
+
+    torch.distributed keeps one default group per process, and a trainer is its only
+    user. It is formed with STARTUP_TIMEOUT_S: the trainers meet only once each has
+    restored its state, and one restoring (or resharding) a large checkpoint may come
+    minutes after the others; then the exchanges get a group of their own with the
+    group's timeout."""
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed")
-    if not dist.is_initialized():
-        if size == 1:  # a group of one (a group's state resumed alone): nobody to meet
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout)
-        else:
-            dist.init_process_group("gloo", init_method=url, rank=rank, world_size=size,
-                                    timeout=timeout)
-    pg = dist.group.WORLD
-    assert pg is not None
+    if dist.is_initialized():
+        raise GroupError("torch.distributed is already initialised in this process: one "
+                         "trainer of a group per process")
+    startup = max(timeout, timedelta(seconds=STARTUP_TIMEOUT_S))
+    if size == 1:  # a group of one (a group's state resumed alone): nobody to meet
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=startup)
+    else:
+        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=size,
+                                timeout=startup)
+    pg = dist.new_group(backend="gloo", timeout=timeout)
+    assert isinstance(pg, dist.ProcessGroup)
     return pg

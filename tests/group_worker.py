@@ -18,7 +18,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from ncf_stream.engine import Engine, Resume
-from ncf_stream.events import Availability, Events
+from ncf_stream.events import Availability, Deletions, Events
 from ncf_stream.settings import Settings
 from ncf_stream.source import MemorySource
 from ncf_stream.store import split_keys
@@ -73,7 +73,8 @@ def main() -> None:
     # Items made unavailable at the end of this trainer's stream (every trainer must
     # serve them so): records after the events, so a resumed run never replays them.
     unavailable = spec.get("unavailable", [])
-    total = len(events) + len(unavailable)
+    deleted = spec.get("delete_items", [])  # deleted at the end too, after the above
+    total = len(events) + len(unavailable) + len(deleted)
 
     def source(resume: Resume) -> MemorySource:
         start = resume.positions.get((TOPIC, 0), 0)
@@ -81,6 +82,8 @@ def main() -> None:
                               batch_size=spec.get("poll", 200), topic=TOPIC, offset=start)
         if unavailable and start <= len(events):
             memory.push(Availability.from_rows([(i, False) for i in unavailable]))
+        if deleted and start <= len(events):
+            memory.push(Deletions.from_rows([("item", i, 0) for i in deleted]))
         return memory
 
     engine = Engine(settings, source)

@@ -53,11 +53,12 @@ def free_port() -> int:
 
 
 def start(tmp: Path, name: str, events: Events, settings: dict[str, Any],
-          env: dict[str, str] | None = None, unavailable: list[str] | None = None
-          ) -> tuple[subprocess.Popen[bytes], Path]:
+          env: dict[str, str] | None = None, unavailable: list[str] | None = None,
+          delete_items: list[str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     out = tmp / f"{name}.json"
     spec = {"events": save_events(tmp / f"{name}.npz", events), "settings": settings,
-            "out": str(out), "poll": 100, "unavailable": unavailable or []}
+            "out": str(out), "poll": 100, "unavailable": unavailable or [],
+            "delete_items": delete_items or []}
     spec_path = tmp / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.Popen([sys.executable, str(WORKER), str(spec_path)],
@@ -73,11 +74,13 @@ def finish(proc: subprocess.Popen[bytes]) -> str:
 
 def run_group(tmp: Path, shards: list[Events], extra: dict[str, Any],
               envs: list[dict[str, str]] | None = None,
-              unavailable: list[list[str]] | None = None) -> list[tuple[int, str, Path]]:
+              unavailable: list[list[str]] | None = None,
+              delete_items: list[list[str]] | None = None) -> list[tuple[int, str, Path]]:
     address = f"127.0.0.1:{free_port()}"
     procs = [start(tmp, f"rank{r}", shard, {**MODEL, **extra, "group_size": len(shards),
                                             "group_rank": r, "group_address": address},
-                   (envs or [{}] * len(shards))[r], (unavailable or [[]] * len(shards))[r])
+                   (envs or [{}] * len(shards))[r], (unavailable or [[]] * len(shards))[r],
+                   (delete_items or [[]] * len(shards))[r])
              for r, shard in enumerate(shards)]
     errs = [finish(p) for p, _ in procs]
     return [(p.returncode, err, out) for (p, out), err in zip(procs, errs, strict=True)]
@@ -116,13 +119,22 @@ def test_two_trainers_hold_what_one_holds_and_share_identical_items(tmp_path: Pa
     ref = reference(tmp_path, events)
     parts = shards(events, 2)
     assert min(map(len, parts)) > 1000  # both trainers have real work
-    # An item made unavailable through one trainer's partitions is unavailable on both.
+    # An item made unavailable through one trainer's partitions is unavailable on both;
+    # one deleted through the other's, at the very end, is deleted on both (the stop's
+    # checkpoint covers the delete event's offset, so the deletion must be in it).
+    doomed = events.items[2]
     results = run_group(tmp_path, parts, {"checkpoint_dir": str(tmp_path / "ckpt"),
                                           "group_sync_every_s": 0.05},
-                        unavailable=[[], [events.items[0], events.items[1]]])
+                        unavailable=[[], [events.items[0], events.items[1]]],
+                        delete_items=[[doomed], []])
     for code, err, _ in results:
         assert code == 0, err
     dumps = [json.loads(out.read_text()) for _, _, out in results]
+    assert all(doomed not in d["item_ids"] for d in dumps)
+    assert all(i != doomed for d in dumps for _, i, _ in d["pairs"])
+    ref["pairs"] = [p for p in ref["pairs"] if p[1] != doomed]
+    ref["holdouts"] = [h for h in ref["holdouts"] if h[1] != doomed]
+    ref["item_ids"] = [i for i in ref["item_ids"] if i != doomed]
     check_against_reference(ref, dumps)
     assert all(d["exchange_bytes"] > 0 and d["samples"] > 0 for d in dumps)
     assert all(d["unavailable"] == sorted({events.items[0], events.items[1]}) for d in dumps)
