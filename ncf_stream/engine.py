@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections import deque
@@ -225,6 +226,7 @@ class Engine:
             str(rank_dir(s.checkpoint_dir, s.group_rank)) if grouped else s.checkpoint_dir)
         restored_partitions = UserPartitions()
         restored_epoch: int | None = None
+        self._shrunk_from: int | None = None  # resharded from a larger group (_reshard)
         if self._checkpoint_dir:
             restored = self._restore(manifest)
             if manifest is not None:
@@ -387,6 +389,7 @@ class Engine:
                     counters[k] = counters.get(k, 0) + v
             catalogue = catalogue or restored.catalogue  # availability is the group's
         self.trainer, moved = merge_trainers(parts, self.trainer.cfg, self.device)
+        self._shrunk_from = old_size if old_size > size else None
         log.info("resharded the group's epoch %d from %d trainers to %d: rank %d takes %d "
                  "users and partitions %s", epoch, old_size, size, rank,
                  len(self.trainer.user_ids), sorted(p for _, p in offsets))
@@ -734,6 +737,7 @@ class Engine:
             return
         if g.rank == 0:
             write_manifest(s.checkpoint_dir, g.epoch, g.size)
+            self._remove_shrunk_ranks()
         # Only now, and never the previous aligned epoch: until rank 0's manifest names
         # this one, a restart resumes from that.
         assert self._checkpoint_dir
@@ -741,6 +745,21 @@ class Engine:
                          protect=[tag] + ([self._aligned] if self._aligned else []))
         self._aligned = tag
         self._commit()
+
+    def _remove_shrunk_ranks(self) -> None:
+        """Once a group that shrank has checkpointed at its new size, the old ranks beyond
+        it are history: their checkpoints are never restored again, and their last
+        exports would have replicas answer users deleted since by their new owners."""
+        s, old = self.settings, self._shrunk_from
+        if old is None:
+            return
+        self._shrunk_from = None
+        for rank in range(s.group_size, old):
+            for root in (s.checkpoint_dir, s.snapshot_dir):
+                if root:
+                    shutil.rmtree(rank_dir(root, rank), ignore_errors=True)
+        log.info("the group shrank from %d to %d trainers: removed ranks %d-%d's checkpoints "
+                 "and exports", old, s.group_size, s.group_size, old - 1)
 
     # ---- forgetting and retention --------------------------------------------------------------
 

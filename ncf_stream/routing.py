@@ -128,14 +128,24 @@ class Group:
                          if (m := RANK_DIR.fullmatch(e.name)) and e.is_dir()}
         except OSError:  # not there yet, or unreadable: the top watcher reports it
             return []
+        # A rank whose directory is gone (a group that shrank removes the ones beyond its
+        # size) is dropped: its last snapshot may know users deleted since by their new
+        # owner, and would otherwise go on answering them.
+        gone = [member for member in self.ranks if member.rank not in found]
+        for member in gone:
+            member.watcher.stop()
+            log.info("rank %d's exports are gone from %s: no longer served", member.rank,
+                     member.directory)
         known = {member.rank for member in self.ranks}
         new = [self.make(rank, path) for rank, path in sorted(found.items())
                if rank not in known]
-        if new:
-            for member in new:
-                member.watcher.start()
-                log.info("watching rank %d's exports in %s", member.rank, member.directory)
-            self.ranks = tuple(sorted((*self.ranks, *new), key=lambda m: m.rank or 0))
+        for member in new:
+            member.watcher.start()
+            log.info("watching rank %d's exports in %s", member.rank, member.directory)
+        if new or gone:
+            dropped = {m.rank for m in gone}
+            self.ranks = tuple(sorted((*(m for m in self.ranks if m.rank not in dropped), *new),
+                                      key=lambda m: m.rank or 0))
         return new
 
     def _notify(self) -> None:

@@ -274,6 +274,11 @@ def test_a_lost_trainers_partitions_move_to_the_survivor_with_its_users(
                          "every event consumed by the survivor")
                 # Every user is the survivor's now, and the replica answers it from there
                 # (the lost trainer's last exports are older).
+                # Checkpointed at its new size, the survivor removed rank 1's directories,
+                # and the replica no longer serves that rank.
+                wait_for(lambda: [r["rank"] for r in status(replica_port)["ranks"]] == [0],
+                         60, "the replica dropping the lost rank")
+                assert not (ckpt / "rank-1").exists() and not (snapshots / "rank-1").exists()
                 for user in users:
                     assert not answer(http[0], user)[1], user  # known: not a cold start
                     assert_replica_answers_as(replica_port, http[0], 0, user)

@@ -9,6 +9,7 @@ directly (the brute force), never against fixed answers.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -391,3 +392,23 @@ def test_a_group_with_no_export_yet_is_not_ready(tmp_path: Path) -> None:
         assert "rank 1: no snapshot" in status["ingest_reason"]
     finally:
         replica.stop()
+
+
+def test_a_rank_directory_removed_is_no_longer_served(
+        group: tuple[Path, list[int], Replica], trained: tuple[list[Trained], str]) -> None:
+    """A group that shrank removes the directories beyond its size: a user only the removed
+    rank knew (deleted since by its new owner, say) must not be answered from it."""
+    root, _, replica = group
+    _, shared = trained
+    gone = users_of(replica, 1, shared)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{replica.http_port}", timeout=10)
+    with http:
+        assert http.post("/v1/recommend", json={"user": gone[0]}).json()["cold_start"] is False
+        shutil.rmtree(root / "rank-1")
+        until(lambda: [m.rank for m in replica.group.ranks] == [0])
+        for user in gone:  # rank 0 never knew them: its cold start
+            same(http.post("/v1/recommend", json={"user": user}).json(),
+                 direct(root, 0, replica).recommend(user))
+        same(http.post("/v1/recommend", json={"user": shared}).json(),
+             direct(root, 0, replica).recommend(shared))
+        assert [r["rank"] for r in http.get("/v1/status").json()["ranks"]] == [0]
