@@ -711,7 +711,7 @@ class Engine:
         m = self.metrics.engine
         m.group_exchanges.inc()
         m.group_epoch.set(g.epoch)
-        m.group_exchange_bytes.inc(g.stats.bytes_sent)
+        m.group_exchange_bytes.inc(g.bytes_sent)
         m.group_exchange_seconds.observe(time.perf_counter() - start)
         if decision.checkpoint:
             self._last_checkpoint = time.monotonic()

@@ -55,6 +55,7 @@ on a collective: requests read published snapshots only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -132,13 +133,6 @@ class Decision:
     diverged: bool  # some trainer's loss was not finite: nobody trains on
 
 
-@dataclass
-class SyncStats:
-    seconds: float
-    bytes_sent: int
-    rows_sent: int
-
-
 class Group:
     """This process's membership: the collectives that keep the shared state in step."""
 
@@ -166,6 +160,7 @@ class Group:
                              f"{self.rank} of {self.size}: {e}") from e
         self._base: list[torch.Tensor] = []  # the shared tensors at the last exchange
         self._base_tower = torch.empty(0)
+        self.bytes_sent = 0  # by this trainer at the last exchange
         self.last_sync = time.monotonic()
 
     # ---- the shared tensors -----------------------------------------------------------------
@@ -203,17 +198,20 @@ class Group:
         self._base_tower = parameters_to_vector(self._tower()).detach().cpu().clone()
 
     def join(self, restored_epoch: int | None) -> None:
-        """Start in step: every trainer must have restored the same epoch (or none); the
-        shared tensors and the item ids are then made rank 0's everywhere."""
-        epochs = self._gather_objects(restored_epoch)
-        if len(set(epochs)) != 1:
-            raise GroupError(f"the trainers restored different checkpoints (epochs {epochs}); "
-                             "restart the whole group")
-        self.epoch = 0 if restored_epoch is None else restored_epoch
-        ids = self._gather_objects(self.trainer.item_ids.all_ids().tolist())
-        if any(other != ids[0] for other in ids):
+        """Start in step: every trainer must have restored the same epoch (or none) with
+        the same item ids (compared by digest); the shared tensors are then made rank 0's
+        everywhere."""
+        ids = hashlib.sha256("\0".join(
+            "" if i is None else i for i in self.trainer.item_ids.all_ids().tolist()
+        ).encode()).hexdigest()
+        starts = self._gather_objects((restored_epoch, ids))
+        if len({epoch for epoch, _ in starts}) != 1:
+            raise GroupError(f"the trainers restored different checkpoints (epochs "
+                             f"{[epoch for epoch, _ in starts]}); restart the whole group")
+        if len({digest for _, digest in starts}) != 1:
             raise GroupError("the trainers' item ids differ: their checkpoints are not of one "
                              "group; restart the whole group from an aligned checkpoint")
+        self.epoch = 0 if restored_epoch is None else restored_epoch
         n = self.trainer.model.n_items
         with torch.no_grad():
             for table in self._tables():
@@ -263,15 +261,13 @@ class Group:
             and not diverged,
             stop=any(h.stop for h in headers) or all(h.done for h in headers),
             diverged=diverged)
-        if not diverged:  # a non-finite delta would spread to every trainer
-            self.stats = self._add_updates()
-        else:
-            self.stats = SyncStats(0.0, 0, 0)
+        # A non-finite delta would spread to every trainer.
+        self.bytes_sent = 0 if diverged else self._add_updates()
         self.epoch += 1
         return decision
 
-    def _add_updates(self) -> SyncStats:
-        start = time.perf_counter()
+    def _add_updates(self) -> int:
+        """Step 2 of the module's exchange; returns the bytes this trainer sent."""
         n = len(self._base[0]) if self._base else 0
         tables = self._tables()
         cur = [t[:n].detach().cpu() for t in tables]
@@ -306,7 +302,7 @@ class Group:
         self._base_tower += delta
         self._set_tower(self._base_tower)
         sent += delta.numel() * delta.element_size()
-        return SyncStats(time.perf_counter() - start, sent, len(rows))
+        return sent
 
     def assign(self, new_items: Sequence[str]) -> None:
         """Step 3: rows for the group's new item ids, in the decision's order, with rank
